@@ -1,0 +1,167 @@
+"""`multitune prep`: records → tokenized Arrow shards + manifest, once per content hash (a second call is a cache hit)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.shards import ShardWriter
+from data_prep.tasks import Record, Task
+from data_prep.tokenize import IGNORE, tokenize_examples, tokenizer_fingerprint
+from recipes.errors import InputError
+from recipes.schema import DataConfig
+
+PREP_VERSION = "1"
+CHUNK_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    folder: Path
+    manifest: dict
+    cache_hit: bool
+
+    def split(self, name: str) -> Path:
+        return self.folder / name
+
+
+def cache_key(task: Task, data: DataConfig, tokenizer) -> str:
+    """Hash of everything that changes the shards: inputs' content, tokenizer + template, formatter, prep settings."""
+    if data.generator is not None:
+        source = {"generator": data.generator.model_dump()}
+    else:
+        source = {"train_file": _file_sha256(data.train_file),
+                  "eval_file": _file_sha256(data.eval_file) if data.eval_file else None,
+                  "eval_fraction": data.eval_fraction}
+    key = {
+        "prep_version": PREP_VERSION, "task": task.name, "formatter_version": task.formatter_version,
+        "source": source, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_len": data.max_seq_len,
+        "overlong": data.overlong, "completion_only": data.completion_only,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
+    key = cache_key(task, data, tokenizer)
+    folder = Path(data.cache_dir) / key[:20]
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        return PreparedData(folder, json.loads(manifest_path.read_text()), cache_hit=True)
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        started = time.perf_counter()
+        writers = {split: _SplitWriter(task, data, tokenizer, tmp / split, keep_records=split == "eval")
+                   for split in ("train", "eval")}
+        try:
+            for chunk in _chunks(_labelled_records(task, data), CHUNK_ROWS):
+                for split, writer in writers.items():
+                    writer.add([record for name, record in chunk if name == split])
+        finally:
+            for writer in writers.values():
+                writer.close()
+        splits = {split: writer.stats() for split, writer in writers.items()}
+        for split, stats in splits.items():
+            if stats["rows"] == 0:
+                raise InputError(f"data: the {split} split is empty after preparation "
+                                 f"({stats['dropped']} rows dropped as longer than data.max_seq_len={data.max_seq_len})")
+        manifest = {
+            "hash": key, "task": task.name, "formatter_version": task.formatter_version,
+            "max_seq_len": data.max_seq_len, "overlong": data.overlong, "completion_only": data.completion_only,
+            "splits": splits, "seconds": round(time.perf_counter() - started, 3),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished the same key first: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+            manifest = json.loads(manifest_path.read_text())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PreparedData(folder, manifest, cache_hit=False)
+
+
+def _labelled_records(task: Task, data: DataConfig) -> Iterator[tuple[str, Record]]:
+    """(split, record) pairs in one streaming pass: nothing holds the whole dataset in memory."""
+    if data.generator is not None:
+        g = data.generator
+        for index, record in enumerate(task.generate(g.n_train + g.n_eval, g.seed)):
+            yield ("train" if index < g.n_train else "eval"), record
+    elif data.eval_file is not None:
+        yield from (("train", r) for r in task.read(data.train_file))
+        yield from (("eval", r) for r in task.read(data.eval_file))
+    else:
+        rng = random.Random(0)  # seeded hold-out, stable across runs
+        yield from ((("eval" if rng.random() < data.eval_fraction else "train"), r) for r in task.read(data.train_file))
+
+
+class _SplitWriter:
+    """Tokenizes chunks of one split, applies the overlong policy, writes shards, and counts what happened."""
+
+    def __init__(self, task: Task, data: DataConfig, tokenizer, folder: Path, keep_records: bool):
+        self.task, self.data, self.tokenizer, self.keep_records = task, data, tokenizer, keep_records
+        self.writer = ShardWriter(folder)
+        self.histogram: dict[int, int] = {}
+        self.totals = {"rows": 0, "tokens": 0, "target_tokens": 0, "dropped": 0, "truncated": 0}
+
+    def add(self, records: list[Record]) -> None:
+        if not records:
+            return
+        data, totals = self.data, self.totals
+        batch = tokenize_examples(self.tokenizer, [self.task.format(r) for r in records], data.completion_only)
+        keep_ids, keep_labels, keep_prompt, keep_json = [], [], [], []
+        for ids, labels, prompt_len, record in zip(batch.input_ids, batch.labels, batch.prompt_lengths, records):
+            if len(ids) > data.max_seq_len:
+                if data.overlong == "drop":
+                    totals["dropped"] += 1
+                    continue
+                ids, labels = ids[:data.max_seq_len], labels[:data.max_seq_len]
+                totals["truncated"] += 1
+                if all(label == IGNORE for label in labels[1:]):
+                    totals["dropped"] += 1  # truncation removed every target token
+                    continue
+            keep_ids.append(ids)
+            keep_labels.append(labels)
+            keep_prompt.append(min(prompt_len, len(ids)))
+            keep_json.append(json.dumps(record, ensure_ascii=False, default=str))
+            totals["tokens"] += len(ids)
+            totals["target_tokens"] += sum(label != IGNORE for label in labels[1:])
+            bucket = 1 << max(len(ids) - 1, 0).bit_length()
+            self.histogram[bucket] = self.histogram.get(bucket, 0) + 1
+        self.writer.write(keep_ids, keep_labels, keep_prompt, keep_json if self.keep_records else None)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def stats(self) -> dict:
+        return {**self.totals, "rows": self.writer.rows, "shards": self.writer.files,
+                "length_histogram": {f"<={k}": v for k, v in sorted(self.histogram.items())}}
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _file_sha256(path: str | None) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"data file not found: {file}")
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+

@@ -1,0 +1,19 @@
+"""The task registry: name in a recipe → Task object. A new task is one folder here plus one line below."""
+
+from __future__ import annotations
+
+from data_prep.tasks.base import ChatExample, Record, Task
+from data_prep.tasks.ticket_classification import TicketClassification
+from recipes.errors import InputError
+
+TASKS: dict[str, Task] = {task.name: task for task in (TicketClassification(),)}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise InputError(f"unknown task '{name}' (known: {', '.join(sorted(TASKS))})") from None
+
+
+__all__ = ["TASKS", "ChatExample", "Record", "Task", "get_task"]

@@ -1,0 +1,59 @@
+"""Chat examples → token ids and labels, with the prompt masked (-100) for completion-only loss."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from data_prep.tasks.base import ChatExample
+from recipes.errors import InputError
+
+IGNORE = -100
+
+
+@dataclass
+class TokenizedBatch:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    prompt_lengths: list[int]
+    truncated: int = 0
+
+
+def split_prompt_completion(tokenizer, example: ChatExample) -> tuple[str, str]:
+    """Render with the model's own chat template; the completion is what the template adds for the answer.
+
+    Tokenizing prompt and completion separately keeps the prompt ids identical to what generation sees at
+    inference time, and the completion keeps the template's end-of-turn tokens, whatever the template.
+    """
+    prompt = tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [*example.messages, {"role": "assistant", "content": example.answer}], tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise InputError(
+            "the tokenizer's chat template renders the prompt differently with and without the answer; "
+            "completion-only labels need a template whose generation prompt is a prefix of the full conversation"
+        )
+    return prompt, full[len(prompt):]
+
+
+def tokenize_examples(tokenizer, examples: list[ChatExample], completion_only: bool) -> TokenizedBatch:
+    prompts, completions = zip(*(split_prompt_completion(tokenizer, ex) for ex in examples))
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    batch = TokenizedBatch([], [], [])
+    for p, c in zip(prompt_ids, completion_ids):
+        batch.input_ids.append(p + c)
+        batch.labels.append(([IGNORE] * len(p) if completion_only else list(p)) + c)
+        batch.prompt_lengths.append(len(p))
+    return batch
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of everything in the tokenizer that changes token ids: vocab/merges/normaliser, specials, chat template."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    digest.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    digest.update((tokenizer.chat_template or "").encode())
+    return digest.hexdigest()

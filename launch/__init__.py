@@ -1,0 +1,1 @@
+"""Launching runs: the multitune CLI, and (later) accelerate and SLURM launchers."""

@@ -1,0 +1,158 @@
+"""The typed recipe: every section of a run, validated once at load (pydantic), read everywhere else as plain objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelSpec(Section):
+    """Build a random-init debug model at `model.name_or_path` when that folder does not exist yet."""
+
+    arch: Literal["llama", "qwen2"] = "llama"
+    hidden_size: PositiveInt = 128
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 256
+    # Wider than the usual 0.02: with a frozen random LM head and RMS-normalised hidden states, logits are
+    # bounded by init_std * hidden_size, and 0.02 caps them too low for LoRA alone to make confident predictions.
+    init_std: float = Field(0.1, gt=0)
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    name_or_path: str
+    tiny: TinyModelSpec | None = None
+    dtype: Dtype = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    quantization: Literal["none", "nf4"] = "none"
+    double_quant: bool = True
+    compute_dtype: Dtype = "bfloat16"
+    # Storage dtype of the packed 4-bit weights. Sharded strategies flatten parameters, which needs a float
+    # dtype equal to the model dtype (the "Cannot flatten integer dtype tensors" failure otherwise).
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    trust_remote_code: bool = False
+
+
+class AdapterConfig(Section):
+    kind: Literal["none", "lora"] = "lora"
+    r: PositiveInt = 16
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class GeneratorSpec(Section):
+    """Seeded synthetic data from the task's own generator."""
+
+    n_train: PositiveInt = 2000
+    n_eval: PositiveInt = 64
+    seed: int = 0
+
+
+class DataConfig(Section):
+    train_file: str | None = None
+    eval_file: str | None = None
+    generator: GeneratorSpec | None = None
+    eval_fraction: float = Field(0.05, gt=0, lt=1)
+    max_seq_len: PositiveInt = 1024
+    overlong: Literal["truncate", "drop"] = "drop"
+    packing: bool = True
+    completion_only: bool = True
+    cache_dir: str = "cache/prep"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.generator is None) == (self.train_file is None):
+            raise ValueError("give exactly one of data.train_file or data.generator")
+        if self.generator is not None and self.eval_file is not None:
+            raise ValueError("data.eval_file goes with data.train_file, not with data.generator")
+        return self
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: PositiveInt | None = None
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "cosine"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    micro_batch_tokens: PositiveInt = 4096
+    grad_accum: PositiveInt = 1
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+
+class EvalConfig(Section):
+    before_training: bool = True
+    every_steps: PositiveInt | None = None
+    max_samples: PositiveInt | None = 200
+    max_new_tokens: PositiveInt = 128
+    batch_size: PositiveInt = 16
+
+
+class CheckpointConfig(Section):
+    every_steps: PositiveInt | None = 500
+    keep_last: PositiveInt = 2
+
+
+class TrackingConfig(Section):
+    mode: Literal["off", "offline", "online"] = "off"
+    project: str = "multitune"
+    run_name: str | None = None
+    group: str | None = None
+    tags: list[str] = []
+
+
+Strategy = Literal["single", "ddp", "fsdp", "zero2", "zero3"]
+SHARDED: frozenset[str] = frozenset({"fsdp", "zero3"})
+
+
+class DistributedConfig(Section):
+    strategy: Strategy = "single"
+    accelerate_config: str | None = None
+
+
+class Recipe(Section):
+    task: str
+    output_dir: str
+    model: ModelConfig
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        m = self.model
+        if m.quantization == "nf4" and self.adapter.kind == "none":
+            raise ValueError("model.quantization=nf4 needs adapter.kind=lora: 4-bit weights cannot be fully fine-tuned")
+        if m.quantization == "nf4" and self.distributed.strategy in SHARDED and m.quant_storage != m.dtype:
+            raise ValueError(
+                f"model.quant_storage={m.quant_storage} cannot be sharded by {self.distributed.strategy}: "
+                f"set model.quant_storage={m.dtype} (equal to model.dtype)"
+            )
+        if self.data.max_seq_len > self.train.micro_batch_tokens:
+            raise ValueError(
+                f"data.max_seq_len ({self.data.max_seq_len}) exceeds train.micro_batch_tokens "
+                f"({self.train.micro_batch_tokens}): a sample must fit in one micro-batch"
+            )
+        return self
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)

@@ -1,0 +1,1 @@
+"""Training: model building, the loop, checkpoints, evaluation and merging."""

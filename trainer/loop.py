@@ -1,0 +1,245 @@
+"""The training loop: recipe → data → model → optimizer steps → checkpoints → adapter and metrics. Read top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from data_prep.prepare import prepare
+from data_prep.shards import ShardedDataset
+from data_prep.tasks import get_task
+from data_prep.tokenize import IGNORE
+from recipes.errors import InputError
+from recipes.loader import dump_recipe
+from recipes.schema import Recipe
+from trainer.batches import (
+    MicroBatch,
+    MicroBatchStream,
+    Position,
+    attention_mask_for,
+    plan_efficiency,
+    plan_micro_batches,
+)
+from trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from trainer.evaluate import evaluate_generation
+from trainer.model import DTYPES, count_parameters, load_model, load_tokenizer
+from trainer.run_files import RunLog, claim_output_dir, plot_loss, summary_table, write_atomic
+from trainer.tracking import Tracker
+
+
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+    task = get_task(recipe.task)
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    run_dir = recipe.output_path
+    if main:
+        claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
+        write_atomic(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
+    accelerator.wait_for_everyone()
+    set_seed(recipe.train.seed)
+    cfg = recipe.train
+
+    # Data: tokenized once (main process first, the others then hit the cache), read memory-mapped.
+    with accelerator.main_process_first():
+        tokenizer = load_tokenizer(recipe.model)
+        prepared = prepare(task, recipe.data, tokenizer)
+    train_set = ShardedDataset(prepared.split("train"))
+    eval_set = ShardedDataset(prepared.split("eval"))
+    plan = plan_micro_batches(train_set.lengths, recipe.data.max_seq_len, cfg.micro_batch_tokens,
+                              recipe.data.packing, cfg.seed)
+    efficiency = plan_efficiency(train_set.lengths, plan, recipe.data.max_seq_len, recipe.data.packing)
+    stream = MicroBatchStream(train_set, plan, cfg.seed, accelerator.process_index, accelerator.num_processes,
+                              tokenizer.pad_token_id)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.per_rank / cfg.grad_accum)
+
+    # Model, optimizer, schedule.
+    model = load_model(recipe.model, recipe.adapter, accelerator.device, cfg.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    backend = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
+    mask_dtype = DTYPES[recipe.model.dtype]
+
+    log = RunLog(run_dir / "log.jsonl")
+    tracker = Tracker(recipe.tracking, run_dir, recipe.model_dump(mode="json"), enabled=main)
+    data_hash = prepared.manifest["hash"]
+    before = None
+    if resume:
+        newest = list_checkpoints(run_dir / "checkpoints")
+        if not newest:
+            raise InputError(f"output_dir {run_dir}: no complete checkpoint to resume from")
+        state = load_checkpoint(newest[-1], accelerator.unwrap_model(model), optimizer, scheduler,
+                                accelerator.process_index)
+        if state.data_hash != data_hash:
+            raise InputError(f"{newest[-1]}: data changed since this checkpoint (hash {state.data_hash[:12]} "
+                             f"!= {data_hash[:12]}); start a new run instead of --resume")
+        if main:
+            log.truncate_after(state.step)
+        before = next((e for e in log.entries() if e.get("eval") == "before"), None)
+    else:
+        state = TrainState(data_hash=data_hash)
+        if recipe.eval.before_training and main:
+            before, _ = evaluate_generation(accelerator.unwrap_model(model), tokenizer, eval_set, task,
+                                            recipe.eval, accelerator.device)
+            log.append({"eval": "before", "step": 0, **before})
+    if main:
+        print(f"[multitune] task={task.name} params trainable={trainable:,} total={total:,} "
+              f"train rows={len(train_set)} micro-batches/epoch={len(plan)} packing efficiency={efficiency:.1%} "
+              f"steps={total_steps} data={'cache hit' if prepared.cache_hit else 'prepared'} {prepared.folder}",
+              flush=True)
+
+    batches = stream.iterate(Position(state.epoch, state.index))
+    model.train()
+    progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    while state.step < total_steps:
+        started = time.perf_counter()
+        window: list[MicroBatch] = []
+        for _ in range(cfg.grad_accum):
+            position, batch = next(batches)
+            window.append(batch.to(accelerator.device))
+        # Normalise by the target tokens of the whole step across all ranks, so accumulation and packing
+        # weigh every token equally; DDP averages gradients over ranks, hence the world-size factor.
+        counts = torch.tensor([sum(b.target_tokens for b in window), sum(b.real_tokens for b in window)],
+                              device=accelerator.device, dtype=torch.float64)
+        global_targets, global_tokens = accelerator.reduce(counts, reduction="sum").tolist()
+        scale = accelerator.num_processes / max(global_targets, 1.0)
+        loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        for i, batch in enumerate(window):
+            sync = i == len(window) - 1
+            with accelerator.no_sync(model) if not sync else nullcontext():
+                batch_loss = token_loss_sum(model, batch, attention_mask_for(batch, mask_dtype, backend))
+                accelerator.backward(batch_loss * scale)
+            loss_sum += batch_loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state.step += 1
+        state.epoch, state.index = position.epoch, position.index
+        state.tokens_seen += int(global_tokens)
+        elapsed = time.perf_counter() - started
+        state.elapsed_s += elapsed
+        loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(global_targets, 1.0)
+        entry = {"step": state.step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+                 "grad_norm": round(float(grad_norm), 6), "tokens": int(global_tokens),
+                 "tokens_per_s": round(global_tokens / elapsed, 1), "target_tokens": int(global_targets),
+                 "epoch": state.epoch}
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss is {loss} at step {state.step}; last good checkpoint kept")
+        if main:
+            log.append(entry)
+            tracker.log(entry, step=state.step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
+                                 gnorm=f"{entry['grad_norm']:.2f}")
+
+        if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
+            save_checkpoint(run_dir / "checkpoints", accelerator.unwrap_model(model), optimizer, scheduler, state,
+                            recipe.checkpoint.keep_last, accelerator.process_index, accelerator.wait_for_everyone)
+        if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
+            eval_entry = {"eval": "loss", "step": state.step, "loss": eval_loss(model, eval_set, recipe, accelerator,
+                                                                               backend, mask_dtype)}
+            if main:
+                log.append(eval_entry)
+                tracker.log({"eval/loss": eval_entry["loss"]}, step=state.step)
+    progress.close()
+
+    # Outputs: adapter (PEFT format, written atomically), final evaluation, metrics, plot.
+    unwrapped = accelerator.unwrap_model(model)
+    metrics = None
+    if main:
+        adapter_dir = save_adapter(unwrapped, tokenizer, recipe, run_dir, data_hash)
+        after, examples = evaluate_generation(unwrapped, tokenizer, eval_set, task, recipe.eval, accelerator.device)
+        log.append({"eval": "after", "step": state.step, **after})
+        tracker.log({f"eval/{k}": v for k, v in after.items()}, step=state.step)
+        step_entries = [e for e in log.entries() if "eval" not in e]
+        metrics = {
+            "task": task.name, "steps": state.step, "before": before, "after": after,
+            "tokens_per_s": sum(e["tokens"] for e in step_entries) / max(sum(e["tokens"] / e["tokens_per_s"]
+                                                                            for e in step_entries), 1e-9),
+            "packing_efficiency": efficiency, "final_loss": step_entries[-1]["loss"] if step_entries else None,
+            "train_seconds": round(state.elapsed_s, 2), "trainable_params": trainable, "total_params": total,
+            "data_hash": data_hash, "adapter": str(adapter_dir), "examples": examples,
+        }
+        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        plot_loss(log.entries(), run_dir / "loss.png")
+        print(summary_table(metrics, task.headline_metrics), flush=True)
+    tracker.finish()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def token_loss_sum(model, batch: MicroBatch, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Summed cross-entropy over target tokens; the LM head runs only at positions that have a target."""
+    keep = (batch.targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0:  # an empty filler batch still runs forward/backward so ranks stay in step
+        keep = torch.zeros(1, dtype=torch.long, device=batch.targets.device)
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=attention_mask,
+                logits_to_keep=keep, use_cache=False)
+    logits = out.logits.float()
+    targets = batch.targets[:, keep]
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def eval_loss(model, dataset: ShardedDataset, recipe: Recipe, accelerator, backend: str, mask_dtype) -> float:
+    """Teacher-forced loss per target token over the eval split (each rank its share, summed)."""
+    plan = plan_micro_batches(dataset.lengths, recipe.data.max_seq_len, recipe.train.micro_batch_tokens,
+                              recipe.data.packing, 0)
+    stream = MicroBatchStream(dataset, plan, 0, accelerator.process_index, accelerator.num_processes)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for group in stream.share(0):
+        batch = stream.collate(plan[group] if group >= 0 else []).to(accelerator.device)
+        totals[0] += token_loss_sum(model, batch, attention_mask_for(batch, mask_dtype, backend)).double()
+        totals[1] += batch.target_tokens
+    model.train(was_training)
+    loss_total, count = accelerator.reduce(totals, reduction="sum").tolist()
+    return round(loss_total / max(count, 1.0), 6)
+
+
+def build_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
+    cfg = recipe.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    import bitsandbytes as bnb
+
+    optimizer_cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return optimizer_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def save_adapter(model, tokenizer, recipe: Recipe, run_dir: Path, data_hash: str) -> Path:
+    """PEFT adapter + tokenizer + multitune.json (how the base was loaded) + model card, renamed into place."""
+    final = run_dir / "adapter"
+    tmp = run_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    info = {"base_model": recipe.model.name_or_path, "task": recipe.task, "data_hash": data_hash,
+            "quantization": recipe.model.quantization, "dtype": recipe.model.dtype,
+            "double_quant": recipe.model.double_quant, "compute_dtype": recipe.model.compute_dtype}
+    (tmp / "multitune.json").write_text(json.dumps(info, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final

@@ -1,0 +1,97 @@
+"""Build the model a recipe describes: tokenizer, dtype, attention backend, optional NF4 quantization, LoRA adapter."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from recipes.errors import InputError
+from recipes.schema import AdapterConfig, ModelConfig
+from trainer.tiny_model import ensure_tiny_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+
+
+def resolve_model_path(config: ModelConfig) -> str:
+    """Build a debug model on first use; a local path must exist, anything else is a hub id for from_pretrained."""
+    if config.tiny is not None:
+        ensure_tiny_model(config.tiny, config.name_or_path)
+    path = Path(config.name_or_path)
+    looks_local = config.name_or_path.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.exists():
+        raise InputError(f"model.name_or_path: folder not found: {config.name_or_path}")
+    return config.name_or_path
+
+
+def load_tokenizer(config: ModelConfig):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config), trust_remote_code=config.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise InputError(f"model.name_or_path: tokenizer of {config.name_or_path} has no chat template")
+    return tokenizer
+
+
+def attention_backend(requested: str) -> str:
+    if requested == "flash_attention_2" and (
+        not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None
+    ):
+        log.warning("flash_attention_2 needs a CUDA GPU and the flash-attn package; falling back to sdpa")
+        return "sdpa"
+    return requested
+
+
+def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device, gradient_checkpointing: bool):
+    """A trainable model on `device`: base weights (maybe NF4), then LoRA (only adapter weights train) or full FT."""
+    kwargs: dict = {
+        "dtype": DTYPES[config.dtype],
+        "attn_implementation": attention_backend(config.attn_implementation),
+        "trust_remote_code": config.trust_remote_code,
+        "use_safetensors": True,
+    }
+    if config.quantization == "nf4":
+        kwargs["quantization_config"] = bnb_config(config)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config), **kwargs)
+    if config.quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    if adapter.kind == "lora":
+        model = get_peft_model(model, lora_config(adapter))
+    return model if config.quantization == "nf4" else model.to(device)
+
+
+def bnb_config(config: ModelConfig) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=config.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[config.compute_dtype],
+        bnb_4bit_quant_storage=DTYPES[config.quant_storage],
+    )
+
+
+def lora_config(adapter: AdapterConfig) -> LoraConfig:
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,101 @@
+"""What a run leaves in its output_dir: resolved recipe, log.jsonl, metrics.json, loss.png — each written safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from recipes.errors import InputError
+
+RUN_FILES = ("recipe.resolved.yaml", "log.jsonl", "metrics.json", "adapter", "checkpoints", "loss.png")
+
+
+def claim_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run unless asked: --resume continues it, --overwrite replaces it."""
+    existing = [name for name in RUN_FILES if (path / name).exists()]
+    if resume:
+        if not (path / "checkpoints").is_dir():
+            raise InputError(f"output_dir {path}: nothing to resume (no checkpoints/ folder)")
+        return
+    if existing and not overwrite:
+        raise InputError(
+            f"output_dir {path} already holds a run ({', '.join(existing)}): "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
+    for name in existing:
+        target = path / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """log.jsonl: one JSON object per optimizer step, eval results as their own lines (with an "eval" key)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines logged after the checkpoint, so each step appears once."""
+        kept = [e for e in self.entries() if e.get("step", 0) <= step]
+        write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept))
+
+
+def plot_loss(entries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in entries if "loss" in e and "eval" not in e]
+    losses = [e["loss"] for e in entries if "loss" in e and "eval" not in e]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, label="train loss (per target token)")
+    eval_points = [(e["step"], e["loss"]) for e in entries if e.get("eval") == "loss"]
+    if eval_points:
+        ax.plot(*zip(*eval_points), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_table(metrics: dict[str, Any], fields: tuple[str, ...]) -> str:
+    """The before-vs-after table printed at the end of a run."""
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    lines = [f"{'metric':<16}{'before':>10}{'after':>10}", "-" * 36]
+    for field in fields:
+        b = before.get(field)
+        a = after.get(field)
+        lines.append(f"{field:<16}{_fmt(b):>10}{_fmt(a):>10}")
+    lines.append("-" * 36)
+    lines.append(f"tokens/s            {metrics['tokens_per_s']:.0f}")
+    lines.append(f"packing efficiency  {metrics['packing_efficiency']:.1%}")
+    lines.append(f"adapter             {metrics['adapter']}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,85 @@
+"""Random-init tiny Llama/Qwen2-style causal LMs with a real tokenizer (shipped in mistral-common), for debug runs and tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+from recipes.schema import TinyModelSpec
+
+# Mistral-instruct style; `{% generation %}` marks the assistant span so template-based assistant masks work too.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set system = namespace(text='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set system.text = message['content'] + '\n\n' %}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + system.text + message['content'] + ' [/INST]' }}"
+    "{% set system.text = '' %}"
+    "{% elif message['role'] == 'assistant' %}{% generation %}{{ ' ' + message['content'] + eos_token }}"
+    "{% endgeneration %}{% endif %}{% endfor %}"
+)
+
+
+def mistral_tokenizer_file() -> Path:
+    import mistral_common
+
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise FileNotFoundError(f"mistral-common does not ship {path.name}; reinstall mistral-common")
+    return path
+
+
+def build_tokenizer(out: Path):
+    """The Mistral-7B v0.1 SentencePiece tokenizer (32k vocab) with a chat template, saved as a fast tokenizer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(mistral_tokenizer_file(), Path(tmp) / "tokenizer.model")
+        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config))
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def build_tiny_model(spec: TinyModelSpec, out: str | Path) -> Path:
+    """Write a random-init model + tokenizer to `out` atomically (temporary folder, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tokenizer = build_tokenizer(tmp)
+        common = dict(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.hidden_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_kv_heads,
+            intermediate_size=spec.intermediate_size,
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+            initializer_range=spec.init_std,
+        )
+        config = LlamaConfig(**common) if spec.arch == "llama" else Qwen2Config(**common)
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def ensure_tiny_model(spec: TinyModelSpec, path: str | Path) -> None:
+    if not Path(path).exists():
+        build_tiny_model(spec, path)
