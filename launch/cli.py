@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -45,9 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_noise() -> None:
+    """Silence start-up chatter that is not about the user's run (stderr should carry their errors)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes tries to fetch an optional CPU kernel from the hub on import and warns when it cannot.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on every import that it guessed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_noise()
     try:
         return COMMANDS[args.command](args) or 0
     except InputError as exc:

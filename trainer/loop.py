@@ -35,7 +35,7 @@ from trainer.batches import (
 from trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.evaluate import evaluate_generation
 from trainer.model import DTYPES, count_parameters, load_model, load_tokenizer
-from trainer.run_files import RunLog, claim_output_dir, plot_loss, summary_table, write_atomic
+from trainer.run_files import RunLog, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
 from trainer.tracking import Tracker
 
 
@@ -111,19 +111,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
         for _ in range(cfg.grad_accum):
             position, batch = next(batches)
             window.append(batch.to(accelerator.device))
-        # Normalise by the target tokens of the whole step across all ranks, so accumulation and packing
-        # weigh every token equally; DDP averages gradients over ranks, hence the world-size factor.
-        counts = torch.tensor([sum(b.target_tokens for b in window), sum(b.real_tokens for b in window)],
-                              device=accelerator.device, dtype=torch.float64)
-        global_targets, global_tokens = accelerator.reduce(counts, reduction="sum").tolist()
-        scale = accelerator.num_processes / max(global_targets, 1.0)
-        loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        for i, batch in enumerate(window):
-            sync = i == len(window) - 1
-            with accelerator.no_sync(model) if not sync else nullcontext():
-                batch_loss = token_loss_sum(model, batch, attention_mask_for(batch, mask_dtype, backend))
-                accelerator.backward(batch_loss * scale)
-            loss_sum += batch_loss.detach()
+        loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, mask_dtype, backend)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()
@@ -134,7 +122,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
         state.tokens_seen += int(global_tokens)
         elapsed = time.perf_counter() - started
         state.elapsed_s += elapsed
-        loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(global_targets, 1.0)
+        loss = loss_sum / max(global_targets, 1.0)
         entry = {"step": state.step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
                  "grad_norm": round(float(grad_norm), 6), "tokens": int(global_tokens),
                  "tokens_per_s": round(global_tokens / elapsed, 1), "target_tokens": int(global_targets),
@@ -177,12 +165,35 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
             "data_hash": data_hash, "adapter": str(adapter_dir), "examples": examples,
         }
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        write_atomic(adapter_dir / "README.md", model_card(dump_recipe(recipe), recipe.model.name_or_path, task.name,
+                                                           data_hash, metrics, task.headline_metrics))
         plot_loss(log.entries(), run_dir / "loss.png")
         print(summary_table(metrics, task.headline_metrics), flush=True)
     tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerator, mask_dtype: torch.dtype,
+                         backend: str) -> tuple[float, float, float]:
+    """Backward over one optimizer step's micro-batches; returns (summed loss, target tokens, real tokens), global.
+
+    The loss is normalised by the target tokens of the whole step across all ranks, so accumulation and packing
+    weigh every token equally (not every micro-batch); DDP averages gradients over ranks, hence the world size.
+    """
+    counts = torch.tensor([sum(b.target_tokens for b in window), sum(b.real_tokens for b in window)],
+                          device=accelerator.device, dtype=torch.float64)
+    global_targets, global_tokens = accelerator.reduce(counts, reduction="sum").tolist()
+    scale = accelerator.num_processes / max(global_targets, 1.0)
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            batch_loss = token_loss_sum(model, batch, attention_mask_for(batch, mask_dtype, backend))
+            accelerator.backward(batch_loss * scale)
+        loss_sum += batch_loss.detach()
+    return accelerator.reduce(loss_sum, reduction="sum").item(), global_targets, global_tokens
 
 
 def token_loss_sum(model, batch: MicroBatch, attention_mask: torch.Tensor | None) -> torch.Tensor:

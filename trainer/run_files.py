@@ -99,3 +99,45 @@ def summary_table(metrics: dict[str, Any], fields: tuple[str, ...]) -> str:
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def model_card(recipe_yaml: str, base_model: str, task: str, data_hash: str, metrics: dict[str, Any],
+               fields: tuple[str, ...]) -> str:
+    """README.md for the adapter folder: what it is, how it was made, how well it does, how to load it."""
+    table = summary_table(metrics, fields).splitlines()
+    return f"""---
+library_name: peft
+base_model: {base_model}
+tags: [multitune, {task}, lora]
+---
+# {task} adapter (multitune)
+
+LoRA adapter for `{base_model}`, trained by multitune on the `{task}` task.
+
+- Data manifest hash: `{data_hash}`
+- Optimizer steps: {metrics.get('steps')}, final train loss {metrics.get('final_loss')}
+
+## Evaluation (held-out split, greedy generation)
+
+```
+{chr(10).join(table[:-1])}
+```
+
+## Load it
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("path/to/adapter")
+tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")
+```
+
+Or merge it into a standalone model: `multitune merge --adapter path/to/adapter --out merged/`.
+
+## Recipe
+
+```yaml
+{recipe_yaml.rstrip()}
+```
+"""

@@ -1,0 +1,158 @@
+"""Task data → shards: generator, completion-only labels, content-hashed cache, overlong policy, user files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_prep.prepare import prepare
+from data_prep.shards import ShardedDataset
+from data_prep.tasks import get_task
+from data_prep.tokenize import IGNORE, tokenize_examples
+from recipes.errors import InputError
+from recipes.schema import DataConfig, GeneratorSpec
+
+TASK = get_task("ticket_classification")
+
+
+def test_generator_is_deterministic_and_varied():
+    a, b = TASK.generate(300, seed=5), TASK.generate(300, seed=5)
+    assert a == b
+    assert TASK.generate(300, seed=6) != a
+    descriptions = [r["description"] for r in a]
+    assert len(set(descriptions)) / len(descriptions) > 0.95
+    assert len({r["title"] for r in a}) > 30
+    classes = {(r["category"], r["subcategory"]) for r in a}
+    assert len(classes) == 11  # 5 categories x 2 subcategories + unrelated
+    assert {r["urgency"] for r in a} == {"high", "medium", "low"}
+
+
+def test_completion_only_labels_decode_to_exactly_the_answer(tokenizer):
+    records = TASK.generate(20, seed=0)
+    examples = [TASK.format(r) for r in records]
+    batch = tokenize_examples(tokenizer, examples, completion_only=True)
+    for ids, labels, prompt_len, example in zip(batch.input_ids, batch.labels, batch.prompt_lengths, examples):
+        ids, labels = np.array(ids), np.array(labels)
+        assert (labels[:prompt_len] == IGNORE).all()
+        assert (labels[prompt_len:] == ids[prompt_len:]).all()
+        assert tokenizer.decode(ids[labels != IGNORE], skip_special_tokens=True).strip() == example.answer
+        assert ids[-1] == tokenizer.eos_token_id  # the model learns to stop
+        # the prompt part is exactly what generation sees at inference time
+        prompt = tokenizer.apply_chat_template(example.messages, add_generation_prompt=True)["input_ids"]
+        assert list(ids[:prompt_len]) == list(prompt)
+
+
+def test_full_sequence_labels_when_not_completion_only(tokenizer):
+    batch = tokenize_examples(tokenizer, [TASK.format(TASK.generate(1, 0)[0])], completion_only=False)
+    assert batch.labels[0] == batch.input_ids[0]
+
+
+def data_config(tmp_path, **kw) -> DataConfig:
+    values = {"generator": GeneratorSpec(n_train=50, n_eval=5, seed=0), "cache_dir": str(tmp_path / "cache"),
+              "max_seq_len": 512, **kw}
+    return DataConfig(**values)
+
+
+def test_prep_writes_shards_and_manifest_then_hits_cache(tmp_path, tokenizer):
+    config = data_config(tmp_path)
+    first = prepare(TASK, config, tokenizer)
+    assert not first.cache_hit
+    manifest = json.loads((first.folder / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] == 50 and manifest["splits"]["eval"]["rows"] == 5
+    assert manifest["splits"]["train"]["dropped"] == 0
+    assert sum(manifest["splits"]["train"]["length_histogram"].values()) == 50
+    shard = first.folder / "train" / "shard-00000.arrow"
+    stamp = shard.stat().st_mtime_ns
+    second = prepare(TASK, config, tokenizer)
+    assert second.cache_hit and second.folder == first.folder
+    assert shard.stat().st_mtime_ns == stamp  # nothing recomputed
+    train = ShardedDataset(first.split("train"))
+    assert len(train) == 50 and int(train.lengths.sum()) == manifest["splits"]["train"]["tokens"]
+    eval_set = ShardedDataset(first.split("eval"))
+    assert json.loads(eval_set.record_json(0)) == TASK.generate(55, 0)[50]  # eval = the records after train
+
+
+def test_cache_key_changes_with_what_changes_tokens(tmp_path, tokenizer):
+    base = prepare(TASK, data_config(tmp_path), tokenizer).folder
+    assert prepare(TASK, data_config(tmp_path, max_seq_len=400), tokenizer).folder != base
+    other_seed = data_config(tmp_path, generator=GeneratorSpec(n_train=50, n_eval=5, seed=1))
+    assert prepare(TASK, other_seed, tokenizer).folder != base
+    tokenizer_copy = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tokenizer_copy.chat_template = tokenizer.chat_template.replace("[INST] ", "[INST]  ")
+    assert prepare(TASK, data_config(tmp_path), tokenizer_copy).folder != base
+
+
+def test_overlong_samples_are_dropped_or_truncated_and_counted(tmp_path, tokenizer):
+    dropped = prepare(TASK, data_config(tmp_path, max_seq_len=200, overlong="drop"), tokenizer).manifest
+    stats = dropped["splits"]["train"]
+    assert stats["dropped"] > 0 and stats["rows"] + stats["dropped"] == 50 and stats["truncated"] == 0
+    truncated = prepare(TASK, data_config(tmp_path, max_seq_len=200, overlong="truncate"), tokenizer)
+    stats = truncated.manifest["splits"]["train"]
+    assert stats["truncated"] > 0 and stats["rows"] + stats["dropped"] == 50
+    assert ShardedDataset(truncated.split("train")).lengths.max() <= 200
+
+
+def test_everything_dropped_is_an_error(tmp_path, tokenizer):
+    with pytest.raises(InputError, match="split is empty"):
+        prepare(TASK, data_config(tmp_path, max_seq_len=20), tokenizer)
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]  # nothing half-written
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_user_jsonl_and_csv_files(tmp_path, tokenizer):
+    records = TASK.generate(40, seed=3)
+    jsonl = write_jsonl(tmp_path / "tickets.jsonl", records)
+    prepared = prepare(TASK, DataConfig(train_file=str(jsonl), eval_fraction=0.2, cache_dir=str(tmp_path / "c"),
+                                        max_seq_len=512), tokenizer)
+    splits = prepared.manifest["splits"]
+    assert splits["train"]["rows"] + splits["eval"]["rows"] == 40 and splits["eval"]["rows"] > 0
+    csv_path = tmp_path / "tickets.csv"
+    import csv
+
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    assert list(TASK.read(csv_path)) == [{k: str(v) for k, v in r.items()} for r in records]
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('{"title": "x", "description": "y", "category": "billing", "subcategory": "refund"', "malformed JSON"),
+    ('{"title": "x", "category": "billing", "subcategory": "refund", "urgency": "low"}', "missing field 'description'"),
+    ('{"title": "x", "description": "y", "category": "sales", "subcategory": "refund", "urgency": "low"}',
+     "field 'category' must be one of"),
+    ('{"title": "x", "description": "y", "category": "billing", "subcategory": "bug", "urgency": "low"}',
+     "field 'subcategory' must be one of refund|invoice"),
+    ('{"title": "x", "description": "y", "category": "billing", "subcategory": "refund", "urgency": "asap"}',
+     "field 'urgency' must be one of"),
+    ('["not", "an", "object"]', "expected a JSON object"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, line, fragment):
+    good = TASK.generate(2, seed=0)
+    path = write_jsonl(tmp_path / "bad.jsonl", [*good, line])
+    with pytest.raises(InputError) as info:
+        list(TASK.read(path))
+    assert f"{path}:3:" in str(info.value) and fragment in str(info.value)
+
+
+def test_non_utf8_and_missing_files(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"title": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.jsonl:1: not valid UTF-8"):
+        list(TASK.read(path))
+    with pytest.raises(InputError, match="data file not found"):
+        list(TASK.read(tmp_path / "nope.jsonl"))
+
+
+def test_empty_user_file_is_an_error(tmp_path, tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(InputError, match="train split is empty"):
+        prepare(TASK, DataConfig(train_file=str(empty), cache_dir=str(tmp_path / "c")), tokenizer)

@@ -1,0 +1,213 @@
+"""The loop: token-normalised accumulation, exact resume, run outputs, adapter loading, merging, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, recipe_dict, write_recipe
+
+
+def test_accumulated_micro_batches_equal_one_batch_of_the_same_tokens(tiny_model_dir):
+    from accelerate import Accelerator
+    from peft import get_peft_model
+
+    from recipes.schema import AdapterConfig
+    from trainer.batches import MicroBatchStream
+    from trainer.loop import accumulate_gradients
+    from trainer.model import lora_config
+    from transformers import AutoModelForCausalLM
+
+    from test_packing import ArrayDataset
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, lora_config(AdapterConfig(r=4, dropout=0.0)))
+    for name, p in model.named_parameters():  # non-zero B so every LoRA weight gets a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    rng = np.random.default_rng(0)
+    # samples with very different numbers of target tokens: per-micro-batch averaging would weigh them wrongly
+    rows = [rng.integers(5, 30000, size=n).astype(np.int32) for n in (40, 9, 70, 25)]
+    labels = [np.where(np.arange(len(r)) < len(r) // k, -100, r).astype(np.int32) for r, k in zip(rows, (2, 9, 1, 3))]
+    stream = MicroBatchStream(ArrayDataset(rows, labels), plan=[[]], seed=0)
+    accelerator = Accelerator(cpu=True)
+
+    def grads(window):
+        model.zero_grad()
+        loss, targets, _ = accumulate_gradients(model, window, accelerator, torch.float32, "sdpa")
+        return loss / targets, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    split = [stream.collate([np.array([0]), np.array([1])]), stream.collate([np.array([2, 3])])]
+    whole = [stream.collate([np.array([0, 1]), np.array([2]), np.array([3])])]
+    loss_a, grads_a = grads(split)
+    loss_b, grads_b = grads(whole)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5)
+
+
+def run_cli(*args, cwd=None, check=True):
+    result = subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
+                            cwd=cwd or REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"multitune {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def assert_one_line_error(stderr: str) -> None:
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+
+
+def step_losses(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in lines if "eval" not in e}
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_model_dir, quantization):
+    """Stop after the step-4 checkpoint (later checkpoints and log lines gone), --resume, compare every later step."""
+    from trainer.loop import train
+    from recipes.loader import validate_recipe
+
+    recipe = validate_recipe(recipe_dict(tmp_path, tiny_model_dir, model={"quantization": quantization},
+                                         train={"max_steps": 8, "micro_batch_tokens": 512},
+                                         checkpoint={"every_steps": 2, "keep_last": 10}))
+    train(recipe)
+    run = recipe.output_path
+    full = step_losses(run)
+    assert len(full) == 8 and full[8] < full[1]
+    for path in (run / "checkpoints").iterdir():
+        if int(path.name.split("-")[1]) > 4:
+            shutil.rmtree(path)
+    for name in ("adapter", "metrics.json", "loss.png"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    lines = (run / "log.jsonl").read_text().splitlines()
+    (run / "log.jsonl").write_text("\n".join(l for l in lines if json.loads(l).get("step", 0) <= 5) + "\n")
+    train(recipe, resume=True)
+    resumed = step_losses(run)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-5), step
+
+
+def test_cli_train_writes_every_run_output(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(
+        tmp_path, tiny_model_dir, eval={"before_training": True, "max_samples": 4, "max_new_tokens": 6},
+        model={"quantization": "nf4"}))
+    result = run_cli("train", str(recipe), "train.max_steps=4", "checkpoint.every_steps=2")
+    run = tmp_path / "run"
+    assert {"recipe.resolved.yaml", "log.jsonl", "metrics.json", "adapter", "checkpoints", "loss.png"} <= {
+        p.name for p in run.iterdir()}
+    assert "max_steps: 4" in (run / "recipe.resolved.yaml").read_text()
+    entries = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in entries if "eval" not in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    for entry in steps:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(entry)
+        assert entry["tokens"] > 0 and entry["tokens_per_s"] > 0
+    assert {e["eval"] for e in entries if "eval" in e} == {"before", "after"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("before", "after"):
+        assert {"category", "subcategory", "urgency", "exact_match", "parse_rate"} <= set(metrics[key])
+    assert metrics["tokens_per_s"] > 0 and 0 < metrics["packing_efficiency"] <= 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert "exact_match" in result.stdout and "packing efficiency" in result.stdout
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(run / "adapter"))
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    assert (run / "adapter" / "README.md").read_text().count("multitune") >= 1
+
+    # the same output_dir again without --resume/--overwrite: refused, earlier run untouched
+    before = (run / "metrics.json").read_text()
+    again = run_cli("train", str(recipe), check=False)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert_one_line_error(again.stderr)
+    assert (run / "metrics.json").read_text() == before
+
+
+def test_merge_reproduces_base_plus_adapter(tmp_path, tiny_model_dir):
+    """LoRA: merged == base + adapter. QLoRA: merged == dequantized-NF4 base + adapter, and closer to the trained
+    4-bit model than a merge onto the original weights (bitsandbytes' CPU 4-bit matmul is itself inexact)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from recipes.loader import validate_recipe
+    from trainer.loop import train
+    from trainer.merge import dequantize_nf4, merge_adapter
+
+    ids = torch.randint(5, 30000, (2, 30))
+
+    def logits(model):
+        with torch.no_grad():
+            return model(ids).logits
+
+    plain = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+
+    def nf4_base():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, dtype=torch.float32,
+                                                    device_map={"": "cpu"})
+
+    for quantization in ("none", "nf4"):
+        recipe = validate_recipe(recipe_dict(tmp_path / quantization, tiny_model_dir,
+                                             model={"quantization": quantization}, train={"max_steps": 3, "lr": 5e-3},
+                                             checkpoint={"every_steps": None}))
+        train(recipe)
+        adapter = recipe.output_path / "adapter"
+        merged = logits(AutoModelForCausalLM.from_pretrained(merge_adapter(adapter, tmp_path / quantization / "m"),
+                                                             dtype=torch.float32))
+        if quantization == "none":
+            expected = logits(PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), str(adapter)))
+            assert (expected - plain).abs().max() > 1e-3  # the adapter changed something
+            torch.testing.assert_close(merged, expected, atol=2e-4, rtol=1e-4)
+            continue
+        expected = logits(PeftModel.from_pretrained(dequantize_nf4(nf4_base(), torch.float32), str(adapter)))
+        torch.testing.assert_close(merged, expected, atol=2e-4, rtol=1e-4)
+        trained = logits(PeftModel.from_pretrained(nf4_base(), str(adapter)))
+        onto_original = logits(AutoModelForCausalLM.from_pretrained(
+            merge_adapter(adapter, tmp_path / "nf4" / "m-orig", onto="original"), dtype=torch.float32))
+        assert (merged - trained).abs().mean() < (onto_original - trained).abs().mean()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "missing.yaml"], "recipe file not found"),
+    (["validate", "{recipe}", "train.lrr=1"], "did you mean 'train.lr'"),
+    (["validate", "{recipe}", "train.lr=abc"], "train.lr"),
+    (["validate", "{recipe}", "task=poetry"], "unknown task 'poetry'"),
+    (["validate", "{recipe}", "model.quantization=nf4", "adapter.kind=none"], "needs adapter.kind=lora"),
+    (["prep", "{recipe}", "data.generator=null", "data.train_file=nowhere.jsonl"], "data file not found"),
+    (["train", "{recipe}", "model.name_or_path=./no/such/model"], "folder not found"),
+    (["train", "{recipe}", "--resume"], "nothing to resume"),
+    (["merge", "--adapter", "{tmp}", "--out", "{tmp}/m"], "not an adapter folder"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir, args, fragment):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path, tiny_model_dir))
+    args = [a.format(recipe=recipe, tmp=tmp_path) for a in args]
+    result = run_cli(*args, check=False)
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr
+    assert_one_line_error(result.stderr)
+
+
+def test_malformed_row_reported_with_file_and_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "tickets.jsonl"
+    data.write_text('{"title": "a", "description": "b", "category": "billing", "subcategory": "refund", '
+                    '"urgency": "low"}\n{"title": broken\n')
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path, tiny_model_dir, data={
+        "generator": None, "train_file": str(data), "cache_dir": str(tmp_path / "cache")}))
+    result = run_cli("prep", str(recipe), check=False)
+    assert result.returncode == 2 and f"{data}:2: malformed JSON" in result.stderr
+    assert not (tmp_path / "run").exists()
