@@ -23,9 +23,10 @@ class TinyModelSpec(Section):
     num_heads: PositiveInt = 4
     num_kv_heads: PositiveInt = 2
     intermediate_size: PositiveInt = 256
-    # Wider than the usual 0.02: with a frozen random LM head and RMS-normalised hidden states, logits are
-    # bounded by init_std * hidden_size, and 0.02 caps them too low for LoRA alone to make confident predictions.
-    init_std: float = Field(0.1, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    # Wider than init_std: with a frozen random LM head and RMS-normalised hidden states, logits are bounded by
+    # head_init_std * hidden_size, and 0.02 caps them too low for LoRA alone to make confident predictions.
+    head_init_std: float = Field(0.1, gt=0)
     seed: int = 0
 
 

@@ -71,6 +71,8 @@ def build_tiny_model(spec: TinyModelSpec, out: str | Path) -> Path:
         config = LlamaConfig(**common) if spec.arch == "llama" else Qwen2Config(**common)
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, spec.head_init_std)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
         os.replace(tmp, out)
