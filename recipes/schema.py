@@ -110,6 +110,8 @@ class CheckpointConfig(Section):
 
 class TrackingConfig(Section):
     mode: Literal["off", "offline", "online"] = "off"
+    backend: Literal["wandb", "mlflow"] = "wandb"
+    uri: str | None = None  # MLflow tracking URI; default: a SQLite store inside output_dir
     project: str = "multitune"
     run_name: str | None = None
     group: str | None = None

@@ -34,6 +34,7 @@ from trainer.batches import (
 )
 from trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.evaluate import evaluate_generation
+from trainer.memory import peak_memory_gb
 from trainer.model import DTYPES, count_parameters, load_model, load_tokenizer
 from trainer.run_files import RunLog, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
 from trainer.tracking import Tracker
@@ -77,6 +78,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     log = RunLog(run_dir / "log.jsonl")
     tracker = Tracker(recipe.tracking, run_dir, recipe.model_dump(mode="json"), enabled=main)
     data_hash = prepared.manifest["hash"]
+    tracker.summary({"data_hash": data_hash, "packing_efficiency": efficiency, "trainable_params": trainable,
+                     "total_params": total})
     before = None
     if resume:
         newest = list_checkpoints(run_dir / "checkpoints")
@@ -96,6 +99,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
             before, _ = evaluate_generation(accelerator.unwrap_model(model), tokenizer, eval_set, task,
                                             recipe.eval, accelerator.device)
             log.append({"eval": "before", "step": 0, **before})
+            tracker.log({f"eval_before/{k}": v for k, v in before.items()}, step=0)
     if main:
         print(f"[multitune] task={task.name} params trainable={trainable:,} total={total:,} "
               f"train rows={len(train_set)} micro-batches/epoch={len(plan)} packing efficiency={efficiency:.1%} "
@@ -126,7 +130,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
         entry = {"step": state.step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
                  "grad_norm": round(float(grad_norm), 6), "tokens": int(global_tokens),
                  "tokens_per_s": round(global_tokens / elapsed, 1), "target_tokens": int(global_targets),
-                 "epoch": state.epoch}
+                 "epoch": state.epoch, "peak_mem_gb": peak_memory_gb(accelerator.device)}
         if not math.isfinite(loss):
             raise RuntimeError(f"loss is {loss} at step {state.step}; last good checkpoint kept")
         if main:
@@ -165,6 +169,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
             "data_hash": data_hash, "adapter": str(adapter_dir), "examples": examples,
         }
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        tracker.summary({f"final/{k}": metrics[k] for k in ("tokens_per_s", "final_loss", "train_seconds", "steps")})
         write_atomic(adapter_dir / "README.md", model_card(dump_recipe(recipe), recipe.model.name_or_path, task.name,
                                                            data_hash, metrics, task.headline_metrics))
         plot_loss(log.entries(), run_dir / "loss.png")

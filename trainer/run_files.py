@@ -10,7 +10,8 @@ from typing import Any
 
 from recipes.errors import InputError
 
-RUN_FILES = ("recipe.resolved.yaml", "log.jsonl", "metrics.json", "adapter", "checkpoints", "loss.png")
+RUN_FILES = ("recipe.resolved.yaml", "log.jsonl", "metrics.json", "adapter", "checkpoints", "loss.png",
+             "tracking.json", "wandb", "mlflow.db", "mlartifacts")
 
 
 def claim_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
