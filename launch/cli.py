@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from launch import results, sweep
 from recipes.errors import InputError
 
 
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
+    sweep.add_parser(sub)
+    results.add_parser(sub)
     return parser
 
 
@@ -141,7 +144,7 @@ def _method(recipe) -> str:
 
 COMMANDS = {
     "validate": cmd_validate, "prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
-    "tiny-model": cmd_tiny_model,
+    "tiny-model": cmd_tiny_model, "sweep": sweep.main, "results": results.main,
 }
 
 if __name__ == "__main__":
