@@ -16,6 +16,7 @@ from trainer.tracking import flatten
 # Keys that differ between every pair of runs by construction and say nothing about the configuration.
 NOT_PARAMETERS = {"output_dir", "tracking.run_name"}
 FINAL_METRICS = ("final_loss", "tokens_per_s", "packing_efficiency", "steps")
+EVAL_BOOKKEEPING = {"samples", "seconds"}  # in the eval result, but not a measure of the model
 
 
 @dataclass
@@ -38,7 +39,8 @@ def collect_local(runs_dir: Path) -> tuple[list[RunResult], int]:
             unfinished += 1
             continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        values = {k: v for k, v in (metrics.get("after") or {}).items() if isinstance(v, (int, float))}
+        values = {k: v for k, v in (metrics.get("after") or {}).items()
+                  if isinstance(v, (int, float)) and k not in EVAL_BOOKKEEPING}
         values.update({k: metrics[k] for k in FINAL_METRICS if isinstance(metrics.get(k), (int, float))})
         losses = []
         if (run_dir / "log.jsonl").is_file():
@@ -64,7 +66,8 @@ def collect_wandb(project: str, entity: str | None) -> list[RunResult]:
     runs = []
     for run in api.runs(path, filters={"state": "finished"}):
         summary = dict(run.summary)
-        values = {k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/")}
+        values = {k.removeprefix("eval/"): v for k, v in summary.items()
+                  if k.startswith("eval/") and k.removeprefix("eval/") not in EVAL_BOOKKEEPING}
         values.update({k.removeprefix("final/"): v for k, v in summary.items()
                        if k.startswith("final/") and k != "final/train_seconds"})
         if "packing_efficiency" in summary:
