@@ -325,7 +325,9 @@ def agent(sweep_path: str, count: int, out: Path | None, project: str | None, en
         run_id = os.environ["WANDB_RUN_ID"]
         params = yaml.safe_load(Path(os.environ["WANDB_SWEEP_PARAM_PATH"]).read_text())
         values = {k: v["value"] for k, v in params.items() if k != "wandb_version" and isinstance(v, dict)}
-        overrides = [override(k, v) for k, v in values.items()] + [override("tracking.mode", "online")]
+        # The server's optimiser reads the trial's metrics from W&B, whatever the base recipe tracks with.
+        overrides = [override(k, v) for k, v in values.items()] + [override("tracking.mode", "online"),
+                                                                   override("tracking.backend", "wandb")]
         code = run_command(trial_command(sweep.program, overrides, out / run_id))
         if code != 0:
             raise RuntimeError(f"trial {run_id} exited with code {code}")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import recipe_dict, write_recipe
+from conftest import REPO, recipe_dict, write_recipe
 from test_trainer import assert_one_line_error, run_cli
 
 
@@ -132,3 +133,12 @@ def test_random_sweep_samples_reproducibly_within_ranges(tmp_path, tiny_model_di
                for t in trials)
     lrs = sorted(t.values["train.lr"] for t in trials)  # log-uniform: about half the draws below 3e-4
     assert 4 <= sum(lr < 3.2e-4 for lr in lrs) <= 16
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes" / "sweeps").glob("*.yaml")))
+def test_shipped_sweep_files_validate_against_the_recipe_schema(name, monkeypatch):
+    from launch.sweep import load_sweep
+
+    monkeypatch.chdir(REPO)  # programs are paths relative to the repository root, as the CLI sees them
+    sweep = load_sweep(Path("recipes/sweeps") / name)
+    assert sweep.parameters and sweep.program.is_file()
