@@ -270,31 +270,16 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 def require_wandb_online(what: str) -> None:
     """Fail fast, in one line, where W&B cannot be reached (no key, offline mode, no network), instead of hanging."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
+    from trainer.tracking import wandb_server_problem
 
     if not os.environ.get("WANDB_API_KEY"):
         raise InputError(f"{what} needs the W&B server: set WANDB_API_KEY (or run a local sweep: "
                          "multitune sweep run SWEEP.yaml --local)")
     if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
         raise InputError(f"{what} needs the W&B server, but WANDB_MODE={os.environ['WANDB_MODE']}")
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    host, port = url.hostname or "api.wandb.ai", url.port or (443 if url.scheme == "https" else 80)
-    error: list[str] = ["timed out after 10 s"]
-
-    def probe() -> None:  # in a thread: name resolution has no timeout of its own
-        try:
-            socket.create_connection((host, port), timeout=10).close()
-            error.clear()
-        except OSError as exc:
-            error[0] = str(exc)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(12)
-    if error:
-        raise InputError(f"{what} needs the W&B server, which cannot be reached at {host}:{port} ({error[0]})")
+    problem = wandb_server_problem()
+    if problem:
+        raise InputError(f"{what} needs the W&B server, which cannot be reached: {problem}")
 
 
 def create(sweep: Sweep, project: str | None, entity: str | None) -> str:

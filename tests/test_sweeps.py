@@ -114,7 +114,7 @@ def test_sweep_create_and_agent_fail_in_one_line_without_the_wandb_server(tmp_pa
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert main(["sweep", "agent", "someone/proj/abc123", "--count", "1"]) == 2
     errors = capsys.readouterr().err.splitlines()
-    assert "set WANDB_API_KEY" in errors[0] and "cannot be reached at 127.0.0.1:9" in errors[1]
+    assert "set WANDB_API_KEY" in errors[0] and "cannot be reached: 127.0.0.1:9" in errors[1]
     assert len(errors) == 2
 
 

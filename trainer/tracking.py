@@ -101,6 +101,32 @@ class Tracker:
             self.backend = None
 
 
+def wandb_server_problem(timeout: float = 10.0) -> str | None:
+    """None when the W&B server (WANDB_BASE_URL) accepts a connection within `timeout`, else what went wrong.
+
+    wandb.init waits up to its init_timeout before giving up on an unreachable server; this answers in seconds.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host, port = url.hostname or "api.wandb.ai", url.port or (443 if url.scheme == "https" else 80)
+    problem = [f"{host}:{port} did not answer within {timeout:.0f} s"]
+
+    def probe() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            problem.clear()
+        except OSError as exc:
+            problem[0] = f"{host}:{port}: {exc}"
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 2)
+    return problem[0] if problem else None
+
+
 class WandbBackend:
     """W&B: online when WANDB_API_KEY is set and the server answers, otherwise an offline run under output_dir."""
 
@@ -109,9 +135,12 @@ class WandbBackend:
 
         self.run_id = run_id or uuid.uuid4().hex[:12]
         online = config.mode == "online" and bool(os.environ.get("WANDB_API_KEY"))
-        if config.mode == "online" and not online:
-            print("[multitune] tracking: no WANDB_API_KEY in the environment, logging offline "
+        problem = wandb_server_problem() if online else None
+        if config.mode == "online" and not online or problem:
+            why = f"W&B server unreachable ({problem})" if problem else "no WANDB_API_KEY in the environment"
+            print(f"[multitune] tracking: {why}, logging offline "
                   f"(sync later with `wandb sync {run_dir}/wandb/offline-run-*`)", flush=True)
+            online = False
         kwargs = dict(project=config.project, name=config.run_name or run_dir.name, group=config.group,
                       tags=config.tags, config=run_config, dir=str(run_dir), id=self.run_id, resume="allow")
         # console capture off: stdout can carry anything a library prints (URLs with tokens); log.jsonl has it all.
@@ -120,10 +149,11 @@ class WandbBackend:
         try:
             self.run = wandb.init(mode="online" if online else "offline", settings=wandb.Settings(**settings),
                                   **kwargs)
-        except Exception as exc:  # noqa: BLE001 - network down or server refusing: never fail the run for it
+        except Exception as exc:  # noqa: BLE001 - server refusing (bad key, timeout): never fail the run for it
             if not online:
                 raise
-            print(f"[multitune] tracking: W&B unreachable ({exc}); logging offline instead", flush=True)
+            print(f"[multitune] tracking: W&B refused the run ({exc}); logging offline instead", flush=True)
+            wandb.teardown()  # the failed online attempt still holds the run id in wandb's service
             self.run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **kwargs)
 
     def log(self, values: dict[str, float], step: int) -> None:
