@@ -116,3 +116,23 @@ def test_secrets_from_the_environment_are_redacted_from_logged_values():
              "n": 3}
     assert redact(value, secrets) == {"model": {"name_or_path": f"https://u:{REDACTED}@host/m"},
                                       "tags": [REDACTED, "x"], "n": 3}
+
+
+def test_online_mode_with_the_server_unreachable_logs_offline_instead_of_failing(tmp_path, monkeypatch):
+    import socket
+
+    from recipes.schema import TrackingConfig
+    from trainer.tracking import Tracker
+
+    with socket.socket() as sock:  # a free port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    tracker = Tracker(TrackingConfig(mode="online"), tmp_path, {"train": {"lr": 0.1}}, enabled=True)
+    tracker.log({"loss": 2.5}, step=1)
+    tracker.finish()
+    run_id = json.loads((tmp_path / "tracking.json").read_text())["run_id"]
+    (offline,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    assert [row["loss"] for row in wandb_history(offline)] == [2.5]

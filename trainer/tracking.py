@@ -152,7 +152,8 @@ class WandbBackend:
         except Exception as exc:  # noqa: BLE001 - server refusing (bad key, timeout): never fail the run for it
             if not online:
                 raise
-            print(f"[multitune] tracking: W&B refused the run ({exc}); logging offline instead", flush=True)
+            reason = " ".join(str(exc).split())[:160]
+            print(f"[multitune] tracking: W&B refused the run ({reason}); logging offline instead", flush=True)
             wandb.teardown()  # the failed online attempt still holds the run id in wandb's service
             self.run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **kwargs)
 
