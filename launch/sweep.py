@@ -26,6 +26,8 @@ import yaml
 from launch.jobs import ArrayOptions, run_command, submit_array
 from recipes.errors import InputError
 from recipes.loader import apply_override, validate_recipe
+from recipes.schema import Recipe
+from trainer.tracking import flatten
 
 SWEEP_KEYS = ("program", "method", "parameters", "metric", "name", "description", "project", "entity",
               "early_terminate", "run_cap", "command")
@@ -131,14 +133,11 @@ def _candidates(key: str, spec: dict[str, Any], path: Path) -> list[Any]:
     return [spec["min"], spec["max"]]
 
 
-def _validate(base: dict[str, Any], values: dict[str, Any], where: str) -> None:
+def _validate(base: dict[str, Any], values: dict[str, Any], where: str) -> Recipe:
     raw = copy.deepcopy(base)
     for key, value in values.items():
         apply_override(raw, override(key, value))
-    try:
-        validate_recipe(raw, source=where)
-    except InputError as exc:
-        raise InputError(str(exc)) from None
+    return validate_recipe(raw, source=where)
 
 
 def override(key: str, value: Any) -> str:
@@ -195,9 +194,24 @@ def local_trials(sweep: Sweep, out: Path, count: int | None, seed: int) -> list[
                          "`multitune sweep create` and `multitune sweep agent`, or grid/random with --local")
     if count and sweep.method == "grid":
         points = points[:count]
-    for point in points:
-        _validate(yaml.safe_load(sweep.program.read_text()), point, f"{sweep.path}: trial {point}")
-    return [Trial(f"trial-{i:03d}", point, out / f"trial-{i:03d}") for i, point in enumerate(points)]
+    base = yaml.safe_load(sweep.program.read_text())
+    trials = [Trial(f"trial-{i:03d}", point, out / f"trial-{i:03d}") for i, point in enumerate(points)]
+    for trial in trials:
+        recipe = _validate(base, trial.values, f"{sweep.path}: trial {trial.values}")
+        _check_earlier_trial(trial, flatten(recipe.model_dump(mode="json")))
+    return trials
+
+
+def _check_earlier_trial(trial: Trial, expected: dict[str, Any]) -> None:
+    """A trial folder left by an earlier sweep run must hold the same values, or it would be skipped/resumed wrongly."""
+    resolved = trial.output_dir / "recipe.resolved.yaml"
+    if not resolved.is_file():
+        return
+    found = flatten(yaml.safe_load(resolved.read_text()))
+    for key in trial.values:
+        if found.get(key) != expected.get(key):
+            raise InputError(f"{trial.output_dir} holds a trial with {key}={found.get(key)!r}, not "
+                             f"{expected.get(key)!r}: give this sweep another --out")
 
 
 def trial_command(program: Path, overrides: list[str], output_dir: Path) -> list[str]:
@@ -249,7 +263,11 @@ def run_local(sweep: Sweep, out: Path, count: int | None = None, seed: int = 0,
     failed = 0
     for i, ((_, entry), wait) in enumerate(zip(todo, waits)):
         started = time.perf_counter()
-        code = wait()  # sequential: runs the trial; array: waits for its task
+        try:
+            code = wait()  # sequential: runs the trial; array: waits for its task
+        except Exception as exc:  # noqa: BLE001 - an array task killed (time limit, node failure) fails one trial
+            print(f"[sweep] {entry['name']}: {type(exc).__name__}: {exc}", flush=True)
+            code = -1
         entry.update(status="done" if code == 0 else "failed", returncode=code,
                      seconds=round(time.perf_counter() - started, 1))
         failed += code != 0

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, recipe_dict, write_recipe
+from recipes.errors import InputError
 from test_trainer import assert_one_line_error, run_cli
 
 
@@ -142,3 +143,19 @@ def test_shipped_sweep_files_validate_against_the_recipe_schema(name, monkeypatc
     monkeypatch.chdir(REPO)  # programs are paths relative to the repository root, as the CLI sees them
     sweep = load_sweep(Path("recipes/sweeps") / name)
     assert sweep.parameters and sweep.program.is_file()
+
+
+def test_trial_folder_from_a_different_sweep_is_refused_not_skipped(tmp_path, tiny_model_dir):
+    from launch.sweep import load_sweep, local_trials
+    from recipes.loader import dump_recipe, load_recipe
+
+    base = tiny_base(tmp_path, tiny_model_dir)
+    sweep = load_sweep(write_sweep(tmp_path, base, {"train.lr": {"values": [1e-3, 2e-3]}}))
+    earlier = tmp_path / "out" / "trial-001"
+    earlier.mkdir(parents=True)
+    (earlier / "recipe.resolved.yaml").write_text(dump_recipe(load_recipe(base, ["train.lr=5e-3"])))
+    (earlier / "metrics.json").write_text("{}")
+    with pytest.raises(InputError, match="trial-001 holds a trial with train.lr=0.005, not 0.002"):
+        local_trials(sweep, tmp_path / "out", count=None, seed=0)
+    (earlier / "recipe.resolved.yaml").write_text(dump_recipe(load_recipe(base, ["train.lr=2e-3"])))
+    assert [t.values["train.lr"] for t in local_trials(sweep, tmp_path / "out", count=None, seed=0)] == [1e-3, 2e-3]
