@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -17,8 +18,18 @@ HEADER = 7  # b":W&B", 0xBEE1 magic, version byte
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    data = Path(path).read_bytes()
+def read_records(path: Path, wait_s: float = 30.0) -> list[wandb_internal_pb2.Record]:
+    """All records, once the run's `exit` record is on disk: wandb-core writes the file asynchronously, and under
+    load the last records can land a moment after `run.finish()` has returned."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = _parse(Path(path).read_bytes(), path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _parse(data: bytes, path: Path) -> list[wandb_internal_pb2.Record]:
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
     records, pending, pos = [], b"", HEADER
     while pos + 7 <= len(data):
@@ -27,6 +38,8 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
