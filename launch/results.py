@@ -166,13 +166,22 @@ def plot_results(runs: list[RunResult], metric: str, out: Path) -> list[Path]:
     return written
 
 
+def _default_metric(runs: list[RunResult]) -> str:
+    """exact_match, unless it is the same for every run (too little training to tell them apart): final_loss."""
+    for name in ("exact_match", "final_loss"):
+        if len({run.metrics.get(name) for run in runs}) > 1:
+            return name
+    return "exact_match" if any("exact_match" in run.metrics for run in runs) else "final_loss"
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("results", help="gather finished runs into one table (CSV, Markdown) and plots")
     p.add_argument("runs_dir", nargs="?", help="folder holding run output_dirs (searched recursively)")
     p.add_argument("--wandb", metavar="PROJECT", help="read finished runs of a W&B project instead ([ENTITY/]PROJECT)")
     p.add_argument("--entity")
     p.add_argument("--out", help="where results.csv, results.md and the plots go (default: RUNS_DIR)")
-    p.add_argument("--metric", help="metric to plot against swept parameters (default: exact_match or final_loss)")
+    p.add_argument("--metric", help="metric to plot against swept parameters (default: exact_match, or final_loss "
+                        "where exact_match is the same for every run)")
 
 
 def main(args) -> int:
@@ -192,7 +201,7 @@ def main(args) -> int:
     write_csv(columns, rows, out / "results.csv")
     table = markdown(columns, rows)
     (out / "results.md").write_text(table, encoding="utf-8")
-    metric = args.metric or next((m for m in ("exact_match", "final_loss") if m in columns), columns[-2])
+    metric = args.metric or _default_metric(runs)
     if metric not in columns:
         raise InputError(f"--metric {metric}: not among the runs' metrics ({', '.join(columns[1:])})")
     plots = plot_results(runs, metric, out)

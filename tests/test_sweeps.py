@@ -47,7 +47,7 @@ def test_local_grid_sweep_runs_every_trial_and_results_table_has_one_row_each(tm
         assert resolved["output_dir"] == str(out / trial["name"]) and resolved["tracking"]["group"] == "tiny"
         assert (out / trial["name"] / "metrics.json").is_file()
 
-    assert main(["results", str(out)]) == 0
+    assert main(["results", str(out), "--metric", "final_loss"]) == 0
     table = capsys.readouterr().out
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -62,7 +62,7 @@ def test_local_grid_sweep_runs_every_trial_and_results_table_has_one_row_each(tm
     markdown = (out / "results.md").read_text().splitlines()
     assert len(markdown) == 2 + 4 and "train.lr" in markdown[0] and "adapter.r" in markdown[0]
     assert markdown[0] in table and "seconds" not in markdown[0]  # eval bookkeeping is not a metric column
-    for plot in ("loss_curves.png", "exact_match_vs_train.lr.png", "exact_match_vs_adapter.r.png"):
+    for plot in ("loss_curves.png", "final_loss_vs_train.lr.png", "final_loss_vs_adapter.r.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert main(["sweep", "run", str(sweep), "--local", "--out", str(out)]) == 0  # finished trials are not rerun
