@@ -154,6 +154,10 @@ def plot_results(runs: list[RunResult], metric: str, out: Path) -> list[Path]:
         xs_all = [x for s in series.values() for x, _ in s]
         if numeric_x and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
             ax.set_xscale("log")
+        if numeric_x and len(set(xs_all)) <= 12:  # label the swept values themselves, not a dense axis
+            ticks = sorted(set(xs_all))
+            ax.set_xticks(ticks, [_cell(float(t)) for t in ticks])
+            ax.minorticks_off()
         ax.set_xlabel(param)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
