@@ -211,3 +211,30 @@ def test_malformed_row_reported_with_file_and_line(tmp_path, tiny_model_dir):
     result = run_cli("prep", str(recipe), check=False)
     assert result.returncode == 2 and f"{data}:2: malformed JSON" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_command_compares_base_and_adapter(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path, tiny_model_dir, train={"max_steps": 2},
+                                                           checkpoint={"every_steps": None}))
+    run_cli("train", str(recipe))
+    base = run_cli("eval", str(recipe))
+    tuned = run_cli("eval", str(recipe), "--adapter", str(tmp_path / "run" / "adapter"))
+    for result, name in ((base, "base"), (tuned, "adapter")):
+        metrics = json.loads(result.stdout[result.stdout.index("{"):])
+        assert {"category", "exact_match", "parse_rate", "samples"} <= set(metrics)
+        assert json.loads((tmp_path / "run" / "eval" / f"{name}.json").read_text())["samples"] == metrics["samples"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_model_command_builds_a_loadable_chat_model(tmp_path, arch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / arch
+    run_cli("tiny-model", "--arch", arch, "--out", str(out), "--hidden-size", "32", "--layers", "1")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.model_type == arch and len(tokenizer) == 32000
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                        return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], 32000)
+    assert run_cli("tiny-model", "--out", str(out), check=False).returncode == 2  # never overwrites
