@@ -134,6 +134,12 @@ def test_cli_train_writes_every_run_output(tmp_path, tiny_model_dir):
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert_one_line_error(again.stderr)
     assert (run / "metrics.json").read_text() == before
+    # --overwrite with data that turns out bad: refused before the earlier run is touched
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    again = run_cli("train", str(recipe), "--overwrite", "data.generator=null", f"data.train_file={bad}", check=False)
+    assert again.returncode == 2 and f"{bad}:1: malformed JSON" in again.stderr
+    assert (run / "metrics.json").read_text() == before and (run / "adapter").is_dir()
 
 
 def test_merge_reproduces_base_plus_adapter(tmp_path, tiny_model_dir):
@@ -238,3 +244,21 @@ def test_tiny_model_command_builds_a_loadable_chat_model(tmp_path, arch):
                                         return_tensors="pt")["input_ids"]
     assert model(ids).logits.shape == (1, ids.shape[1], 32000)
     assert run_cli("tiny-model", "--out", str(out), check=False).returncode == 2  # never overwrites
+
+
+def test_debug_model_is_rebuilt_when_its_spec_changes(tmp_path):
+    from recipes.schema import TinyModelSpec
+    from trainer.tiny_model import ensure_tiny_model
+
+    path = tmp_path / "tiny"
+    small = TinyModelSpec(hidden_size=32, num_layers=1, intermediate_size=64)
+    ensure_tiny_model(small, path)
+    first = (path / "model.safetensors").stat().st_mtime_ns
+    ensure_tiny_model(small, path)
+    assert (path / "model.safetensors").stat().st_mtime_ns == first  # same spec: reused
+    ensure_tiny_model(small.model_copy(update={"num_layers": 2}), path)
+    assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 2
+    foreign = tmp_path / "users-model"
+    foreign.mkdir()
+    ensure_tiny_model(small, foreign)  # not ours (no marker): left alone
+    assert list(foreign.iterdir()) == []

@@ -35,7 +35,7 @@ from trainer.batches import (
 from trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.evaluate import evaluate_generation
 from trainer.model import DTYPES, count_parameters, load_model, load_tokenizer
-from trainer.run_files import RunLog, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
+from trainer.run_files import RunLog, check_output_dir, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
 from trainer.tracking import Tracker
 
 
@@ -44,17 +44,19 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     accelerator = Accelerator()
     main = accelerator.is_main_process
     run_dir = recipe.output_path
-    if main:
-        claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
-        write_atomic(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
-    accelerator.wait_for_everyone()
+    check_output_dir(run_dir, resume=resume, overwrite=overwrite)
     set_seed(recipe.train.seed)
     cfg = recipe.train
 
     # Data: tokenized once (main process first, the others then hit the cache), read memory-mapped.
+    # Bad data fails here, before anything in output_dir is touched.
     with accelerator.main_process_first():
         tokenizer = load_tokenizer(recipe.model)
         prepared = prepare(task, recipe.data, tokenizer)
+    if main:
+        claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
+        write_atomic(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
+    accelerator.wait_for_everyone()
     train_set = ShardedDataset(prepared.split("train"))
     eval_set = ShardedDataset(prepared.split("eval"))
     plan = plan_micro_batches(train_set.lengths, recipe.data.max_seq_len, cfg.micro_batch_tokens,
@@ -66,12 +68,12 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
 
     # Model, optimizer, schedule.
     model = load_model(recipe.model, recipe.adapter, accelerator.device, cfg.gradient_checkpointing)
+    backend = model.config._attn_implementation
     trainable, total = count_parameters(model)
     optimizer = build_optimizer(model, recipe)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    backend = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
     mask_dtype = DTYPES[recipe.model.dtype]
 
     log = RunLog(run_dir / "log.jsonl")
