@@ -262,3 +262,30 @@ def test_debug_model_is_rebuilt_when_its_spec_changes(tmp_path):
     foreign.mkdir()
     ensure_tiny_model(small, foreign)  # not ours (no marker): left alone
     assert list(foreign.iterdir()) == []
+
+
+def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
+    """Regression: bitsandbytes repacks 4-bit weights for a no-autograd CPU kernel on the first eval forward,
+    which silently cut gradients through frozen layers for the rest of training."""
+    from recipes.schema import AdapterConfig, ModelConfig
+    from trainer.model import load_model
+
+    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", compute_dtype="float32",
+                         quantization="nf4")
+    ids = torch.randint(5, 30000, (1, 24))
+
+    def first_layer_grad(evaluate_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = load_model(config, AdapterConfig(r=4, dropout=0.0), torch.device("cpu"), False)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids).logits.sum().backward()
+        return next(p.grad for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n)
+
+    torch.testing.assert_close(first_layer_grad(True), first_layer_grad(False))

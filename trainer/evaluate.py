@@ -7,11 +7,15 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
+from data_prep.prepare import prepare
 from data_prep.shards import ShardedDataset
-from data_prep.tasks import Task
+from data_prep.tasks import Task, get_task
 from recipes.errors import InputError
-from recipes.schema import EvalConfig
+from recipes.schema import AdapterConfig, EvalConfig, Recipe
+from trainer.model import load_model, load_tokenizer
+from trainer.run_files import write_atomic
 
 
 @torch.no_grad()
@@ -56,16 +60,8 @@ def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, c
     return metrics, examples
 
 
-def evaluate_recipe(recipe, adapter: Path | None) -> dict:
+def evaluate_recipe(recipe: Recipe, adapter: Path | None) -> dict:
     """`multitune eval`: the recipe's base model (as the recipe loads it), optionally with an adapter."""
-    from peft import PeftModel
-
-    from data_prep.prepare import prepare
-    from data_prep.tasks import get_task
-    from recipes.schema import AdapterConfig
-    from trainer.model import load_model, load_tokenizer
-    from trainer.run_files import write_atomic
-
     task = get_task(recipe.task)
     tokenizer = load_tokenizer(recipe.model)
     eval_set = ShardedDataset(prepare(task, recipe.data, tokenizer).split("eval"))
