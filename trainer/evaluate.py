@@ -41,6 +41,26 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     return [text.strip() for text in outputs]
 
 
+@torch.no_grad()
+def answer_nll(model, dataset: ShardedDataset, count: int, device: torch.device) -> float:
+    """Teacher-forced negative log-likelihood per answer token of the reference answers (lower is better): a
+    signal for every task even while generations are still unparsable."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for i in range(count):
+            ids = torch.as_tensor(dataset.tokens(i), dtype=torch.long, device=device)[None]
+            labels = torch.as_tensor(dataset.tokens(i, "labels"), dtype=torch.long, device=device)[None]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                                       ignore_index=-100, reduction="sum").item()
+            tokens += int((labels[:, 1:] != -100).sum())
+    finally:
+        model.train(was_training)
+    return round(total / max(tokens, 1), 6)
+
+
 def eval_records(dataset: ShardedDataset, config: EvalConfig) -> list[dict]:
     """The source records of the first `eval.max_samples` rows of the eval split."""
     count = len(dataset) if config.max_samples is None else min(config.max_samples, len(dataset))
@@ -57,6 +77,7 @@ def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, c
     outputs = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, device)
     metrics = task.score(outputs, records)
     metrics.update(task.model_metrics(model, tokenizer, records, device))
+    metrics["answer_nll"] = answer_nll(model, dataset, count, device)
     metrics["samples"] = count
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     examples = [{"record": r, "output": o} for r, o in zip(records[:5], outputs[:5])]

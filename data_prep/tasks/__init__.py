@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from data_prep.tasks.base import ChatExample, Record, Task
+from data_prep.tasks.chat_jsonl import ChatJsonl
 from data_prep.tasks.it_ticket_extraction import ITTicketExtraction
 from data_prep.tasks.medical_qa import MedicalMCQ, MedicalQA
 from data_prep.tasks.rca_generation import RCAGeneration
@@ -11,12 +12,13 @@ from recipes.errors import InputError
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     TicketClassification(), ITTicketExtraction(), RCAGeneration(), MedicalQA(), MedicalMCQ(),
+    ChatJsonl(),
 )}
 
 
 def task_for(recipe) -> Task:
     """The recipe's task, configured by its `data.task_options` when the task takes options."""
-    return get_task(recipe.task)
+    return get_task(recipe.task).with_options(recipe.data.task_options)
 
 
 def get_task(name: str) -> Task:

@@ -48,6 +48,12 @@ class Task(ABC):
     def score(self, outputs: list[str], records: list[Record]) -> dict[str, float]:
         """Metrics for generated `outputs` against the records they answer."""
 
+    def with_options(self, options) -> Task:
+        """This task configured by the recipe's `data.task_options`; only option-taking tasks accept non-defaults."""
+        if options != type(options)():
+            raise InputError(f"data.task_options: task {self.name} takes no options (they are for chat_jsonl)")
+        return self
+
     def prompt_messages(self, record: Record) -> list[dict[str, str]]:
         """The prompt alone; tasks that can answer unlabelled rows (`multitune infer`) build it without labels."""
         return self.format(record).messages
