@@ -50,8 +50,8 @@ def answer_nll(model, dataset: ShardedDataset, count: int, device: torch.device)
     total, tokens = 0.0, 0
     try:
         for i in range(count):
-            ids = torch.as_tensor(dataset.tokens(i), dtype=torch.long, device=device)[None]
-            labels = torch.as_tensor(dataset.tokens(i, "labels"), dtype=torch.long, device=device)[None]
+            ids = torch.tensor(dataset.tokens(i), dtype=torch.long, device=device)[None]
+            labels = torch.tensor(dataset.tokens(i, "labels"), dtype=torch.long, device=device)[None]
             logits = model(input_ids=ids).logits[:, :-1].float()
             total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
                                                        ignore_index=-100, reduction="sum").item()
