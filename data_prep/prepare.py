@@ -46,6 +46,7 @@ def cache_key(task: Task, data: DataConfig, tokenizer) -> str:
         "prep_version": PREP_VERSION, "task": task.name, "formatter_version": task.formatter_version,
         "source": source, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_len": data.max_seq_len,
         "overlong": data.overlong, "completion_only": data.completion_only,
+        "task_options": data.task_options.model_dump(),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,9 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
-    p = sub.add_parser("eval", help="generation eval of the base model or base + adapter on the recipe's eval split")
+    p = sub.add_parser("eval", help="generation eval of the base model and adapters on the recipe's eval split, "
+                                    "one comparison table")
     _recipe_args(p)
-    p.add_argument("--adapter", help="adapter folder (omit to evaluate the base model)")
+    p.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat to compare several)")
+    p.add_argument("--no-base", action="store_true", help="skip the base model (only with --adapter)")
+    p = sub.add_parser("infer", help="answer new rows (JSONL/CSV) with base + adapter; parsed fields per row")
+    _recipe_args(p)
+    p.add_argument("--adapter", help="adapter folder (omit to run the base model)")
+    p.add_argument("--input", required=True, help="JSONL or CSV of rows with the task's input fields")
+    p.add_argument("--output", required=True, help="JSONL to write, one row per input row")
+    p.add_argument("--batch-size", type=int, help="generation batch size (default eval.batch_size)")
+    p = sub.add_parser("grid", help="train a small hyperparameter grid; one metrics CSV, the loss logs and a plot")
+    _recipe_args(p)
+    p.add_argument("--param", action="append", default=[], metavar="key.sub=v1,v2",
+                   help="a recipe key and the values to try (repeat for a grid)")
     p = sub.add_parser("merge", help="merge an adapter into its base model and save a standalone model")
     p.add_argument("--adapter", required=True, help="adapter folder written by a run")
     p.add_argument("--out", required=True, help="folder for the merged model")
@@ -108,8 +119,31 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from trainer.evaluate import evaluate_recipe
 
-    metrics = evaluate_recipe(_load(args), Path(args.adapter) if args.adapter else None)
-    print(json.dumps(metrics, indent=2))
+    if args.no_base and not args.adapter:
+        raise InputError("--no-base leaves nothing to evaluate: give at least one --adapter")
+    recipe = _load(args)
+    _, table = evaluate_recipe(recipe, [Path(a) for a in args.adapter], include_base=not args.no_base)
+    print(table)
+    print(f"written to {recipe.output_path / 'eval'}/comparison.csv and .md")
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from launch.infer import run_inference
+
+    counts = run_inference(_load(args), Path(args.adapter) if args.adapter else None, Path(args.input),
+                           Path(args.output), args.batch_size)
+    print(f"{counts['rows']} rows written to {args.output} ({counts['valid']} valid, {counts['invalid']} flagged)")
+    return 0
+
+
+def cmd_grid(args) -> int:
+    from launch.grid import parse_params, run_grid
+
+    params = parse_params(args.param)
+    _load(args)
+    grid_dir = run_grid(args.recipe, args.overrides, params)
+    print(f"grid written to {grid_dir}: results.csv, losses.csv, loss.png")
     return 0
 
 
@@ -141,7 +175,8 @@ def _method(recipe) -> str:
 
 COMMANDS = {
     "validate": cmd_validate, "prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
-    "tiny-model": cmd_tiny_model,
+    "tiny-model": cmd_tiny_model, "infer": cmd_infer,
+    "grid": cmd_grid,
 }
 
 if __name__ == "__main__":

@@ -223,12 +223,13 @@ def test_eval_command_compares_base_and_adapter(tmp_path, tiny_model_dir):
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path, tiny_model_dir, train={"max_steps": 2},
                                                            checkpoint={"every_steps": None}))
     run_cli("train", str(recipe))
-    base = run_cli("eval", str(recipe))
-    tuned = run_cli("eval", str(recipe), "--adapter", str(tmp_path / "run" / "adapter"))
-    for result, name in ((base, "base"), (tuned, "adapter")):
-        metrics = json.loads(result.stdout[result.stdout.index("{"):])
-        assert {"category", "exact_match", "parse_rate", "samples"} <= set(metrics)
-        assert json.loads((tmp_path / "run" / "eval" / f"{name}.json").read_text())["samples"] == metrics["samples"]
+    result = run_cli("eval", str(recipe), "--adapter", str(tmp_path / "run" / "adapter"))
+    assert "| metric" in result.stdout and "exact_match" in result.stdout
+    header = (tmp_path / "run" / "eval" / "comparison.csv").read_text().splitlines()[0]
+    assert header == "metric,base,run"
+    for name in ("base", "run"):
+        metrics = json.loads((tmp_path / "run" / "eval" / f"{name}.json").read_text())
+        assert {"category", "exact_match", "parse_rate", "samples"} <= set(metrics) and metrics["samples"] == 4
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

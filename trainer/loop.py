@@ -19,7 +19,7 @@ from transformers import get_scheduler
 
 from data_prep.prepare import prepare
 from data_prep.shards import ShardedDataset
-from data_prep.tasks import get_task
+from data_prep.tasks import task_for
 from data_prep.tokenize import IGNORE
 from recipes.errors import InputError
 from recipes.loader import dump_recipe
@@ -33,14 +33,14 @@ from trainer.batches import (
     plan_micro_batches,
 )
 from trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from trainer.evaluate import evaluate_generation
+from trainer.evaluate import eval_records, evaluate_generation
 from trainer.model import DTYPES, count_parameters, load_model, load_tokenizer
 from trainer.run_files import RunLog, check_output_dir, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
 from trainer.tracking import Tracker
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
-    task = get_task(recipe.task)
+    task = task_for(recipe)
     accelerator = Accelerator()
     main = accelerator.is_main_process
     run_dir = recipe.output_path
@@ -145,8 +145,11 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
             eval_entry = {"eval": "loss", "step": state.step, "loss": eval_loss(model, eval_set, recipe, accelerator,
                                                                                backend, mask_dtype)}
             if main:
+                eval_entry.update(task.model_metrics(accelerator.unwrap_model(model), tokenizer,
+                                                     eval_records(eval_set, recipe.eval), accelerator.device))
                 log.append(eval_entry)
-                tracker.log({"eval/loss": eval_entry["loss"]}, step=state.step)
+                tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
+                            step=state.step)
     progress.close()
 
     # Outputs: adapter (PEFT format, written atomically), final evaluation, metrics, plot.
