@@ -72,7 +72,7 @@ SCENARIOS: list[dict] = [
      "short": ["Password reset needed", "Account locked out", "Password expired, cannot change it",
                "Self-service reset not working"],
      "body": ["My account is locked after too many attempts; the lockout comes from domain controller {ci}.",
-              "My password expired while on leave and the change screen says error {code}.",
+              "My password expired while on leave and the change screen on {ci} says error {code}.",
               "The self-service password portal fails for me; logs point at {ci}.",
               "I forgot my password and need a reset, the login event is on {ci}."]},
     {"category": "access", "subcategory": "permissions", "group": "Identity and Access Management",
