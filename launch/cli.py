@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--param", action="append", default=[], metavar="key.sub=v1,v2",
                    help="a recipe key and the values to try (repeat for a grid)")
+    p = sub.add_parser("serve", help="serve a model (+ adapter) behind an OpenAI-compatible chat-completions API")
+    p.add_argument("model", help="base model: hub id or local folder")
+    p.add_argument("--adapter", help="adapter folder to apply")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--served-name", help="model name clients use (default: the run or model folder name)")
     p = sub.add_parser("merge", help="merge an adapter into its base model and save a standalone model")
     p.add_argument("--adapter", required=True, help="adapter folder written by a run")
     p.add_argument("--out", required=True, help="folder for the merged model")
@@ -147,6 +155,17 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import torch
+
+    from launch.serve import load_chat_model, serve
+
+    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    chat = load_chat_model(args.model, Path(args.adapter) if args.adapter else None, dtype, args.served_name)
+    serve(chat, args.host, args.port)
+    return 0
+
+
 def cmd_merge(args) -> int:
     from trainer.merge import merge_adapter
 
@@ -176,7 +195,7 @@ def _method(recipe) -> str:
 COMMANDS = {
     "validate": cmd_validate, "prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
     "tiny-model": cmd_tiny_model, "infer": cmd_infer,
-    "grid": cmd_grid,
+    "grid": cmd_grid, "serve": cmd_serve,
 }
 
 if __name__ == "__main__":
