@@ -32,7 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "one comparison table")
     _recipe_args(p)
     p.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat to compare several)")
-    p.add_argument("--no-base", action="store_true", help="skip the base model (only with --adapter)")
+    p.add_argument("--no-base", action="store_true", help="skip the base model (only with --adapter or --endpoint)")
+    p.add_argument("--endpoint", metavar="URL", help="OpenAI-compatible base URL to compare, e.g. http://host:8000/v1")
+    p.add_argument("--endpoint-model", metavar="NAME", help="model name to request from --endpoint")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key "
+                                                        "(default: OPENAI_API_KEY when set, else no key)")
+    p.add_argument("--judge-endpoint", metavar="URL", help="OpenAI-compatible base URL of an LLM judge (1-5 score)")
+    p.add_argument("--judge-model", metavar="NAME", help="model name to request from --judge-endpoint")
+    p.add_argument("--judge-api-key-env", metavar="VAR", help="API key variable for the judge (default: as above)")
+    p.add_argument("--endpoint-timeout", type=float, default=60.0, metavar="S", help="seconds per request")
+    p.add_argument("--endpoint-retries", type=int, default=2, metavar="N", help="retries per request")
     p = sub.add_parser("infer", help="answer new rows (JSONL/CSV) with base + adapter; parsed fields per row")
     _recipe_args(p)
     p.add_argument("--adapter", help="adapter folder (omit to run the base model)")
@@ -126,14 +135,34 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from trainer.evaluate import evaluate_recipe
+    from trainer.judge import Judge
 
-    if args.no_base and not args.adapter:
-        raise InputError("--no-base leaves nothing to evaluate: give at least one --adapter")
+    endpoint = _endpoint_client(args, (args.endpoint, "--endpoint"), (args.endpoint_model, "--endpoint-model"),
+                                args.api_key_env)
+    judge_client = _endpoint_client(args, (args.judge_endpoint, "--judge-endpoint"),
+                                    (args.judge_model, "--judge-model"), args.judge_api_key_env or args.api_key_env)
+    if args.no_base and not args.adapter and endpoint is None:
+        raise InputError("--no-base leaves nothing to evaluate: give at least one --adapter or an --endpoint")
     recipe = _load(args)
-    _, table = evaluate_recipe(recipe, [Path(a) for a in args.adapter], include_base=not args.no_base)
+    _, table = evaluate_recipe(recipe, [Path(a) for a in args.adapter], include_base=not args.no_base,
+                               endpoint=endpoint, judge=Judge(judge_client) if judge_client else None)
     print(table)
     print(f"written to {recipe.output_path / 'eval'}/comparison.csv and .md")
     return 0
+
+
+def _endpoint_client(args, url: tuple[str | None, str], model: tuple[str | None, str], key_env: str | None):
+    """An endpoint client from a (value, flag) URL + model pair, or None when neither is given."""
+    if url[0] is None and model[0] is None:
+        return None
+    if url[0] is None or model[0] is None:
+        raise InputError(f"{url[1]} and {model[1]} go together: give both")
+    if args.endpoint_retries < 0 or args.endpoint_timeout <= 0:
+        raise InputError("--endpoint-retries must be >= 0 and --endpoint-timeout > 0")
+    from trainer.endpoint import EndpointClient, EndpointSpec
+
+    return EndpointClient(EndpointSpec(url[0], model[0], key_env, timeout_s=args.endpoint_timeout,
+                                       max_retries=args.endpoint_retries))
 
 
 def cmd_infer(args) -> int:

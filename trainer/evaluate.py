@@ -14,6 +14,8 @@ from data_prep.shards import ShardedDataset
 from data_prep.tasks import Task, task_for
 from recipes.errors import InputError
 from recipes.schema import AdapterConfig, EvalConfig, Recipe
+from trainer.endpoint import EndpointClient
+from trainer.judge import Judge
 from trainer.model import load_model, load_tokenizer
 from trainer.run_files import write_atomic
 
@@ -72,7 +74,7 @@ def eval_records(dataset: ShardedDataset, config: EvalConfig) -> list[dict]:
 
 
 def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, config: EvalConfig,
-                        device: torch.device) -> tuple[dict[str, float], list[dict]]:
+                        device: torch.device, judge: Judge | None = None) -> tuple[dict[str, float], list[dict]]:
     """Task metrics plus timing; also returns (prompt record, output) examples for inspection."""
     records = eval_records(dataset, config)
     count = len(records)
@@ -84,8 +86,33 @@ def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, c
     metrics["answer_nll"] = answer_nll(model, dataset, count, device)
     metrics["samples"] = count
     metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics, _judged_examples(metrics, judge, task, outputs, records)
+
+
+def evaluate_endpoint(client: EndpointClient, dataset: ShardedDataset, task: Task, config: EvalConfig,
+                      judge: Judge | None = None) -> tuple[dict[str, float], list[dict]]:
+    """The same eval rows and prompts (the task's formatter) answered by an OpenAI-compatible endpoint, scored by
+    the task; metrics that need the weights (answer_nll, log-likelihoods) stay empty."""
+    records = eval_records(dataset, config)
+    started = time.perf_counter()
+    outputs = [text.strip() for text in client.chat_many([task.format(r).messages for r in records],
+                                                         config.max_new_tokens)]
+    metrics = task.score(outputs, records)
+    metrics["samples"] = len(records)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics, _judged_examples(metrics, judge, task, outputs, records)
+
+
+def _judged_examples(metrics: dict, judge: Judge | None, task: Task, outputs: list[str],
+                     records: list[dict]) -> list[dict]:
+    """The first examples for inspection; with a judge, its metrics join `metrics` and its verdicts the examples."""
     examples = [{"record": r, "output": o} for r, o in zip(records[:5], outputs[:5])]
-    return metrics, examples
+    if judge is not None:
+        judged, verdicts = judge.grade(task, outputs, records)
+        metrics.update(judged)
+        for example, verdict in zip(examples, verdicts):
+            example["judge"] = verdict
+    return examples
 
 
 def load_for_eval(recipe: Recipe, adapter: Path | None):
@@ -100,24 +127,38 @@ def load_for_eval(recipe: Recipe, adapter: Path | None):
     return model, tokenizer, device
 
 
-def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = True) -> tuple[dict[str, dict], str]:
-    """`multitune eval`: the base model and each adapter on the recipe's eval split → per-model JSON files and one
-    comparison table (`eval/comparison.csv`, `eval/comparison.md`); returns (metrics by label, table text)."""
+def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = True,
+                    endpoint: EndpointClient | None = None, judge: Judge | None = None) -> tuple[dict[str, dict], str]:
+    """`multitune eval`: the base model, each adapter and an optional OpenAI-compatible endpoint on the recipe's eval
+    split → per-model JSON files and one comparison table (`eval/comparison.csv`, `eval/comparison.md`); a judge adds
+    its score rows to every column. Returns (metrics by label, table text)."""
     task = task_for(recipe)
     out_dir = recipe.output_path / "eval"
+    eval_set = ShardedDataset(prepare(task, recipe.data, load_tokenizer(recipe.model)).split("eval"))
+    if judge is not None:
+        judge.client.chat([{"role": "user", "content": "Reply with OK."}], max_tokens=1)  # down → fail before work
     results: dict[str, dict] = {}
-    eval_set = None
-    for adapter in ([None] if include_base else []) + list(adapters):
-        model, tokenizer, device = load_for_eval(recipe, adapter)
-        if eval_set is None:
-            eval_set = ShardedDataset(prepare(task, recipe.data, tokenizer).split("eval"))
-        metrics, _ = evaluate_generation(model, tokenizer, eval_set, task, recipe.eval, device)
-        label = _label(adapter, results)
+
+    def save_column(label: str, metrics: dict, examples: list[dict], source: dict) -> None:
         results[label] = metrics
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / f"{label.replace('/', '_')}.json", json.dumps(
-            {"model": recipe.model.name_or_path, "adapter": str(adapter) if adapter else None, **metrics}, indent=2))
+        write_atomic(out_dir / f"{label.replace('/', '_')}.json",
+                     json.dumps({**source, **metrics, "examples": examples}, indent=2, default=str))
+
+    endpoint_result = None
+    if endpoint is not None:  # first: a wrong URL or key fails in seconds, not after the local evaluations
+        endpoint_result = evaluate_endpoint(endpoint, eval_set, task, recipe.eval, judge)
+    for adapter in ([None] if include_base else []) + list(adapters):
+        model, tokenizer, device = load_for_eval(recipe, adapter)
+        metrics, examples = evaluate_generation(model, tokenizer, eval_set, task, recipe.eval, device, judge)
+        save_column(_label(adapter, results), metrics, examples,
+               {"model": recipe.model.name_or_path, "adapter": str(adapter) if adapter else None})
         del model
+    if endpoint_result is not None:
+        label = endpoint.spec.model
+        while label in results:
+            label += "'"
+        save_column(label, *endpoint_result, {"endpoint": endpoint.spec.base_url, "model": endpoint.spec.model})
     rows = comparison_rows(results, task.headline_metrics)
     write_atomic(out_dir / "comparison.csv", "\n".join(",".join(row) for row in rows) + "\n")
     table = markdown_table(rows)
