@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-api-key-env", metavar="VAR", help="API key variable for the judge (default: as above)")
     p.add_argument("--endpoint-timeout", type=float, default=60.0, metavar="S", help="seconds per request")
     p.add_argument("--endpoint-retries", type=int, default=2, metavar="N", help="retries per request")
+    p.add_argument("--retrieval-docs", metavar="DIR", help="medical QA: also evaluate every column with the top-k "
+                                                           "passages of these .txt/.md files in the prompt (+rag)")
+    p.add_argument("--retrieval-k", type=int, default=3, metavar="K", help="passages per question (default 3)")
     p = sub.add_parser("infer", help="answer new rows (JSONL/CSV) with base + adapter; parsed fields per row")
     _recipe_args(p)
     p.add_argument("--adapter", help="adapter folder (omit to run the base model)")
@@ -136,6 +139,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from trainer.evaluate import evaluate_recipe
     from trainer.judge import Judge
+    from trainer.retrieval import Retriever, load_passages
 
     endpoint = _endpoint_client(args, (args.endpoint, "--endpoint"), (args.endpoint_model, "--endpoint-model"),
                                 args.api_key_env)
@@ -143,9 +147,13 @@ def cmd_eval(args) -> int:
                                     (args.judge_model, "--judge-model"), args.judge_api_key_env or args.api_key_env)
     if args.no_base and not args.adapter and endpoint is None:
         raise InputError("--no-base leaves nothing to evaluate: give at least one --adapter or an --endpoint")
+    if args.retrieval_k < 1:
+        raise InputError("--retrieval-k must be at least 1")
+    passages = load_passages(Path(args.retrieval_docs)) if args.retrieval_docs else None
     recipe = _load(args)
     _, table = evaluate_recipe(recipe, [Path(a) for a in args.adapter], include_base=not args.no_base,
-                               endpoint=endpoint, judge=Judge(judge_client) if judge_client else None)
+                               endpoint=endpoint, judge=Judge(judge_client) if judge_client else None,
+                               retriever=Retriever(passages) if passages else None, top_k=args.retrieval_k)
     print(table)
     print(f"written to {recipe.output_path / 'eval'}/comparison.csv and .md")
     return 0

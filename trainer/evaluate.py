@@ -17,6 +17,7 @@ from recipes.schema import AdapterConfig, EvalConfig, Recipe
 from trainer.endpoint import EndpointClient
 from trainer.judge import Judge
 from trainer.model import load_model, load_tokenizer
+from trainer.retrieval import Retriever
 from trainer.run_files import write_atomic
 
 
@@ -89,11 +90,25 @@ def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, c
     return metrics, _judged_examples(metrics, judge, task, outputs, records)
 
 
-def evaluate_endpoint(client: EndpointClient, dataset: ShardedDataset, task: Task, config: EvalConfig,
+def evaluate_records(model, tokenizer, records: list[dict], task: Task, config: EvalConfig, device: torch.device,
+                     judge: Judge | None = None) -> tuple[dict[str, float], list[dict]]:
+    """Generation eval of records that are not in the shards (e.g. with retrieved context): prompts from the task's
+    formatter through the chat template, as `multitune infer` builds them."""
+    prompts = [tokenizer.apply_chat_template(task.format(r).messages, add_generation_prompt=True,
+                                             tokenize=True)["input_ids"] for r in records]
+    started = time.perf_counter()
+    outputs = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, device)
+    metrics = task.score(outputs, records)
+    metrics.update(task.model_metrics(model, tokenizer, records, device))
+    metrics["samples"] = len(records)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics, _judged_examples(metrics, judge, task, outputs, records)
+
+
+def evaluate_endpoint(client: EndpointClient, records: list[dict], task: Task, config: EvalConfig,
                       judge: Judge | None = None) -> tuple[dict[str, float], list[dict]]:
-    """The same eval rows and prompts (the task's formatter) answered by an OpenAI-compatible endpoint, scored by
-    the task; metrics that need the weights (answer_nll, log-likelihoods) stay empty."""
-    records = eval_records(dataset, config)
+    """Eval records (prompts from the task's formatter) answered by an OpenAI-compatible endpoint, scored by the
+    task; metrics that need the weights (answer_nll, log-likelihoods) stay empty."""
     started = time.perf_counter()
     outputs = [text.strip() for text in client.chat_many([task.format(r).messages for r in records],
                                                          config.max_new_tokens)]
@@ -128,37 +143,49 @@ def load_for_eval(recipe: Recipe, adapter: Path | None):
 
 
 def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = True,
-                    endpoint: EndpointClient | None = None, judge: Judge | None = None) -> tuple[dict[str, dict], str]:
+                    endpoint: EndpointClient | None = None, judge: Judge | None = None,
+                    retriever: Retriever | None = None, top_k: int = 3) -> tuple[dict[str, dict], str]:
     """`multitune eval`: the base model, each adapter and an optional OpenAI-compatible endpoint on the recipe's eval
-    split → per-model JSON files and one comparison table (`eval/comparison.csv`, `eval/comparison.md`); a judge adds
-    its score rows to every column. Returns (metrics by label, table text)."""
+    split → per-model JSON files and one comparison table (`eval/comparison.csv`, `eval/comparison.md`). A judge adds
+    its score rows to every column; a retriever adds a `<column>+rag` column with the top-k passages in the prompt.
+    Returns (metrics by label, table text)."""
     task = task_for(recipe)
+    if retriever is not None and not task.accepts_context:
+        raise InputError(f"--retrieval-docs: task {task.name} does not show retrieved passages in its prompt "
+                         "(medical_qa and medical_mcq do)")
     out_dir = recipe.output_path / "eval"
     eval_set = ShardedDataset(prepare(task, recipe.data, load_tokenizer(recipe.model)).split("eval"))
+    records = eval_records(eval_set, recipe.eval)
+    rag_records = retriever.augment(records, top_k) if retriever is not None else None
     if judge is not None:
         judge.client.chat([{"role": "user", "content": "Reply with OK."}], max_tokens=1)  # down → fail before work
     results: dict[str, dict] = {}
 
     def save_column(label: str, metrics: dict, examples: list[dict], source: dict) -> None:
+        while label in results:
+            label += "'"
         results[label] = metrics
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / f"{label.replace('/', '_')}.json",
                      json.dumps({**source, **metrics, "examples": examples}, indent=2, default=str))
 
-    endpoint_result = None
+    endpoint_results = []
     if endpoint is not None:  # first: a wrong URL or key fails in seconds, not after the local evaluations
-        endpoint_result = evaluate_endpoint(endpoint, eval_set, task, recipe.eval, judge)
+        endpoint_results.append(evaluate_endpoint(endpoint, records, task, recipe.eval, judge))
+        if rag_records is not None:
+            endpoint_results.append(evaluate_endpoint(endpoint, rag_records, task, recipe.eval, judge))
     for adapter in ([None] if include_base else []) + list(adapters):
         model, tokenizer, device = load_for_eval(recipe, adapter)
-        metrics, examples = evaluate_generation(model, tokenizer, eval_set, task, recipe.eval, device, judge)
-        save_column(_label(adapter, results), metrics, examples,
-               {"model": recipe.model.name_or_path, "adapter": str(adapter) if adapter else None})
+        source = {"model": recipe.model.name_or_path, "adapter": str(adapter) if adapter else None}
+        label = _label(adapter, results)
+        save_column(label, *evaluate_generation(model, tokenizer, eval_set, task, recipe.eval, device, judge), source)
+        if rag_records is not None:
+            save_column(f"{label}+rag", *evaluate_records(model, tokenizer, rag_records, task, recipe.eval, device,
+                                                          judge), {**source, "retrieval_top_k": top_k})
         del model
-    if endpoint_result is not None:
-        label = endpoint.spec.model
-        while label in results:
-            label += "'"
-        save_column(label, *endpoint_result, {"endpoint": endpoint.spec.base_url, "model": endpoint.spec.model})
+    source = {"endpoint": endpoint.spec.base_url, "model": endpoint.spec.model} if endpoint else {}
+    for result, suffix in zip(endpoint_results, ("", "+rag")):
+        save_column(endpoint.spec.model + suffix, *result, source)
     rows = comparison_rows(results, task.headline_metrics)
     write_atomic(out_dir / "comparison.csv", "\n".join(",".join(row) for row in rows) + "\n")
     table = markdown_table(rows)
