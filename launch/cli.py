@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--quantization", choices=["none", "nf4"], default="none",
+                   help="load the base in 4-bit NF4 (as a QLoRA adapter was trained)")
     p.add_argument("--served-name", help="model name clients use (default: the run or model folder name)")
     p = sub.add_parser("merge", help="merge an adapter into its base model and save a standalone model")
     p.add_argument("--adapter", required=True, help="adapter folder written by a run")
@@ -198,7 +200,8 @@ def cmd_serve(args) -> int:
     from launch.serve import load_chat_model, serve
 
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    chat = load_chat_model(args.model, Path(args.adapter) if args.adapter else None, dtype, args.served_name)
+    chat = load_chat_model(args.model, Path(args.adapter) if args.adapter else None, dtype, args.served_name,
+                           args.quantization)
     serve(chat, args.host, args.port)
     return 0
 

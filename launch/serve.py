@@ -44,9 +44,13 @@ class ChatModel:
         self.stop_ids = sorted({i for i in (tokenizer.eos_token_id, model.generation_config.eos_token_id)
                                 for i in (i if isinstance(i, list) else [i]) if i is not None})
 
-    @torch.no_grad()
     def complete(self, messages: list[dict], max_tokens: int, temperature: float, top_p: float,
                  stop: list[str], seed: int | None) -> Completion:
+        with self.lock:  # one generation at a time; the Rust tokenizer is not safe to share across threads either
+            return self._complete(messages, max_tokens, temperature, top_p, stop, seed)
+
+    @torch.no_grad()
+    def _complete(self, messages, max_tokens, temperature, top_p, stop, seed) -> Completion:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
         if self.context and len(prompt) + max_tokens > self.context:
             raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
@@ -54,12 +58,11 @@ class ChatModel:
         ids = torch.tensor([prompt], device=self.device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        with self.lock:
-            if seed is not None:
-                torch.manual_seed(seed)
-            generated = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                            max_new_tokens=max_tokens, eos_token_id=self.stop_ids,
-                                            pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **sampling)
+        if seed is not None:
+            torch.manual_seed(seed)
+        generated = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        max_new_tokens=max_tokens, eos_token_id=self.stop_ids,
+                                        pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **sampling)
         new = generated[0, len(prompt):].tolist()
         ended = bool(new) and new[-1] in self.stop_ids
         text = self.tokenizer.decode(new, skip_special_tokens=True)
@@ -174,9 +177,10 @@ def make_handler(chat: ChatModel):
     return Handler
 
 
-def load_chat_model(model_path: str, adapter: Path | None, dtype: str, name: str | None) -> ChatModel:
-    """The base model (dtype as given), with the adapter applied when one is given; tokenizer from the adapter
-    folder when it carries one (it is the one the adapter was trained with)."""
+def load_chat_model(model_path: str, adapter: Path | None, dtype: str, name: str | None,
+                    quantization: str = "none") -> ChatModel:
+    """The base model (dtype as given, NF4 when asked: what a QLoRA adapter was trained on), with the adapter applied
+    when one is given; tokenizer from the adapter folder when it carries one (the one it was trained with)."""
     from peft import PeftModel
 
     from recipes.schema import AdapterConfig, ModelConfig
@@ -184,7 +188,7 @@ def load_chat_model(model_path: str, adapter: Path | None, dtype: str, name: str
 
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise InputError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
-    config = ModelConfig(name_or_path=model_path, dtype=dtype, compute_dtype=dtype)
+    config = ModelConfig(name_or_path=model_path, dtype=dtype, compute_dtype=dtype, quantization=quantization)
     has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(config.model_copy(update={"name_or_path": str(adapter)}) if has_tokenizer else config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -82,6 +82,12 @@ def test_openai_client_gets_chat_completions_with_usage(server, tokenizer):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     assert choice.finish_reason == ("length" if reply.usage.completion_tokens == 6 else "stop")
 
+    text = choice.message.content
+    if len(text) >= 3:  # a stop string cuts the reply before it and ends it with finish_reason "stop"
+        stop = text[1:3]
+        cut = client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=6, temperature=0, stop=[stop])
+        assert cut.choices[0].message.content == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
     sampled = [client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=8, temperature=1.0,
                                               seed=seed).choices[0].message.content for seed in (7, 7, 8)]
     assert sampled[0] == sampled[1]  # the seed makes sampling reproducible
