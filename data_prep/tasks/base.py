@@ -35,6 +35,8 @@ class Task(ABC):
     input_fields: tuple[str, ...] = ()
     # Metric names shown first in summaries (e.g. the demo's before/after table).
     headline_metrics: tuple[str, ...] = ()
+    # Prompts show a record's `context` passages: retrieval-augmented evaluation (`multitune eval --retrieval-docs`).
+    accepts_context: bool = False
 
     @abstractmethod
     def generate(self, n: int, seed: int) -> list[Record]:

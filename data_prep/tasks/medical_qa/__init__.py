@@ -20,7 +20,8 @@ LETTER = re.compile(r"\b([A-E])\b")
 
 class MedicalQA(Task):
     name = "medical_qa"
-    formatter_version = "1"
+    formatter_version = "2"
+    accepts_context = True
     input_fields = ("question",)
     required_fields = ("question", "answer")
     headline_metrics = ("rougeL", "bleu")
@@ -29,7 +30,8 @@ class MedicalQA(Task):
         return generate_items(n, seed)
 
     def prompt_messages(self, record: Record) -> list[dict[str, str]]:
-        return [{"role": "system", "content": QA_SYSTEM}, {"role": "user", "content": record["question"]}]
+        question = with_context(record, record["question"])
+        return [{"role": "system", "content": QA_SYSTEM}, {"role": "user", "content": question}]
 
     def format(self, record: Record) -> ChatExample:
         return ChatExample(self.prompt_messages(record), record["answer"])
@@ -42,7 +44,8 @@ class MedicalMCQ(Task):
     """Records: `question`, `options` (list, or {"A": ...} mapping), `answer_letter`. CSV: columns A, B, C, D (, E)."""
 
     name = "medical_mcq"
-    formatter_version = "1"
+    formatter_version = "2"
+    accepts_context = True
     input_fields = ("question",)
     required_fields = ("question", "answer_letter")
     headline_metrics = ("accuracy_loglik", "accuracy_generation", "answer_rate")
@@ -65,7 +68,8 @@ class MedicalMCQ(Task):
 
     def prompt_messages(self, record: Record) -> list[dict[str, str]]:
         lines = [record["question"], *(f"{letter}. {text}" for letter, text in options_of(record))]
-        return [{"role": "system", "content": MC_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+        question = with_context(record, "\n".join(lines))
+        return [{"role": "system", "content": MC_SYSTEM}, {"role": "user", "content": question}]
 
     def format(self, record: Record) -> ChatExample:
         return ChatExample(self.prompt_messages(record), str(record["answer_letter"]).strip().upper())
@@ -96,6 +100,16 @@ class MedicalMCQ(Task):
         finally:
             model.train(was_training)
         return {"accuracy_loglik": correct / max(len(records), 1)}
+
+
+def with_context(record: Record, question: str) -> str:
+    """The question, after the record's reference passages when it has a `context` (a string or a list)."""
+    context = record.get("context")
+    if not context:
+        return question
+    passages = [context] if isinstance(context, str) else [str(p) for p in context]
+    shown = "\n".join(f"[{i}] {p}" for i, p in enumerate(passages, 1))
+    return f"Reference passages:\n{shown}\n\nQuestion: {question}"
 
 
 def options_of(record: Record) -> list[tuple[str, str]]:

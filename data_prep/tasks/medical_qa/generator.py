@@ -75,3 +75,13 @@ def generate_items(n: int, seed: int, options: int = 4) -> list[dict]:
 
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
+
+
+def reference_passages() -> dict[str, list[str]]:
+    """The fact bank as textbook passages, one list per kind: documents for retrieval-augmented evaluation."""
+    passages = {}
+    for kind, (_, answers, facts) in sorted(KINDS.items()):
+        passages[kind] = [f"{_cap(subject)}. " + answers[0].format(subject=subject, subject_cap=_cap(subject),
+                                                                     answer=answer, answer_cap=_cap(answer))
+                          for subject, answer in facts]
+    return passages
