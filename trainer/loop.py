@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -106,7 +107,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
 
     batches = stream.iterate(Position(state.epoch, state.index))
     model.train()
-    progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    # In a log file (SLURM, CI) a bar redrawn every step floods it: update it every 30 s there instead.
+    progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True,
+                    mininterval=0.1 if sys.stderr.isatty() else 30)
     while state.step < total_steps:
         started = time.perf_counter()
         window: list[MicroBatch] = []
