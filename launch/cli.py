@@ -108,9 +108,15 @@ def cmd_train(args) -> int:
     recipe = _load(args)
     if recipe.distributed.strategy != "single" and "LOCAL_RANK" not in os.environ:
         return _launch(recipe, args)  # not yet inside a launched rank: start this machine's ranks
+    import torch.distributed
+
     from trainer.loop import train
 
-    train(recipe, resume=args.resume, overwrite=args.overwrite)
+    try:
+        train(recipe, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        if torch.distributed.is_initialized():  # a launched rank: leave the group cleanly
+            torch.distributed.destroy_process_group()
     return 0
 
 

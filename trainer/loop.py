@@ -42,8 +42,7 @@ from trainer.tracking import Tracker
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     task = get_task(recipe.task)
     strategy = recipe.distributed.strategy
-    accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm,
-                                   recipe.model.quantization == "nf4")
+    accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm)
     dist = Distributed(strategy, accelerator)
     main = accelerator.is_main_process
     run_dir = recipe.output_path
@@ -68,7 +67,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.per_rank / cfg.grad_accum)
 
     # Model, optimizer, schedule.
-    model = load_model(recipe.model, recipe.adapter, accelerator.device, cfg.gradient_checkpointing)
+    with dist.model_loading(quantized=recipe.model.quantization == "nf4"):
+        model = load_model(recipe.model, recipe.adapter, accelerator.device, cfg.gradient_checkpointing)
     trainable, total = count_parameters(model)
     model, optimizer = dist.prepare(model, lambda m: build_optimizer(m, recipe))
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -154,6 +154,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     # atomically), final evaluation (on every rank when sharded), metrics, plot.
     unwrapped = dist.unwrap(model)
     weights = dist.gather_trainable(model)
+    dist_info = dist.describe(model)
     metrics = None
     if main:
         adapter_dir = save_adapter(unwrapped, weights, tokenizer, recipe, run_dir, data_hash)
@@ -169,7 +170,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
                                                                             for e in step_entries), 1e-9),
             "packing_efficiency": efficiency, "final_loss": step_entries[-1]["loss"] if step_entries else None,
             "train_seconds": round(state.elapsed_s, 2), "trainable_params": trainable, "total_params": total,
-            "data_hash": data_hash, "adapter": str(adapter_dir), "examples": examples,
+            "data_hash": data_hash, "adapter": str(adapter_dir), "distributed": dist_info, "examples": examples,
         }
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         write_atomic(adapter_dir / "README.md", model_card(dump_recipe(recipe), recipe.model.name_or_path, task.name,
@@ -178,7 +179,6 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
         print(summary_table(metrics, task.headline_metrics), flush=True)
     tracker.finish()
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return metrics
 
 
