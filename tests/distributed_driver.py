@@ -11,8 +11,12 @@ import json
 import shutil
 import sys
 
+from pathlib import Path
+
 import torch.distributed as dist
 from accelerate.state import AcceleratorState
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code, not an installed copy
 
 
 def cut_back_to_first_checkpoint(run) -> None:
