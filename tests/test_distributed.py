@@ -110,7 +110,9 @@ def test_strategy_shards_learns_saves_and_resumes(tmp_path, tiny_model_dir, conf
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir):
     """2 ranks x (micro-batch b, accumulation 2) sees per step exactly the micro-batches 1 rank sees with
     accumulation 4 (rank r takes every 2nd of the same shuffled order), and the loss is normalised by the global
-    target-token count: the loss curves agree to float round-off (tolerance 1e-5 relative)."""
+    target-token count. Step 1 (before any update) agrees to 1e-6; later steps to 5e-4 relative, because the
+    all-reduce sums gradients in a different order and Adam's update (~g/sqrt(v)) amplifies that round-off for
+    near-zero gradient components (measured: 1e-5 at step 3, 1e-4 at step 4)."""
     from recipes.loader import validate_recipe
     from trainer.loop import train
 
@@ -125,8 +127,9 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     train(one)
     two_ranks, one_rank = steps(tmp_path / "ddp" / "run" / "log.jsonl"), steps(one.output_path / "log.jsonl")
     assert sorted(two_ranks) == sorted(one_rank) == [1, 2, 3, 4]
+    assert two_ranks[1] == pytest.approx(one_rank[1], rel=1e-6)
     for step in one_rank:
-        assert two_ranks[step] == pytest.approx(one_rank[step], rel=1e-5), (two_ranks, one_rank)
+        assert two_ranks[step] == pytest.approx(one_rank[step], rel=5e-4), (two_ranks, one_rank)
 
 
 def test_two_machines_rendezvous_and_train_one_job(tmp_path, tiny_model_dir):

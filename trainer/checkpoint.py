@@ -122,7 +122,8 @@ def _load_replicated(path: Path, model, optimizer) -> None:
 def _fsdp2_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)  # the frozen (maybe 4-bit) base is reloaded, never saved
+    # The frozen (maybe 4-bit) base is reloaded from the model, never saved; loading leaves it alone.
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _save_fsdp2(folder: Path, model, optimizer) -> None:

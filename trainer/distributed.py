@@ -23,7 +23,7 @@ def make_accelerator(strategy: str, dtype: str, grad_accum: int, max_grad_norm: 
     which on CPU would silently give DDP instead.
     """
     on_cpu = not torch.cuda.is_available()
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and strategy != "single" else []
     if strategy in DEEPSPEED:
         plugin = DeepSpeedPlugin(
             zero_stage=2 if strategy == "zero2" else 3,
@@ -104,8 +104,9 @@ class Distributed:
         params = list(self.unwrap(model).parameters())
         total = sum(_full_numel(p) for p in params)
         local = sum(_local_numel(p) for p in params)
+        inner = model.get_base_model() if self.strategy == "fsdp" and hasattr(model, "get_base_model") else model
         info = {"strategy": self.strategy, "world_size": self.accelerator.num_processes,
-                "wrapper": type(model).__name__, "local_param_fraction": round(local / max(total, 1), 4)}
+                "wrapper": type(inner).__name__, "local_param_fraction": round(local / max(total, 1), 4)}
         if self.strategy == "fsdp":
             info["fsdp_units"] = sum(1 for m in self.unwrap(model).modules() if type(m).__name__.startswith("FSDP"))
         if self.deepspeed:
