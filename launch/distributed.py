@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "accelerate_configs"
 
 
+EXPECTED_TYPE = {"single": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+
+
 @dataclass(frozen=True)
 class LaunchFlags:
     num_processes: int | None = None  # total over all machines
@@ -33,11 +36,18 @@ def default_config(recipe) -> str:
 def resolve_config(recipe) -> Path:
     """The recipe's `distributed.accelerate_config` (relative to the working dir, else to the repo), or the
     strategy's default in accelerate_configs/."""
+    import yaml
+
     name = recipe.distributed.accelerate_config or str(Path("accelerate_configs") / default_config(recipe))
-    for candidate in (Path(name), REPO / name):
-        if candidate.is_file():
-            return candidate
-    raise InputError(f"distributed.accelerate_config: file not found: {name}")
+    found = next((c for c in (Path(name), REPO / name) if c.is_file()), None)
+    if found is None:
+        raise InputError(f"distributed.accelerate_config: file not found: {name}")
+    kind = str(yaml.safe_load(found.read_text()).get("distributed_type", "NO"))
+    expected = EXPECTED_TYPE[recipe.distributed.strategy]
+    if kind != expected:
+        raise InputError(f"distributed.accelerate_config: {name} has distributed_type {kind}, but "
+                         f"distributed.strategy={recipe.distributed.strategy} needs {expected}")
+    return found
 
 
 def free_port() -> int:
