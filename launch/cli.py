@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    launch = p.add_argument_group("multi-process strategies (ddp, fsdp, zero2, zero3): passed to accelerate launch")
+    launch.add_argument("--num_processes", type=int, help="total ranks over all machines (default: the config's)")
+    launch.add_argument("--num_machines", type=int, default=1)
+    launch.add_argument("--machine_rank", type=int, default=0)
+    launch.add_argument("--main_process_ip", help="address of machine rank 0")
+    launch.add_argument("--main_process_port", type=int, help="port on machine rank 0 (default: a free one)")
     p = sub.add_parser("eval", help="generation eval of the base model and adapters on the recipe's eval split, "
                                     "one comparison table")
     _recipe_args(p)
@@ -132,10 +138,32 @@ def cmd_prep(args) -> int:
 
 
 def cmd_train(args) -> int:
+    recipe = _load(args)
+    if recipe.distributed.strategy != "single" and "LOCAL_RANK" not in os.environ:
+        return _launch(recipe, args)  # not yet inside a launched rank: start this machine's ranks
+    import torch.distributed
+
     from trainer.loop import train
 
-    train(_load(args), resume=args.resume, overwrite=args.overwrite)
+    try:
+        train(recipe, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        if torch.distributed.is_initialized():  # a launched rank: leave the group cleanly
+            torch.distributed.destroy_process_group()
     return 0
+
+
+def _launch(recipe, args) -> int:
+    import subprocess
+
+    from launch.distributed import LaunchFlags, launch_command
+
+    flags = LaunchFlags(args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip,
+                        args.main_process_port)
+    trainer_args = [*args.overrides, *(["--resume"] if args.resume else []), *(["--overwrite"] if args.overwrite else [])]
+    cmd, env = launch_command(recipe, args.recipe, trainer_args, flags)
+    print("[multitune] " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    return subprocess.run(cmd, env=env).returncode
 
 
 def cmd_eval(args) -> int:
