@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from recipes.errors import InputError
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +101,13 @@ def quiet_library_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse cannot take positionals after flags (`train R.yaml --resume key=value`); collect such overrides here.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or not all(OVERRIDE.match(item) for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     quiet_library_noise()
     try:
         return COMMANDS[args.command](args) or 0
