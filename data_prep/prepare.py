@@ -34,10 +34,14 @@ class PreparedData:
         return self.folder / name
 
 
-def cache_key(task: Task, data: DataConfig, tokenizer) -> str:
-    """Hash of everything that changes the shards: inputs' content, tokenizer + template, formatter, prep settings."""
-    if data.generator is not None:
-        source = {"generator": data.generator.model_dump()}
+def cache_key(task: Task, data: DataConfig, tokenizer, generated: list[Record] | None = None) -> str:
+    """Hash of everything that changes the shards: inputs' content, tokenizer + template, formatter, prep settings.
+
+    Generated data is hashed by content, not by generator settings, so a changed generator never hits a stale cache.
+    """
+    if generated is not None:
+        content = hashlib.sha256(json.dumps(generated, sort_keys=True, default=str).encode()).hexdigest()
+        source = {"generated": content, "n_train": data.generator.n_train}
     else:
         source = {"train_file": _file_sha256(data.train_file),
                   "eval_file": _file_sha256(data.eval_file) if data.eval_file else None,
@@ -46,12 +50,16 @@ def cache_key(task: Task, data: DataConfig, tokenizer) -> str:
         "prep_version": PREP_VERSION, "task": task.name, "formatter_version": task.formatter_version,
         "source": source, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_len": data.max_seq_len,
         "overlong": data.overlong, "completion_only": data.completion_only,
+        "task_options": data.task_options.model_dump(),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
-    key = cache_key(task, data, tokenizer)
+    generated = None
+    if data.generator is not None:  # cheap (milliseconds per thousand records) and needed for the key
+        generated = task.generate(data.generator.n_train + data.generator.n_eval, data.generator.seed)
+    key = cache_key(task, data, tokenizer, generated)
     folder = Path(data.cache_dir) / key[:20]
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
@@ -64,7 +72,7 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
         writers = {split: _SplitWriter(task, data, tokenizer, tmp / split, keep_records=split == "eval")
                    for split in ("train", "eval")}
         try:
-            for chunk in _chunks(_labelled_records(task, data), CHUNK_ROWS):
+            for chunk in _chunks(_labelled_records(task, data, generated), CHUNK_ROWS):
                 for split, writer in writers.items():
                     writer.add([record for name, record in chunk if name == split])
         finally:
@@ -92,12 +100,11 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
     return PreparedData(folder, manifest, cache_hit=False)
 
 
-def _labelled_records(task: Task, data: DataConfig) -> Iterator[tuple[str, Record]]:
-    """(split, record) pairs in one streaming pass: nothing holds the whole dataset in memory."""
-    if data.generator is not None:
-        g = data.generator
-        for index, record in enumerate(task.generate(g.n_train + g.n_eval, g.seed)):
-            yield ("train" if index < g.n_train else "eval"), record
+def _labelled_records(task: Task, data: DataConfig, generated: list[Record] | None) -> Iterator[tuple[str, Record]]:
+    """(split, record) pairs in one streaming pass: user files are never held in memory whole."""
+    if generated is not None:
+        for index, record in enumerate(generated):
+            yield ("train" if index < data.generator.n_train else "eval"), record
     elif data.eval_file is not None:
         yield from (("train", r) for r in task.read(data.train_file))
         yield from (("eval", r) for r in task.read(data.eval_file))

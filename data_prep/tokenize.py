@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from data_prep.tasks.base import ChatExample
 from recipes.errors import InputError
+
+if TYPE_CHECKING:  # tasks import IGNORE from here; a runtime import back would be circular
+    from data_prep.tasks.base import ChatExample
 
 IGNORE = -100
 

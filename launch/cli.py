@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from launch import results, sweep
 from recipes.errors import InputError
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +33,49 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
-    p = sub.add_parser("eval", help="generation eval of the base model or base + adapter on the recipe's eval split")
+    launch = p.add_argument_group("multi-process strategies (ddp, fsdp, zero2, zero3): passed to accelerate launch")
+    launch.add_argument("--num_processes", type=int, help="total ranks over all machines (default: the config's)")
+    launch.add_argument("--num_machines", type=int, default=1)
+    launch.add_argument("--machine_rank", type=int, default=0)
+    launch.add_argument("--main_process_ip", help="address of machine rank 0")
+    launch.add_argument("--main_process_port", type=int, help="port on machine rank 0 (default: a free one)")
+    p = sub.add_parser("eval", help="generation eval of the base model and adapters on the recipe's eval split, "
+                                    "one comparison table")
     _recipe_args(p)
-    p.add_argument("--adapter", help="adapter folder (omit to evaluate the base model)")
+    p.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat to compare several)")
+    p.add_argument("--no-base", action="store_true", help="skip the base model (only with --adapter or --endpoint)")
+    p.add_argument("--endpoint", metavar="URL", help="OpenAI-compatible base URL to compare, e.g. http://host:8000/v1")
+    p.add_argument("--endpoint-model", metavar="NAME", help="model name to request from --endpoint")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key "
+                                                        "(default: OPENAI_API_KEY when set, else no key)")
+    p.add_argument("--judge-endpoint", metavar="URL", help="OpenAI-compatible base URL of an LLM judge (1-5 score)")
+    p.add_argument("--judge-model", metavar="NAME", help="model name to request from --judge-endpoint")
+    p.add_argument("--judge-api-key-env", metavar="VAR", help="API key variable for the judge (default: as above)")
+    p.add_argument("--endpoint-timeout", type=float, default=60.0, metavar="S", help="seconds per request")
+    p.add_argument("--endpoint-retries", type=int, default=2, metavar="N", help="retries per request")
+    p.add_argument("--retrieval-docs", metavar="DIR", help="medical QA: also evaluate every column with the top-k "
+                                                           "passages of these .txt/.md files in the prompt (+rag)")
+    p.add_argument("--retrieval-k", type=int, default=3, metavar="K", help="passages per question (default 3)")
+    p = sub.add_parser("infer", help="answer new rows (JSONL/CSV) with base + adapter; parsed fields per row")
+    _recipe_args(p)
+    p.add_argument("--adapter", help="adapter folder (omit to run the base model)")
+    p.add_argument("--input", required=True, help="JSONL or CSV of rows with the task's input fields")
+    p.add_argument("--output", required=True, help="JSONL to write, one row per input row")
+    p.add_argument("--batch-size", type=int, help="generation batch size (default eval.batch_size)")
+    p = sub.add_parser("grid", help="train a small hyperparameter grid; one metrics CSV, the loss logs and a plot")
+    _recipe_args(p)
+    p.add_argument("--param", action="append", default=[], metavar="key.sub=v1,v2",
+                   help="a recipe key and the values to try (repeat for a grid)")
+    p = sub.add_parser("serve", help="serve a model (+ adapter) behind an OpenAI-compatible chat-completions API")
+    p.add_argument("model", help="base model: hub id or local folder")
+    p.add_argument("--adapter", help="adapter folder to apply")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--quantization", choices=["none", "nf4"], default="none",
+                   help="load the base in 4-bit NF4 (as a QLoRA adapter was trained)")
+    p.add_argument("--served-name", help="model name clients use (default: the run or model folder name)")
     p = sub.add_parser("merge", help="merge an adapter into its base model and save a standalone model")
     p.add_argument("--adapter", required=True, help="adapter folder written by a run")
     p.add_argument("--out", required=True, help="folder for the merged model")
@@ -61,7 +104,13 @@ def quiet_library_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse cannot take positionals after flags (`train R.yaml --resume key=value`); collect such overrides here.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or not all(OVERRIDE.match(item) for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     quiet_library_noise()
     try:
         return COMMANDS[args.command](args) or 0
@@ -102,17 +151,99 @@ def cmd_prep(args) -> int:
 
 
 def cmd_train(args) -> int:
+    recipe = _load(args)
+    if recipe.distributed.strategy != "single" and "LOCAL_RANK" not in os.environ:
+        return _launch(recipe, args)  # not yet inside a launched rank: start this machine's ranks
+    import torch.distributed
+
     from trainer.loop import train
 
-    train(_load(args), resume=args.resume, overwrite=args.overwrite)
+    try:
+        train(recipe, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        if torch.distributed.is_initialized():  # a launched rank: leave the group cleanly
+            torch.distributed.destroy_process_group()
     return 0
+
+
+def _launch(recipe, args) -> int:
+    import subprocess
+
+    from launch.distributed import LaunchFlags, launch_command
+
+    flags = LaunchFlags(args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip,
+                        args.main_process_port)
+    trainer_args = [*args.overrides, *(["--resume"] if args.resume else []), *(["--overwrite"] if args.overwrite else [])]
+    cmd, env = launch_command(recipe, args.recipe, trainer_args, flags)
+    print("[multitune] " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    return subprocess.run(cmd, env=env).returncode
 
 
 def cmd_eval(args) -> int:
     from trainer.evaluate import evaluate_recipe
+    from trainer.judge import Judge
+    from trainer.retrieval import Retriever, load_passages
 
-    metrics = evaluate_recipe(_load(args), Path(args.adapter) if args.adapter else None)
-    print(json.dumps(metrics, indent=2))
+    endpoint = _endpoint_client(args, (args.endpoint, "--endpoint"), (args.endpoint_model, "--endpoint-model"),
+                                args.api_key_env)
+    judge_client = _endpoint_client(args, (args.judge_endpoint, "--judge-endpoint"),
+                                    (args.judge_model, "--judge-model"), args.judge_api_key_env or args.api_key_env)
+    if args.no_base and not args.adapter and endpoint is None:
+        raise InputError("--no-base leaves nothing to evaluate: give at least one --adapter or an --endpoint")
+    if args.retrieval_k < 1:
+        raise InputError("--retrieval-k must be at least 1")
+    passages = load_passages(Path(args.retrieval_docs)) if args.retrieval_docs else None
+    recipe = _load(args)
+    _, table = evaluate_recipe(recipe, [Path(a) for a in args.adapter], include_base=not args.no_base,
+                               endpoint=endpoint, judge=Judge(judge_client) if judge_client else None,
+                               retriever=Retriever(passages) if passages else None, top_k=args.retrieval_k)
+    print(table)
+    print(f"written to {recipe.output_path / 'eval'}/comparison.csv and .md")
+    return 0
+
+
+def _endpoint_client(args, url: tuple[str | None, str], model: tuple[str | None, str], key_env: str | None):
+    """An endpoint client from a (value, flag) URL + model pair, or None when neither is given."""
+    if url[0] is None and model[0] is None:
+        return None
+    if url[0] is None or model[0] is None:
+        raise InputError(f"{url[1]} and {model[1]} go together: give both")
+    if args.endpoint_retries < 0 or args.endpoint_timeout <= 0:
+        raise InputError("--endpoint-retries must be >= 0 and --endpoint-timeout > 0")
+    from trainer.endpoint import EndpointClient, EndpointSpec
+
+    return EndpointClient(EndpointSpec(url[0], model[0], key_env, timeout_s=args.endpoint_timeout,
+                                       max_retries=args.endpoint_retries))
+
+
+def cmd_infer(args) -> int:
+    from launch.infer import run_inference
+
+    counts = run_inference(_load(args), Path(args.adapter) if args.adapter else None, Path(args.input),
+                           Path(args.output), args.batch_size)
+    print(f"{counts['rows']} rows written to {args.output} ({counts['valid']} valid, {counts['invalid']} flagged)")
+    return 0
+
+
+def cmd_grid(args) -> int:
+    from launch.grid import parse_params, run_grid
+
+    params = parse_params(args.param)
+    _load(args)
+    grid_dir = run_grid(args.recipe, args.overrides, params)
+    print(f"grid written to {grid_dir}: results.csv, losses.csv, loss.png")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import torch
+
+    from launch.serve import load_chat_model, serve
+
+    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    chat = load_chat_model(args.model, Path(args.adapter) if args.adapter else None, dtype, args.served_name,
+                           args.quantization)
+    serve(chat, args.host, args.port)
     return 0
 
 
@@ -144,7 +275,8 @@ def _method(recipe) -> str:
 
 COMMANDS = {
     "validate": cmd_validate, "prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
-    "tiny-model": cmd_tiny_model, "sweep": sweep.main, "results": results.main,
+    "tiny-model": cmd_tiny_model, "infer": cmd_infer, "grid": cmd_grid, "serve": cmd_serve,
+    "sweep": sweep.main, "results": results.main,
 }
 
 if __name__ == "__main__":

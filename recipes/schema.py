@@ -60,6 +60,17 @@ class GeneratorSpec(Section):
     seed: int = 0
 
 
+class TaskOptions(Section):
+    """Options of the generic `chat_jsonl` task: train on your own chat or prompt/completion JSONL, no code."""
+
+    messages_field: str = "messages"      # a list of {role, content}; the last (assistant) turn is the answer
+    prompt_field: str = "prompt"          # used when a row has no messages_field
+    completion_field: str = "completion"
+    system_prompt: str | None = None      # prepended when a row brings no system message
+    # The answer is a JSON object: score these keys (parse rate, per-field accuracy); empty = free text (ROUGE/BLEU).
+    json_fields: list[str] = []
+
+
 class DataConfig(Section):
     train_file: str | None = None
     eval_file: str | None = None
@@ -70,6 +81,7 @@ class DataConfig(Section):
     packing: bool = True
     completion_only: bool = True
     cache_dir: str = "cache/prep"
+    task_options: TaskOptions = TaskOptions()
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -134,6 +134,12 @@ def test_cli_train_writes_every_run_output(tmp_path, tiny_model_dir):
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert_one_line_error(again.stderr)
     assert (run / "metrics.json").read_text() == before
+    # --overwrite with data that turns out bad: refused before the earlier run is touched
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    again = run_cli("train", str(recipe), "--overwrite", "data.generator=null", f"data.train_file={bad}", check=False)
+    assert again.returncode == 2 and f"{bad}:1: malformed JSON" in again.stderr
+    assert (run / "metrics.json").read_text() == before and (run / "adapter").is_dir()
 
 
 def test_merge_reproduces_base_plus_adapter(tmp_path, tiny_model_dir):
@@ -211,3 +217,76 @@ def test_malformed_row_reported_with_file_and_line(tmp_path, tiny_model_dir):
     result = run_cli("prep", str(recipe), check=False)
     assert result.returncode == 2 and f"{data}:2: malformed JSON" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_command_compares_base_and_adapter(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path, tiny_model_dir, train={"max_steps": 2},
+                                                           checkpoint={"every_steps": None}))
+    run_cli("train", str(recipe))
+    result = run_cli("eval", str(recipe), "--adapter", str(tmp_path / "run" / "adapter"))
+    assert "| metric" in result.stdout and "exact_match" in result.stdout
+    header = (tmp_path / "run" / "eval" / "comparison.csv").read_text().splitlines()[0]
+    assert header == "metric,base,run"
+    for name in ("base", "run"):
+        metrics = json.loads((tmp_path / "run" / "eval" / f"{name}.json").read_text())
+        assert {"category", "exact_match", "parse_rate", "samples"} <= set(metrics) and metrics["samples"] == 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_model_command_builds_a_loadable_chat_model(tmp_path, arch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / arch
+    run_cli("tiny-model", "--arch", arch, "--out", str(out), "--hidden-size", "32", "--layers", "1")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.model_type == arch and len(tokenizer) == 32000
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                        return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], 32000)
+    assert run_cli("tiny-model", "--out", str(out), check=False).returncode == 2  # never overwrites
+
+
+def test_debug_model_is_rebuilt_when_its_spec_changes(tmp_path):
+    from recipes.schema import TinyModelSpec
+    from trainer.tiny_model import ensure_tiny_model
+
+    path = tmp_path / "tiny"
+    small = TinyModelSpec(hidden_size=32, num_layers=1, intermediate_size=64)
+    ensure_tiny_model(small, path)
+    first = (path / "model.safetensors").stat().st_mtime_ns
+    ensure_tiny_model(small, path)
+    assert (path / "model.safetensors").stat().st_mtime_ns == first  # same spec: reused
+    ensure_tiny_model(small.model_copy(update={"num_layers": 2}), path)
+    assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 2
+    foreign = tmp_path / "users-model"
+    foreign.mkdir()
+    ensure_tiny_model(small, foreign)  # not ours (no marker): left alone
+    assert list(foreign.iterdir()) == []
+
+
+def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
+    """Regression: bitsandbytes repacks 4-bit weights for a no-autograd CPU kernel on the first eval forward,
+    which silently cut gradients through frozen layers for the rest of training."""
+    from recipes.schema import AdapterConfig, ModelConfig
+    from trainer.model import load_model
+
+    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", compute_dtype="float32",
+                         quantization="nf4")
+    ids = torch.randint(5, 30000, (1, 24))
+
+    def first_layer_grad(evaluate_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = load_model(config, AdapterConfig(r=4, dropout=0.0), torch.device("cpu"), False)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids).logits.sum().backward()
+        return next(p.grad for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n)
+
+    torch.testing.assert_close(first_layer_grad(True), first_layer_grad(False))

@@ -7,11 +7,18 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
+from data_prep.prepare import prepare
 from data_prep.shards import ShardedDataset
-from data_prep.tasks import Task
+from data_prep.tasks import Task, task_for
 from recipes.errors import InputError
-from recipes.schema import EvalConfig
+from recipes.schema import AdapterConfig, EvalConfig, Recipe
+from trainer.endpoint import EndpointClient
+from trainer.judge import Judge
+from trainer.model import load_model, load_tokenizer
+from trainer.retrieval import Retriever
+from trainer.run_files import write_atomic
 
 
 @torch.no_grad()
@@ -41,44 +48,177 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     return [text.strip() for text in outputs]
 
 
-def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, config: EvalConfig,
-                        device: torch.device) -> tuple[dict[str, float], list[dict]]:
-    """Task metrics plus timing; also returns (prompt record, output) examples for inspection."""
+@torch.no_grad()
+def answer_nll(model, dataset: ShardedDataset, count: int, device: torch.device) -> float:
+    """Teacher-forced negative log-likelihood per answer token of the reference answers (lower is better): a
+    signal for every task even while generations are still unparsable."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for i in range(count):
+            ids = torch.tensor(dataset.tokens(i), dtype=torch.long, device=device)[None]
+            labels = torch.tensor(dataset.tokens(i, "labels"), dtype=torch.long, device=device)[None]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                                       ignore_index=-100, reduction="sum").item()
+            tokens += int((labels[:, 1:] != -100).sum())
+    finally:
+        model.train(was_training)
+    return round(total / max(tokens, 1), 6)
+
+
+def eval_records(dataset: ShardedDataset, config: EvalConfig) -> list[dict]:
+    """The source records of the first `eval.max_samples` rows of the eval split."""
     count = len(dataset) if config.max_samples is None else min(config.max_samples, len(dataset))
+    return [json.loads(dataset.record_json(i)) for i in range(count)]
+
+
+def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, config: EvalConfig,
+                        device: torch.device, judge: Judge | None = None) -> tuple[dict[str, float], list[dict]]:
+    """Task metrics plus timing; also returns (prompt record, output) examples for inspection."""
+    records = eval_records(dataset, config)
+    count = len(records)
     prompts = [dataset.tokens(i)[: dataset.prompt_length(i)].tolist() for i in range(count)]
-    records = [json.loads(dataset.record_json(i)) for i in range(count)]
     started = time.perf_counter()
     outputs = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, device)
     metrics = task.score(outputs, records)
+    metrics.update(task.model_metrics(model, tokenizer, records, device))
+    metrics["answer_nll"] = answer_nll(model, dataset, count, device)
     metrics["samples"] = count
     metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics, _judged_examples(metrics, judge, task, outputs, records)
+
+
+def evaluate_records(model, tokenizer, records: list[dict], task: Task, config: EvalConfig, device: torch.device,
+                     judge: Judge | None = None) -> tuple[dict[str, float], list[dict]]:
+    """Generation eval of records that are not in the shards (e.g. with retrieved context): prompts from the task's
+    formatter through the chat template, as `multitune infer` builds them."""
+    prompts = [tokenizer.apply_chat_template(task.format(r).messages, add_generation_prompt=True,
+                                             tokenize=True)["input_ids"] for r in records]
+    started = time.perf_counter()
+    outputs = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, device)
+    metrics = task.score(outputs, records)
+    metrics.update(task.model_metrics(model, tokenizer, records, device))
+    metrics["samples"] = len(records)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics, _judged_examples(metrics, judge, task, outputs, records)
+
+
+def evaluate_endpoint(client: EndpointClient, records: list[dict], task: Task, config: EvalConfig,
+                      judge: Judge | None = None) -> tuple[dict[str, float], list[dict]]:
+    """Eval records (prompts from the task's formatter) answered by an OpenAI-compatible endpoint, scored by the
+    task; metrics that need the weights (answer_nll, log-likelihoods) stay empty."""
+    started = time.perf_counter()
+    outputs = [text.strip() for text in client.chat_many([task.format(r).messages for r in records],
+                                                         config.max_new_tokens)]
+    metrics = task.score(outputs, records)
+    metrics["samples"] = len(records)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics, _judged_examples(metrics, judge, task, outputs, records)
+
+
+def _judged_examples(metrics: dict, judge: Judge | None, task: Task, outputs: list[str],
+                     records: list[dict]) -> list[dict]:
+    """The first examples for inspection; with a judge, its metrics join `metrics` and its verdicts the examples."""
     examples = [{"record": r, "output": o} for r, o in zip(records[:5], outputs[:5])]
-    return metrics, examples
+    if judge is not None:
+        judged, verdicts = judge.grade(task, outputs, records)
+        metrics.update(judged)
+        for example, verdict in zip(examples, verdicts):
+            example["judge"] = verdict
+    return examples
 
 
-def evaluate_recipe(recipe, adapter: Path | None) -> dict:
-    """`multitune eval`: the recipe's base model (as the recipe loads it), optionally with an adapter."""
-    from peft import PeftModel
-
-    from data_prep.prepare import prepare
-    from data_prep.tasks import get_task
-    from recipes.schema import AdapterConfig
-    from trainer.model import load_model, load_tokenizer
-    from trainer.run_files import write_atomic
-
-    task = get_task(recipe.task)
+def load_for_eval(recipe: Recipe, adapter: Path | None):
+    """(model, tokenizer, device): the recipe's base model as the recipe loads it, optionally with an adapter."""
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise InputError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
     tokenizer = load_tokenizer(recipe.model)
-    eval_set = ShardedDataset(prepare(task, recipe.data, tokenizer).split("eval"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(recipe.model, AdapterConfig(kind="none"), device, gradient_checkpointing=False)
     if adapter is not None:
-        if not (adapter / "adapter_config.json").is_file():
-            raise InputError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, str(adapter))
-    metrics, _ = evaluate_generation(model, tokenizer, eval_set, task, recipe.eval, device)
-    label = adapter.name if adapter is not None else "base"
-    out = recipe.output_path / "eval" / f"{label}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, json.dumps({"model": recipe.model.name_or_path, "adapter": str(adapter) if adapter else None,
-                                  **metrics}, indent=2))
-    return metrics
+    return model, tokenizer, device
+
+
+def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = True,
+                    endpoint: EndpointClient | None = None, judge: Judge | None = None,
+                    retriever: Retriever | None = None, top_k: int = 3) -> tuple[dict[str, dict], str]:
+    """`multitune eval`: the base model, each adapter and an optional OpenAI-compatible endpoint on the recipe's eval
+    split → per-model JSON files and one comparison table (`eval/comparison.csv`, `eval/comparison.md`). A judge adds
+    its score rows to every column; a retriever adds a `<column>+rag` column with the top-k passages in the prompt.
+    Returns (metrics by label, table text)."""
+    task = task_for(recipe)
+    if retriever is not None and not task.accepts_context:
+        raise InputError(f"--retrieval-docs: task {task.name} does not show retrieved passages in its prompt "
+                         "(medical_qa and medical_mcq do)")
+    out_dir = recipe.output_path / "eval"
+    eval_set = ShardedDataset(prepare(task, recipe.data, load_tokenizer(recipe.model)).split("eval"))
+    records = eval_records(eval_set, recipe.eval)
+    rag_records = retriever.augment(records, top_k) if retriever is not None else None
+    if judge is not None:
+        judge.client.chat([{"role": "user", "content": "Reply with OK."}], max_tokens=1)  # down → fail before work
+    results: dict[str, dict] = {}
+
+    def save_column(label: str, metrics: dict, examples: list[dict], source: dict) -> None:
+        while label in results:
+            label += "'"
+        results[label] = metrics
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / f"{label.replace('/', '_')}.json",
+                     json.dumps({**source, **metrics, "examples": examples}, indent=2, default=str))
+
+    endpoint_results = []
+    if endpoint is not None:  # first: a wrong URL or key fails in seconds, not after the local evaluations
+        endpoint_results.append(evaluate_endpoint(endpoint, records, task, recipe.eval, judge))
+        if rag_records is not None:
+            endpoint_results.append(evaluate_endpoint(endpoint, rag_records, task, recipe.eval, judge))
+    for adapter in ([None] if include_base else []) + list(adapters):
+        model, tokenizer, device = load_for_eval(recipe, adapter)
+        source = {"model": recipe.model.name_or_path, "adapter": str(adapter) if adapter else None}
+        label = _label(adapter, results)
+        save_column(label, *evaluate_generation(model, tokenizer, eval_set, task, recipe.eval, device, judge), source)
+        if rag_records is not None:
+            save_column(f"{label}+rag", *evaluate_records(model, tokenizer, rag_records, task, recipe.eval, device,
+                                                          judge), {**source, "retrieval_top_k": top_k})
+        del model
+    source = {"endpoint": endpoint.spec.base_url, "model": endpoint.spec.model} if endpoint else {}
+    for result, suffix in zip(endpoint_results, ("", "+rag")):
+        save_column(endpoint.spec.model + suffix, *result, source)
+    rows = comparison_rows(results, task.headline_metrics)
+    write_atomic(out_dir / "comparison.csv", "\n".join(",".join(row) for row in rows) + "\n")
+    table = markdown_table(rows)
+    write_atomic(out_dir / "comparison.md", table + "\n")
+    return results, table
+
+
+def _label(adapter: Path | None, taken: dict) -> str:
+    if adapter is None:
+        return "base"
+    # runs/<name>/adapter → "<name>": the run name says more than the folder name every run shares
+    label = adapter.resolve().parent.name if adapter.name == "adapter" else adapter.name
+    while label in taken:
+        label += "'"
+    return label
+
+
+def comparison_rows(results: dict[str, dict], headline: tuple[str, ...]) -> list[list[str]]:
+    """Metric rows x model columns; headline metrics first, then every other numeric metric, timing last."""
+    names = list(headline) + sorted({k for m in results.values() for k, v in m.items()
+                                     if isinstance(v, (int, float)) and k not in headline
+                                     and k not in ("samples", "seconds")})
+    rows = [["metric", *results]]
+    for name in [*names, "samples", "seconds"]:
+        values = [m.get(name) for m in results.values()]
+        if all(v is None for v in values):
+            continue
+        rows.append([name, *("-" if v is None else f"{v:.4g}" for v in values)])
+    return rows
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -6,8 +6,8 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from transformers import get_scheduler
 
 from data_prep.prepare import prepare
 from data_prep.shards import ShardedDataset
-from data_prep.tasks import get_task
+from data_prep.tasks import task_for
 from data_prep.tokenize import IGNORE
 from recipes.errors import InputError
 from recipes.loader import dump_recipe
@@ -33,29 +33,34 @@ from trainer.batches import (
     plan_micro_batches,
 )
 from trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from trainer.evaluate import evaluate_generation
+from trainer.distributed import Distributed, make_accelerator
+from trainer.evaluate import eval_records, evaluate_generation
 from trainer.memory import peak_memory_gb
 from trainer.model import DTYPES, count_parameters, load_model, load_tokenizer
-from trainer.run_files import RunLog, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
+from trainer.run_files import RunLog, check_output_dir, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
 from trainer.tracking import Tracker
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
-    task = get_task(recipe.task)
-    accelerator = Accelerator()
+    task = task_for(recipe)
+    strategy = recipe.distributed.strategy
+    accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm)
+    dist = Distributed(strategy, accelerator)
     main = accelerator.is_main_process
     run_dir = recipe.output_path
-    if main:
-        claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
-        write_atomic(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
-    accelerator.wait_for_everyone()
+    check_output_dir(run_dir, resume=resume, overwrite=overwrite)
     set_seed(recipe.train.seed)
     cfg = recipe.train
 
     # Data: tokenized once (main process first, the others then hit the cache), read memory-mapped.
+    # Bad data fails here, before anything in output_dir is touched.
     with accelerator.main_process_first():
         tokenizer = load_tokenizer(recipe.model)
         prepared = prepare(task, recipe.data, tokenizer)
+    if main:
+        claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
+        write_atomic(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
+    accelerator.wait_for_everyone()
     train_set = ShardedDataset(prepared.split("train"))
     eval_set = ShardedDataset(prepared.split("eval"))
     plan = plan_micro_batches(train_set.lengths, recipe.data.max_seq_len, cfg.micro_batch_tokens,
@@ -66,13 +71,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.per_rank / cfg.grad_accum)
 
     # Model, optimizer, schedule.
-    model = load_model(recipe.model, recipe.adapter, accelerator.device, cfg.gradient_checkpointing)
+    with dist.model_loading(quantized=recipe.model.quantization == "nf4"):
+        model = load_model(recipe.model, recipe.adapter, accelerator.device, cfg.gradient_checkpointing)
     trainable, total = count_parameters(model)
-    optimizer = build_optimizer(model, recipe)
+    model, optimizer = dist.prepare(model, lambda m: build_optimizer(m, recipe))
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    backend = model.config._attn_implementation if hasattr(model, "config") else "sdpa"
+    backend = dist.unwrap(model).config._attn_implementation
     mask_dtype = DTYPES[recipe.model.dtype]
 
     log = RunLog(run_dir / "log.jsonl")
@@ -85,8 +90,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
         newest = list_checkpoints(run_dir / "checkpoints")
         if not newest:
             raise InputError(f"output_dir {run_dir}: no complete checkpoint to resume from")
-        state = load_checkpoint(newest[-1], accelerator.unwrap_model(model), optimizer, scheduler,
-                                accelerator.process_index)
+        state = load_checkpoint(newest[-1], model, optimizer, scheduler, accelerator.process_index, strategy)
         if state.data_hash != data_hash:
             raise InputError(f"{newest[-1]}: data changed since this checkpoint (hash {state.data_hash[:12]} "
                              f"!= {data_hash[:12]}); start a new run instead of --resume")
@@ -95,11 +99,12 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
         before = next((e for e in log.entries() if e.get("eval") == "before"), None)
     else:
         state = TrainState(data_hash=data_hash)
-        if recipe.eval.before_training and main:
-            before, _ = evaluate_generation(accelerator.unwrap_model(model), tokenizer, eval_set, task,
-                                            recipe.eval, accelerator.device)
-            log.append({"eval": "before", "step": 0, **before})
-            tracker.log({f"eval_before/{k}": v for k, v in before.items()}, step=0)
+        if recipe.eval.before_training and (main or dist.sharded):  # sharded: every rank takes part in forward
+            before, _ = evaluate_generation(dist.unwrap(model), tokenizer, eval_set, task, recipe.eval,
+                                            accelerator.device)
+            if main:
+                log.append({"eval": "before", "step": 0, **before})
+                tracker.log({f"eval_before/{k}": v for k, v in before.items()}, step=0)
     if main:
         print(f"[multitune] task={task.name} params trainable={trainable:,} total={total:,} "
               f"train rows={len(train_set)} micro-batches/epoch={len(plan)} packing efficiency={efficiency:.1%} "
@@ -108,15 +113,18 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
 
     batches = stream.iterate(Position(state.epoch, state.index))
     model.train()
-    progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    # In a log file (SLURM, CI) a bar redrawn every step floods it: update it every 30 s there instead.
+    progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True,
+                    mininterval=0.1 if sys.stderr.isatty() else 30)
     while state.step < total_steps:
         started = time.perf_counter()
         window: list[MicroBatch] = []
         for _ in range(cfg.grad_accum):
             position, batch = next(batches)
             window.append(batch.to(accelerator.device))
-        loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, mask_dtype, backend)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, mask_dtype, backend,
+                                                                       dist)
+        grad_norm = dist.clip_grad_norm(model, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -141,22 +149,30 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
                                  gnorm=f"{entry['grad_norm']:.2f}")
 
         if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
-            save_checkpoint(run_dir / "checkpoints", accelerator.unwrap_model(model), optimizer, scheduler, state,
-                            recipe.checkpoint.keep_last, accelerator.process_index, accelerator.wait_for_everyone)
+            save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, recipe.checkpoint.keep_last,
+                            accelerator.process_index, accelerator.wait_for_everyone, strategy)
         if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
             eval_entry = {"eval": "loss", "step": state.step, "loss": eval_loss(model, eval_set, recipe, accelerator,
                                                                                backend, mask_dtype)}
             if main:
+                eval_entry.update(task.model_metrics(accelerator.unwrap_model(model), tokenizer,
+                                                     eval_records(eval_set, recipe.eval), accelerator.device))
                 log.append(eval_entry)
-                tracker.log({"eval/loss": eval_entry["loss"]}, step=state.step)
+                tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
+                            step=state.step)
     progress.close()
 
-    # Outputs: adapter (PEFT format, written atomically), final evaluation, metrics, plot.
-    unwrapped = accelerator.unwrap_model(model)
+    # Outputs: trainable weights gathered once (collective) and saved by the main process as a PEFT adapter (written
+    # atomically), final evaluation (on every rank when sharded), metrics, plot.
+    unwrapped = dist.unwrap(model)
+    weights = dist.gather_trainable(model)
+    dist_info = dist.describe(model)
     metrics = None
     if main:
-        adapter_dir = save_adapter(unwrapped, tokenizer, recipe, run_dir, data_hash)
+        adapter_dir = save_adapter(unwrapped, weights, tokenizer, recipe, run_dir, data_hash)
+    if main or dist.sharded:
         after, examples = evaluate_generation(unwrapped, tokenizer, eval_set, task, recipe.eval, accelerator.device)
+    if main:
         log.append({"eval": "after", "step": state.step, **after})
         tracker.log({f"eval/{k}": v for k, v in after.items()}, step=state.step)
         step_entries = [e for e in log.entries() if "eval" not in e]
@@ -166,7 +182,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
                                                                             for e in step_entries), 1e-9),
             "packing_efficiency": efficiency, "final_loss": step_entries[-1]["loss"] if step_entries else None,
             "train_seconds": round(state.elapsed_s, 2), "trainable_params": trainable, "total_params": total,
-            "data_hash": data_hash, "adapter": str(adapter_dir), "examples": examples,
+            "data_hash": data_hash, "adapter": str(adapter_dir), "distributed": dist_info, "examples": examples,
         }
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         tracker.summary({f"final/{k}": metrics[k] for k in ("tokens_per_s", "final_loss", "train_seconds", "steps")})
@@ -176,25 +192,26 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
         print(summary_table(metrics, task.headline_metrics), flush=True)
     tracker.finish()
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return metrics
 
 
 def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerator, mask_dtype: torch.dtype,
-                         backend: str) -> tuple[float, float, float]:
+                         backend: str, dist: Distributed | None = None) -> tuple[float, float, float]:
     """Backward over one optimizer step's micro-batches; returns (summed loss, target tokens, real tokens), global.
 
     The loss is normalised by the target tokens of the whole step across all ranks, so accumulation and packing
-    weigh every token equally (not every micro-batch); DDP averages gradients over ranks, hence the world size.
+    weigh every token equally (not every micro-batch); DDP, FSDP and DeepSpeed average gradients over ranks, hence
+    the world size; DeepSpeed also divides by its accumulation steps, which `loss_factor` undoes.
     """
+    dist = dist or Distributed("single", accelerator)
     counts = torch.tensor([sum(b.target_tokens for b in window), sum(b.real_tokens for b in window)],
                           device=accelerator.device, dtype=torch.float64)
     global_targets, global_tokens = accelerator.reduce(counts, reduction="sum").tolist()
-    scale = accelerator.num_processes / max(global_targets, 1.0)
+    scale = accelerator.num_processes * dist.loss_factor(len(window)) / max(global_targets, 1.0)
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for i, batch in enumerate(window):
         last = i == len(window) - 1
-        with nullcontext() if last else accelerator.no_sync(model):
+        with dist.gradient_sync(model, sync=last):
             batch_loss = token_loss_sum(model, batch, attention_mask_for(batch, mask_dtype, backend))
             accelerator.backward(batch_loss * scale)
         loss_sum += batch_loss.detach()
@@ -244,12 +261,14 @@ def build_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
     return optimizer_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def save_adapter(model, tokenizer, recipe: Recipe, run_dir: Path, data_hash: str) -> Path:
-    """PEFT adapter + tokenizer + multitune.json (how the base was loaded) + model card, renamed into place."""
+def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Recipe, run_dir: Path,
+                 data_hash: str) -> Path:
+    """PEFT adapter (from the gathered trainable `weights`) + tokenizer + multitune.json (how the base was loaded)
+    + model card, renamed into place. Full fine-tuning (every weight trainable) saves the whole model."""
     final = run_dir / "adapter"
     tmp = run_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     info = {"base_model": recipe.model.name_or_path, "task": recipe.task, "data_hash": data_hash,
             "quantization": recipe.model.quantization, "dtype": recipe.model.dtype,

@@ -61,6 +61,7 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config), **kwargs)
     if config.quantization == "nf4":
+        keep_4bit_weights_differentiable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -69,6 +70,20 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device
     if adapter.kind == "lora":
         model = get_peft_model(model, lora_config(adapter))
     return model if config.quantization == "nf4" else model.to(device)
+
+
+def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, the first no-grad forward in eval mode (our before-training evaluation) repacks each
+    Linear4bit for `gemv_4bit`, permanently; that kernel has no autograd, so every later training step silently
+    loses the gradient through the frozen 4-bit layers (only LoRA branches and residuals carry it).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def bnb_config(config: ModelConfig) -> BitsAndBytesConfig:

@@ -10,25 +10,38 @@ from typing import Any
 
 from recipes.errors import InputError
 
-RUN_FILES = ("recipe.resolved.yaml", "log.jsonl", "metrics.json", "adapter", "checkpoints", "loss.png",
-             "tracking.json", "wandb", "mlflow.db", "mlartifacts")
+# What makes a folder "a run": a lone recipe.resolved.yaml (a start that failed early) does not count.
+RUN_FILES = ("log.jsonl", "metrics.json", "adapter", "checkpoints")
+WRITTEN = (*RUN_FILES, "recipe.resolved.yaml", "loss.png", "eval", "tracking.json", "wandb", "mlflow.db",
+           "mlartifacts")
 
 
-def claim_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
+def check_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber an earlier run unless asked: --resume continues it, --overwrite replaces it."""
-    existing = [name for name in RUN_FILES if (path / name).exists()]
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
     if resume:
         if not (path / "checkpoints").is_dir():
             raise InputError(f"output_dir {path}: nothing to resume (no checkpoints/ folder)")
         return
+    existing = [name for name in RUN_FILES if (path / name).exists()]
     if existing and not overwrite:
         raise InputError(
             f"output_dir {path} already holds a run ({', '.join(existing)}): "
             "pass --resume to continue it or --overwrite to replace it"
         )
-    for name in existing:
-        target = path / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def claim_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
+    """After the inputs checked out: clear what an --overwrite replaces, and make the folder."""
+    check_output_dir(path, resume, overwrite)
+    if not resume:
+        for name in WRITTEN:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     path.mkdir(parents=True, exist_ok=True)
 
 

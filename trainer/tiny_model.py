@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2
 
 from recipes.schema import TinyModelSpec
 
+SPEC_FILE = "multitune_tiny.json"  # marks a folder as a debug model we built, with the spec it was built from
+
 # Mistral-instruct style; `{% generation %}` marks the assistant span so template-based assistant masks work too.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% set system = namespace(text='') %}"
@@ -75,6 +77,9 @@ def build_tiny_model(spec: TinyModelSpec, out: str | Path) -> Path:
             model.lm_head.weight.normal_(0.0, spec.head_init_std)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
+        (tmp / SPEC_FILE).write_text(json.dumps(spec.model_dump(), sort_keys=True))
+        if out.exists():  # an outdated debug model of ours (see ensure_tiny_model)
+            shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -83,5 +88,11 @@ def build_tiny_model(spec: TinyModelSpec, out: str | Path) -> Path:
 
 
 def ensure_tiny_model(spec: TinyModelSpec, path: str | Path) -> None:
-    if not Path(path).exists():
+    """Build the debug model if missing, or rebuild it when the recipe's spec changed; never touch other folders."""
+    path = Path(path)
+    if not path.exists():
+        build_tiny_model(spec, path)
+        return
+    marker = path / SPEC_FILE
+    if marker.is_file() and json.loads(marker.read_text()) != json.loads(json.dumps(spec.model_dump())):
         build_tiny_model(spec, path)

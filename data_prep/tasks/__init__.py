@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from data_prep.tasks.base import ChatExample, Record, Task
+from data_prep.tasks.chat_jsonl import ChatJsonl
+from data_prep.tasks.it_ticket_extraction import ITTicketExtraction
+from data_prep.tasks.medical_qa import MedicalMCQ, MedicalQA
+from data_prep.tasks.rca_generation import RCAGeneration
 from data_prep.tasks.ticket_classification import TicketClassification
 from recipes.errors import InputError
 
-TASKS: dict[str, Task] = {task.name: task for task in (TicketClassification(),)}
+TASKS: dict[str, Task] = {task.name: task for task in (
+    TicketClassification(), ITTicketExtraction(), RCAGeneration(), MedicalQA(), MedicalMCQ(),
+    ChatJsonl(),
+)}
+
+
+def task_for(recipe) -> Task:
+    """The recipe's task, configured by its `data.task_options` when the task takes options."""
+    return get_task(recipe.task).with_options(recipe.data.task_options)
 
 
 def get_task(name: str) -> Task:
@@ -16,4 +28,4 @@ def get_task(name: str) -> Task:
         raise InputError(f"unknown task '{name}' (known: {', '.join(sorted(TASKS))})") from None
 
 
-__all__ = ["TASKS", "ChatExample", "Record", "Task", "get_task"]
+__all__ = ["TASKS", "ChatExample", "Record", "Task", "get_task", "task_for"]

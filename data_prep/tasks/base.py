@@ -31,8 +31,12 @@ class Task(ABC):
     formatter_version: str = "1"
     # Record fields a user's own file must have (validated row by row).
     required_fields: tuple[str, ...] = ()
+    # The subset needed to build a prompt: what `multitune infer` requires of new, unlabelled rows.
+    input_fields: tuple[str, ...] = ()
     # Metric names shown first in summaries (e.g. the demo's before/after table).
     headline_metrics: tuple[str, ...] = ()
+    # Prompts show a record's `context` passages: retrieval-augmented evaluation (`multitune eval --retrieval-docs`).
+    accepts_context: bool = False
 
     @abstractmethod
     def generate(self, n: int, seed: int) -> list[Record]:
@@ -46,26 +50,59 @@ class Task(ABC):
     def score(self, outputs: list[str], records: list[Record]) -> dict[str, float]:
         """Metrics for generated `outputs` against the records they answer."""
 
+    def with_options(self, options) -> Task:
+        """This task configured by the recipe's `data.task_options`; only option-taking tasks accept non-defaults."""
+        if options != type(options)():
+            raise InputError(f"data.task_options: task {self.name} takes no options (they are for chat_jsonl)")
+        return self
+
+    def prompt_messages(self, record: Record) -> list[dict[str, str]]:
+        """The prompt alone; tasks that can answer unlabelled rows (`multitune infer`) build it without labels."""
+        return self.format(record).messages
+
+    def parse_output(self, text: str) -> dict[str, Any]:
+        """What `multitune infer` writes for one generation: `valid` plus the parsed answer (or why not)."""
+        return {"valid": bool(text.strip()), "answer": text, "problems": [] if text.strip() else ["empty output"]}
+
+    def model_metrics(self, model, tokenizer, records: list[Record], device) -> dict[str, float]:
+        """Metrics that need the model itself rather than its generations (e.g. option log-likelihood).
+
+        Run with every generation eval and at every `eval.every_steps` during training; most tasks have none.
+        """
+        return {}
+
+    def check_input(self, record: Record, where: str) -> None:
+        """Raise InputError naming `where` when an unlabelled row lacks a field the prompt needs."""
+        self._check_fields(record, where, self.input_fields)
+
     def check_record(self, record: Record, where: str) -> None:
         """Raise InputError naming `where` (file:line) when a record cannot be used."""
-        for field in self.required_fields:
+        self._check_fields(record, where, self.required_fields)
+
+    @staticmethod
+    def _check_fields(record: Record, where: str, fields: tuple[str, ...]) -> None:
+        for field in fields:
             value = record.get(field)
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise InputError(f"{where}: missing field '{field}'")
 
-    def read(self, path: str | Path) -> Iterator[Record]:
-        """Records from a user's JSONL or CSV file, each validated; errors name file:line."""
+    def read(self, path: str | Path, inputs_only: bool = False) -> Iterator[Record]:
+        """Records from a user's JSONL or CSV file, each validated; errors name file:line.
+
+        `inputs_only`: rows to answer, not to train on, so only `input_fields` are required.
+        """
         path = Path(path)
+        check = self.check_input if inputs_only else self.check_record
         if not path.is_file():
             raise InputError(f"data file not found: {path}")
         if path.suffix == ".csv":
-            yield from self._read_csv(path)
+            yield from self._read_csv(path, check)
         elif path.suffix in (".jsonl", ".json"):
-            yield from self._read_jsonl(path)
+            yield from self._read_jsonl(path, check)
         else:
             raise InputError(f"{path}: unsupported data file type '{path.suffix}' (use .jsonl or .csv)")
 
-    def _read_jsonl(self, path: Path) -> Iterator[Record]:
+    def _read_jsonl(self, path: Path, check) -> Iterator[Record]:
         with open(path, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
                 where = f"{path}:{number}"
@@ -81,15 +118,15 @@ class Task(ABC):
                     raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
                 if not isinstance(record, dict):
                     raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                self.check_record(record, where)
+                check(record, where)
                 yield record
 
-    def _read_csv(self, path: Path) -> Iterator[Record]:
+    def _read_csv(self, path: Path, check) -> Iterator[Record]:
         try:
             with open(path, newline="", encoding="utf-8") as handle:
                 for number, row in enumerate(csv.DictReader(handle), start=2):
                     record = {key: value for key, value in row.items() if key is not None}
-                    self.check_record(record, f"{path}:{number}")
+                    check(record, f"{path}:{number}")
                     yield record
         except UnicodeDecodeError:
             raise InputError(f"{path}: not valid UTF-8") from None

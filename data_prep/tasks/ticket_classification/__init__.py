@@ -12,17 +12,16 @@ from recipes.errors import InputError
 FIELDS = ("category", "subcategory", "urgency")
 
 SYSTEM_PROMPT = (
-    "You classify customer support tickets. Reply with one JSON object with the keys "
-    '"category", "subcategory" and "urgency", nothing else.\n'
-    "Allowed categories and their subcategories:\n"
-    + "\n".join(f"- {category}: {', '.join(subs)}" for category, subs in TAXONOMY.items())
-    + f"\nAllowed urgency: {', '.join(URGENCIES)}."
+    'Classify the support ticket. Reply with JSON only: {"category": ..., "subcategory": ..., "urgency": ...}.\n'
+    "Categories (subcategories): "
+    + "; ".join(f"{category} ({', '.join(subs)})" for category, subs in TAXONOMY.items())
+    + f".\nUrgency: {', '.join(URGENCIES)}."
 )
 
 
 class TicketClassification(Task):
     name = "ticket_classification"
-    formatter_version = "1"
+    formatter_version = "2"
     required_fields = ("title", "description", "category", "subcategory", "urgency")
     headline_metrics = ("category", "subcategory", "urgency", "exact_match", "parse_rate")
 
