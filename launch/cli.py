@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model to merge onto (default: the one the adapter was trained on)")
     p.add_argument("--onto", choices=["dequantized", "original"], default="dequantized",
                    help="for QLoRA adapters: merge onto the dequantized NF4 base (what was trained) or the original")
+    p = sub.add_parser("plan", help="per-GPU peak memory estimate from the model config (no weights), fits or not")
+    _recipe_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs the run uses")
+    p.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="memory per GPU (24 for a 24 GB card)")
+    p.add_argument("--target-fraction", type=float, default=1.0, metavar="F",
+                   help="share of positions with a loss target (logits are computed only there; default 1)")
     p = sub.add_parser("tiny-model", help="build a random-init tiny causal LM with a real tokenizer")
     p.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     p.add_argument("--out", required=True)
@@ -255,6 +261,14 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from launch.plan import plan_recipe
+
+    plan, report = plan_recipe(_load(args), args.gpus, args.gpu_mem, args.target_fraction)
+    print(report)
+    return 0 if plan.fits else 1
+
+
 def cmd_tiny_model(args) -> int:
     from recipes.schema import TinyModelSpec
     from trainer.tiny_model import build_tiny_model
@@ -275,7 +289,7 @@ def _method(recipe) -> str:
 
 COMMANDS = {
     "validate": cmd_validate, "prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
-    "tiny-model": cmd_tiny_model, "infer": cmd_infer, "grid": cmd_grid, "serve": cmd_serve,
+    "tiny-model": cmd_tiny_model, "infer": cmd_infer, "grid": cmd_grid, "serve": cmd_serve, "plan": cmd_plan,
     "sweep": sweep.main, "results": results.main,
 }
 
