@@ -145,7 +145,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
             log.append(entry)
             tracker.log(entry, step=state.step)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
+            progress.set_postfix(refresh=False, loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
                                  gnorm=f"{entry['grad_norm']:.2f}")
 
         if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
