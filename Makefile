@@ -2,23 +2,30 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.installed-core
+DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The runtime only: what `make demo` needs. torch goes first, pinned: the CPU wheel on a CPU-only machine, the
+# CUDA build of the same version on a GPU machine.
+$(CORE): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first, pinned: the CPU wheel here, the CUDA build of the same version on a GPU machine.
 	$(BIN)/python -m pip install -q -c constraints.txt torch
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $(CORE)
+
+# Test and benchmark extras on top (DeepSpeed, TRL, MLflow, the retrieval embedding model).
+$(DEV): $(CORE)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+	touch $(DEV)
 
-install: $(STAMP)
+install: $(DEV)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(BIN)/multitune train recipes/debug/tiny_ticket_qlora.yaml --overwrite
 
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/python -m pytest -q tests
 
 clean:
