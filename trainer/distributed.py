@@ -193,14 +193,6 @@ def _deepspeed_sync(accelerator: Accelerator, model, sync: bool):
         yield
 
 
-def is_fsdp2_sharded(model) -> bool:
-    """True when the parameters are FSDP2 DTensors sharded over more than one rank (what the tests assert)."""
-    from torch.distributed.tensor import DTensor
-
-    params = list(model.parameters())
-    return bool(params) and all(isinstance(p, DTensor) for p in params) and params[0].device_mesh.size() > 1
-
-
 def _full_numel(p) -> int:
     return int(getattr(p, "ds_numel", p.numel()))  # DTensor.numel() is already the global size
 
