@@ -5,18 +5,21 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
+import pickle
 import random
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.shards import ShardWriter
 from data_prep.tasks import Record, Task
-from data_prep.tokenize import IGNORE, tokenize_examples, tokenizer_fingerprint
+from data_prep.tokenize import IGNORE, TokenizedBatch, tokenize_examples, tokenizer_fingerprint
 from recipes.errors import InputError
 from recipes.schema import DataConfig
 
@@ -72,9 +75,11 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
         writers = {split: _SplitWriter(task, data, tokenizer, tmp / split, keep_records=split == "eval")
                    for split in ("train", "eval")}
         try:
-            for chunk in _chunks(_labelled_records(task, data, generated), CHUNK_ROWS):
+            chunks = _chunks(_labelled_records(task, data, generated), CHUNK_ROWS)
+            for chunk, batch in _tokenized(chunks, task, tokenizer, data.completion_only, data.prep_workers):
                 for split, writer in writers.items():
-                    writer.add([record for name, record in chunk if name == split])
+                    picked = [i for i, (name, _) in enumerate(chunk) if name == split]
+                    writer.add([chunk[i][1] for i in picked], batch.select(picked))
         finally:
             for writer in writers.values():
                 writer.close()
@@ -113,8 +118,58 @@ def _labelled_records(task: Task, data: DataConfig, generated: list[Record] | No
         yield from ((("eval" if rng.random() < data.eval_fraction else "train"), r) for r in task.read(data.train_file))
 
 
+def _tokenized(chunks: Iterator[list[tuple[str, Record]]], task: Task, tokenizer, completion_only: bool,
+               workers: int) -> Iterator[tuple[list[tuple[str, Record]], TokenizedBatch]]:
+    """(chunk, its tokenization) in input order, so the shards are identical whatever the number of workers.
+
+    The first chunk is tokenized here; only data longer than that starts worker processes (spawned: forking after
+    torch and the tokenizer's thread pool are loaded is unsafe), since starting them costs seconds. Chat-template
+    rendering and tokenization are ~95% of prep time and run one chunk per worker; reading, validating and writing
+    stay in this process. At most two chunks per worker are in flight, so memory does not grow with the data.
+    """
+    workers = workers or os.cpu_count() or 1
+    first = next(chunks, None)
+    if first is None:
+        return
+    yield first, _tokenize_chunk(first, task, tokenizer, completion_only)
+    if workers == 1:
+        for chunk in chunks:
+            yield chunk, _tokenize_chunk(chunk, task, tokenizer, completion_only)
+        return
+    context = multiprocessing.get_context("spawn")
+    setup = pickle.dumps((task, tokenizer, completion_only))
+    with context.Pool(workers, initializer=_start_worker, initargs=(setup,)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(_tokenize_in_worker, (chunk,))))
+            if len(pending) >= 2 * workers:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+
+def _tokenize_chunk(chunk: list[tuple[str, Record]], task: Task, tokenizer, completion_only: bool) -> TokenizedBatch:
+    return tokenize_examples(tokenizer, [task.format(record) for _, record in chunk], completion_only)
+
+
+_WORKER: tuple | None = None
+
+
+def _start_worker(setup: bytes) -> None:
+    global _WORKER
+    # One process per core already: the tokenizer's own thread pool would only oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER = pickle.loads(setup)
+
+
+def _tokenize_in_worker(chunk: list[tuple[str, Record]]) -> TokenizedBatch:
+    return _tokenize_chunk(chunk, *_WORKER)
+
+
 class _SplitWriter:
-    """Tokenizes chunks of one split, applies the overlong policy, writes shards, and counts what happened."""
+    """Applies the overlong policy to tokenized chunks of one split, writes shards, and counts what happened."""
 
     def __init__(self, task: Task, data: DataConfig, tokenizer, folder: Path, keep_records: bool):
         self.task, self.data, self.tokenizer, self.keep_records = task, data, tokenizer, keep_records
@@ -122,11 +177,10 @@ class _SplitWriter:
         self.histogram: dict[int, int] = {}
         self.totals = {"rows": 0, "tokens": 0, "target_tokens": 0, "dropped": 0, "truncated": 0}
 
-    def add(self, records: list[Record]) -> None:
+    def add(self, records: list[Record], batch: TokenizedBatch) -> None:
         if not records:
             return
         data, totals = self.data, self.totals
-        batch = tokenize_examples(self.tokenizer, [self.task.format(r) for r in records], data.completion_only)
         keep_ids, keep_labels, keep_prompt, keep_json = [], [], [], []
         for ids, labels, prompt_len, record in zip(batch.input_ids, batch.labels, batch.prompt_lengths, records):
             if len(ids) > data.max_seq_len:

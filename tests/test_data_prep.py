@@ -156,3 +156,32 @@ def test_empty_user_file_is_an_error(tmp_path, tokenizer):
     empty.write_text("")
     with pytest.raises(InputError, match="train split is empty"):
         prepare(TASK, DataConfig(train_file=str(empty), cache_dir=str(tmp_path / "c")), tokenizer)
+
+
+def test_worker_processes_write_the_same_shards_as_one_process(tmp_path, tokenizer):
+    """Past the first chunk, prep renders and tokenizes in spawned workers; order and content must not change."""
+    from data_prep.prepare import CHUNK_ROWS
+
+    path = write_jsonl(tmp_path / "tickets.jsonl", TASK.generate(2 * CHUNK_ROWS + 300, seed=4))
+    folders = {}
+    for workers in (1, 2):
+        config = DataConfig(train_file=str(path), eval_fraction=0.1, cache_dir=str(tmp_path / f"c{workers}"),
+                            max_seq_len=512, prep_workers=workers)
+        folders[workers] = prepare(TASK, config, tokenizer).folder
+    for split in ("train", "eval"):
+        one, two = ShardedDataset(folders[1] / split), ShardedDataset(folders[2] / split)
+        assert len(one) == len(two) > 0
+        for i in range(len(one)):
+            assert np.array_equal(one.tokens(i), two.tokens(i)) and np.array_equal(one.tokens(i, "labels"),
+                                                                                  two.tokens(i, "labels"))
+    assert folders[1].name == folders[2].name  # the worker count is not part of the cache key
+
+
+def test_a_bad_row_in_a_later_chunk_names_its_line_and_writes_nothing(tmp_path, tokenizer):
+    from data_prep.prepare import CHUNK_ROWS
+
+    rows = [*TASK.generate(CHUNK_ROWS + 10, seed=2), '{"title": "x"']
+    path = write_jsonl(tmp_path / "tickets.jsonl", rows)
+    with pytest.raises(InputError, match=rf"tickets.jsonl:{len(rows)}: malformed JSON"):
+        prepare(TASK, DataConfig(train_file=str(path), cache_dir=str(tmp_path / "c"), prep_workers=2), tokenizer)
+    assert not list((tmp_path / "c").iterdir())
