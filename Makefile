@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORE := $(VENV)/.installed-core
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 # The runtime only: what `make demo` needs. torch goes first, pinned: the CPU wheel on a CPU-only machine, the
 # CUDA build of the same version on a GPU machine.
@@ -27,6 +27,10 @@ demo: $(CORE)
 
 test: $(DEV)
 	$(BIN)/python -m pytest -q tests
+
+# CPU benchmarks side by side with TRL (< 20 min on 2 cores): bench/results.json and BENCHMARKS.md.
+bench: $(DEV)
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf runs cache/prep

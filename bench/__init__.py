@@ -1,0 +1,1 @@
+"""Benchmarks behind BENCHMARKS.md: `make bench` runs them all (bench/run.py) and writes bench/results.json."""

@@ -1,0 +1,112 @@
+"""One training-throughput measurement in its own process: `python -m bench.train_runner SYSTEM OUT`.
+
+Every system trains the same tiny fp32 model (LoRA r=16 on all linear layers, AdamW, lr 1e-3) for one epoch over the
+same generated support tickets with completion-only loss and ~4,096 tokens per optimizer step. Timed: the training
+loop only (data preparation, model loading and the final evaluation excluded). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.common import ENV, REPO, TARGET_MODULES, model_dir
+
+ROWS, SEED, LR, STEP_TOKENS, ROW_LEN = 800, 0, 1e-3, 4096, 512
+
+
+def records() -> list[dict]:
+    from data_prep.tasks import get_task
+
+    return get_task("ticket_classification").generate(ROWS + 8, SEED)[:ROWS]  # multitune's train split
+
+
+def multitune(out: Path) -> dict:
+    recipe = {
+        "task": "ticket_classification", "output_dir": str(out / "run"),
+        "model": {"name_or_path": str(model_dir()), "dtype": "float32", "compute_dtype": "float32",
+                  "attn_implementation": "sdpa"},
+        "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGET_MODULES},
+        "data": {"generator": {"n_train": ROWS, "n_eval": 8, "seed": SEED}, "max_seq_len": ROW_LEN,
+                 "packing": True, "completion_only": True, "cache_dir": str(out / "cache")},
+        "train": {"epochs": 1, "lr": LR, "micro_batch_tokens": STEP_TOKENS, "grad_accum": 1, "warmup_steps": 0,
+                  "scheduler": "cosine", "seed": SEED},
+        "eval": {"before_training": False, "max_samples": 1, "max_new_tokens": 1, "batch_size": 1},
+        "checkpoint": {"every_steps": None},
+    }
+    path = out / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    subprocess.run([sys.executable, "-m", "launch.cli", "train", str(path), "--overwrite"], cwd=REPO, env=ENV,
+                   check=True, capture_output=True)
+    steps = [e for e in map(json.loads, (out / "run" / "log.jsonl").read_text().splitlines()) if "eval" not in e]
+    seconds = sum(e["tokens"] / e["tokens_per_s"] for e in steps)
+    return {"seconds": seconds, "steps": len(steps), "tokens": sum(e["tokens"] for e in steps),
+            "target_tokens": sum(e["target_tokens"] for e in steps), "final_loss": steps[-1]["loss"]}
+
+
+def trl(out: Path, packed: bool, startup: bool = False) -> dict:
+    """TRL's SFTTrainer; `startup`: stop after the first optimizer step and report when it ended (wall clock)."""
+    from datasets import Dataset, disable_progress_bars
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from data_prep.tasks import get_task
+    from data_prep.tokenize import tokenize_examples
+
+    disable_progress_bars()
+    task = get_task("ticket_classification")
+    rows = []
+    for record in records():
+        example = task.format(record)
+        rows.append({"prompt": example.messages, "completion": [{"role": "assistant", "content": example.answer}]})
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype="float32", attn_implementation="sdpa")
+    # Unpacked batches hold ~STEP_TOKENS real tokens on average, as the packed ones do.
+    lengths = [len(ids) for ids in tokenize_examples(tokenizer, [task.format(r) for r in records()], True).input_ids]
+    batch = STEP_TOKENS // ROW_LEN if packed else round(STEP_TOKENS * len(lengths) / sum(lengths))
+    config = SFTConfig(
+        output_dir=str(out / "trl"), packing=packed, padding_free=packed, max_length=ROW_LEN,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="cosine",
+        warmup_steps=0, num_train_epochs=1, completion_only_loss=True, gradient_checkpointing=False, use_cpu=True,
+        bf16=False, save_strategy="no", report_to=[], logging_steps=5, dataloader_num_workers=0, seed=SEED,
+        disable_tqdm=True)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if startup and state.global_step == 1:
+                self.first_step_at = time.time()
+                control.should_training_stop = True
+
+        def on_train_end(self, *args, **kwargs):
+            self.seconds = time.perf_counter() - self.started
+
+    clock = Clock()
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=lora, callbacks=[clock])
+    result = trainer.train()
+    if startup:
+        return {"first_step_at": clock.first_step_at}
+    labels = trainer.train_dataset["labels"]
+    tokens = sum(len(row) for row in trainer.train_dataset["input_ids"])
+    target_tokens = sum(sum(1 for t in row if t != -100) for row in labels)
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    return {"seconds": clock.seconds, "steps": result.global_step, "tokens": tokens, "target_tokens": target_tokens,
+            "final_loss": history[-1]["loss"] if history else None}
+
+
+if __name__ == "__main__":
+    system, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {"multitune": lambda: multitune(out), "trl_packed": lambda: trl(out, True),
+            "trl_unpacked": lambda: trl(out, False), "trl_startup": lambda: trl(out, True, startup=True)}
+    print(json.dumps(runs[system]()))
