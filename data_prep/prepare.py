@@ -23,7 +23,7 @@ from data_prep.tokenize import IGNORE, TokenizedBatch, tokenize_examples, tokeni
 from recipes.errors import InputError
 from recipes.schema import DataConfig
 
-PREP_VERSION = "1"
+PREP_VERSION = "2"  # 2: shards carry an index (lengths.npy, batches.npy)
 CHUNK_ROWS = 2048
 
 

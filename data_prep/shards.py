@@ -24,8 +24,13 @@ def _list_array(rows: list[list[int]]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
+# The split's index, written last: every row's length, and each record batch's (file number, rows).
+LENGTHS, BATCHES = "lengths.npy", "batches.npy"
+
+
 class ShardWriter:
-    """Appends batches to `shard-NNNNN.arrow` files in `folder`, starting a new file every `rows_per_shard` rows."""
+    """Appends batches to `shard-NNNNN.arrow` files in `folder`, starting a new file every `rows_per_shard` rows;
+    `close()` writes the index that lets a reader open the split without touching the shards."""
 
     def __init__(self, folder: Path, rows_per_shard: int = 200_000):
         self.folder = folder
@@ -34,6 +39,8 @@ class ShardWriter:
         self.rows = 0
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._rows_in_file = 0
+        self._lengths: list[np.ndarray] = []
+        self._batches: list[tuple[int, int]] = []  # (file number, rows)
         folder.mkdir(parents=True, exist_ok=True)
 
     def write(self, input_ids, labels, prompt_lengths, records: list[str] | None) -> None:
@@ -42,70 +49,87 @@ class ShardWriter:
         if self._writer is None or self._rows_in_file >= self.rows_per_shard:
             self._open_next()
         n = len(input_ids)
+        lengths = np.fromiter((len(ids) for ids in input_ids), dtype=np.int32, count=n)
         batch = pa.record_batch([
             _list_array(input_ids),
             _list_array(labels),
-            pa.array([len(ids) for ids in input_ids], pa.int32()),
+            pa.array(lengths, pa.int32()),
             pa.array(prompt_lengths, pa.int32()),
             pa.array(records if records is not None else [None] * n, pa.string()),
         ], schema=SCHEMA)
         self._writer.write_batch(batch)
+        self._lengths.append(lengths)
+        self._batches.append((len(self.files) - 1, n))
         self._rows_in_file += n
         self.rows += n
 
     def _open_next(self) -> None:
-        self.close()
+        self._close_file()
         name = f"shard-{len(self.files):05d}.arrow"
         self.files.append(name)
         self._writer = pa.ipc.new_file(str(self.folder / name), SCHEMA)
         self._rows_in_file = 0
 
-    def close(self) -> None:
+    def _close_file(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
+    def close(self) -> None:
+        self._close_file()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
+        np.save(self.folder / LENGTHS, lengths)
+        np.save(self.folder / BATCHES, np.asarray(self._batches, dtype=np.int64).reshape(-1, 2))
+
 
 class ShardedDataset:
-    """All shards of one split, memory-mapped: opening costs the same for 10k or 10M rows; rows are read on demand."""
+    """All shards of one split, memory-mapped and opened lazily: opening reads only the index (its cost does not
+    grow with the shards' size, measured in BENCHMARKS.md); record batches are mapped on first access."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self._batches: list[pa.RecordBatch] = []
-        for path in sorted(self.folder.glob("shard-*.arrow")):
-            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-            self._batches += [b for b in (reader.get_batch(i) for i in range(reader.num_record_batches)) if b.num_rows]
-        # Zero-copy numpy views (offsets, values) per record batch and list column.
-        self._lists = [
-            {name: (b.column(name).offsets.to_numpy(), b.column(name).values.to_numpy()) for name in ("input_ids", "labels")}
-            for b in self._batches
-        ]
-        counts = [b.num_rows for b in self._batches]
-        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.lengths = (
-            np.concatenate([b.column("length").to_numpy() for b in self._batches])
-            if self._batches else np.zeros(0, dtype=np.int32)
-        )
+        self._files = sorted(self.folder.glob("shard-*.arrow"))
+        self.lengths = np.load(self.folder / LENGTHS, mmap_mode="r")
+        batches = np.load(self.folder / BATCHES)
+        # Batch k is record batch `_in_file[k]` of file `_file_of[k]`; rows `_starts[k]` to `_starts[k + 1]`.
+        self._file_of = batches[:, 0]
+        file_starts = np.searchsorted(self._file_of, self._file_of, side="left")  # files are numbered in order
+        self._in_file = np.arange(len(batches)) - file_starts
+        self._starts = np.concatenate([[0], np.cumsum(batches[:, 1])]).astype(np.int64)
+        self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        self._cache: dict[int, tuple[pa.RecordBatch, dict]] = {}
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def _locate(self, index: int) -> tuple[int, int]:
+    def _locate(self, index: int) -> tuple[tuple[pa.RecordBatch, dict], int]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        chunk = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return chunk, index - int(self._starts[chunk])
+        k = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self._batch(k), index - int(self._starts[k])
+
+    def _batch(self, k: int) -> tuple[pa.RecordBatch, dict]:
+        """Record batch k and zero-copy numpy views (offsets, values) of its list columns, mapped on first use."""
+        if k not in self._cache:
+            file = int(self._file_of[k])
+            if file not in self._readers:
+                self._readers[file] = pa.ipc.open_file(pa.memory_map(str(self._files[file]), "r"))
+            batch = self._readers[file].get_batch(int(self._in_file[k]))
+            views = {name: (batch.column(name).offsets.to_numpy(), batch.column(name).values.to_numpy())
+                     for name in ("input_ids", "labels")}
+            self._cache[k] = (batch, views)
+        return self._cache[k]
 
     def tokens(self, index: int, column: str = "input_ids") -> np.ndarray:
         """Zero-copy view of one row's ids (int32); column is input_ids or labels."""
-        chunk, row = self._locate(index)
-        offsets, values = self._lists[chunk][column]
+        (_, views), row = self._locate(index)
+        offsets, values = views[column]
         return values[offsets[row]:offsets[row + 1]]
 
     def prompt_length(self, index: int) -> int:
-        chunk, row = self._locate(index)
-        return self._batches[chunk].column("prompt_length")[row].as_py()
+        (batch, _), row = self._locate(index)
+        return batch.column("prompt_length")[row].as_py()
 
     def record_json(self, index: int) -> str | None:
-        chunk, row = self._locate(index)
-        return self._batches[chunk].column("record")[row].as_py()
+        (batch, _), row = self._locate(index)
+        return batch.column("record")[row].as_py()
