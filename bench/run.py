@@ -58,6 +58,15 @@ def train() -> dict:
     return out
 
 
+def step_profile() -> dict:
+    result = subprocess.run([python(), "-m", "bench.step_profile"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            check=True)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"  one micro-batch: {out['targets_only_s']:.3f} s with logits at targets, {out['full_logits_s']:.3f} s "
+          "with full logits", flush=True)
+    return out
+
+
 def startup() -> dict:
     """Launch → first optimizer step, for `multitune train` (prep cache warm) and for TRL's SFTTrainer script."""
     out = {}
@@ -127,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     prep_results = prep(rows, trl_rows=rows[0])
     print("training throughput", flush=True)
     train_results = train()
+    profile = step_profile()
     print("start-up and shard loading", flush=True)
     startup_results = startup()
     loads = shard_load({"rows_10k": 10_000, "rows_1m": rows[-1]})
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                                for k in ("multitune", "trl_packed", "trl_unpacked")},
         "shard_load_s": {k: v["seconds"] for k, v in loads.items()},
     }
-    details = {"packing": packing, "prep": prep_results, "train": train_results, "startup": startup_results,
+    details = {"packing": packing, "prep": prep_results, "train": train_results, "startup": startup_results, "step_profile": profile,
                "shard_load": loads, "minutes": round(minutes, 1), "machine": machine(),
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     print(json.dumps(results, indent=2))
@@ -180,9 +190,14 @@ def write_benchmarks_md(results: dict, d: dict) -> None:
         lines.append(f"| {system} | {r['steps']} | {r['target_tokens_per_s']:,.0f} | {r['tokens_per_s']:,.0f} "
                      f"| {r['final_loss']} |")
     t = results["train_tokens_per_s"]
-    s, sl = d["startup"], d["shard_load"]
+    s, sl, sp = d["startup"], d["shard_load"], d["step_profile"]
+    ops = ", ".join(f"{name} {share:.0%}" for name, share in sp["top_ops"])
     lines += ["", f"multitune / TRL packed: **{t['multitune'] / t['trl_packed']:.2f}×**; multitune / TRL unpacked: "
                   f"**{t['multitune'] / t['trl_unpacked']:.2f}×**.", "",
+              f"Profile of one packed micro-batch ({sp['rows'][0]} rows × {sp['rows'][1]}, {sp['real_tokens']:,} "
+              f"tokens of which {sp['target_tokens']} are targets; `python -m bench.step_profile`): forward + "
+              f"backward {sp['targets_only_s']:.3f} s with the LM head at target positions only, "
+              f"{sp['full_logits_s']:.3f} s with full logits; top operators by self CPU time: {ops}.", "",
               "### 4. Start-up and shard loading", "",
               "| what | value |", "|---|---|",
               f"| launch → first optimizer step, multitune (prep cache warm) | {s['multitune_s']:.1f} s |",

@@ -1,0 +1,66 @@
+"""Where a training step's time goes: one packed micro-batch (8 rows x 512 tokens) of the benchmark model, forward +
+backward, with the LM head at target positions only (multitune) vs at every position (what full logits cost), and
+the top operators by self CPU time. `python -m bench.step_profile` prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import TARGET_MODULES, model_dir
+from data_prep.prepare import prepare
+from data_prep.shards import ShardedDataset
+from data_prep.tasks import get_task
+from data_prep.tokenize import IGNORE
+from recipes.schema import AdapterConfig, DataConfig, GeneratorSpec, ModelConfig
+from trainer.batches import MicroBatchStream, attention_mask_for, plan_micro_batches
+from trainer.loop import token_loss_sum
+from trainer.model import load_model, load_tokenizer
+
+REPEATS = 5
+
+
+def main() -> dict:
+    torch.manual_seed(0)
+    config = ModelConfig(name_or_path=str(model_dir()), dtype="float32", compute_dtype="float32",
+                         attn_implementation="sdpa")
+    adapter = AdapterConfig(kind="lora", r=16, alpha=32, dropout=0.0, target_modules=TARGET_MODULES)
+    tokenizer = load_tokenizer(config)
+    with tempfile.TemporaryDirectory() as cache:
+        data = DataConfig(generator=GeneratorSpec(n_train=200, n_eval=8, seed=0), max_seq_len=512, cache_dir=cache)
+        dataset = ShardedDataset(prepare(get_task("ticket_classification"), data, tokenizer).split("train"))
+        plan = plan_micro_batches(dataset.lengths, 512, 4096, True, 0)
+        batch = MicroBatchStream(dataset, plan, 0).collate(plan[0])
+    model = load_model(config, adapter, torch.device("cpu"), gradient_checkpointing=False)
+    mask = attention_mask_for(batch, torch.float32, "sdpa")
+
+    def targets_only():
+        token_loss_sum(model, batch, mask).backward()
+
+    def full_logits():
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False)
+        F.cross_entropy(out.logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
+                        reduction="sum").backward()
+
+    seconds = {}
+    for name, step in (("targets_only", targets_only), ("full_logits", full_logits)):
+        step()  # warm-up
+        started = time.perf_counter()
+        for _ in range(REPEATS):
+            step()
+        seconds[name] = (time.perf_counter() - started) / REPEATS
+    with torch.profiler.profile() as profile:
+        targets_only()
+    ops = sorted(profile.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    total = sum(e.self_cpu_time_total for e in profile.key_averages())
+    return {"rows": list(batch.input_ids.shape), "real_tokens": batch.real_tokens,
+            "target_tokens": batch.target_tokens, **{f"{k}_s": round(v, 4) for k, v in seconds.items()},
+            "top_ops": [[e.key, round(e.self_cpu_time_total / total, 3)] for e in ops]}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
