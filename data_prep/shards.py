@@ -16,19 +16,24 @@ SCHEMA = pa.schema([
 ])
 
 
-def _list_array(rows: list[list[int]]) -> pa.ListArray:
+def _list_array(rows: list, dtype=np.int32) -> pa.ListArray:
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
+    values = np.fromiter((t for r in rows for t in r), dtype=dtype, count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def list_column(rows: list, dtype=np.int32) -> pa.ListArray:
+    """One list-valued column (a row per sample) for `ShardWriter.write_columns`."""
+    return _list_array(rows, dtype)
 
 
 class ShardWriter:
     """Appends batches to `shard-NNNNN.arrow` files in `folder`, starting a new file every `rows_per_shard` rows."""
 
-    def __init__(self, folder: Path, rows_per_shard: int = 200_000):
-        self.folder = folder
+    def __init__(self, folder: Path, rows_per_shard: int = 200_000, schema: pa.Schema = SCHEMA):
+        self.folder, self.schema = folder, schema
         self.rows_per_shard = rows_per_shard
         self.files: list[str] = []
         self.rows = 0
@@ -39,25 +44,31 @@ class ShardWriter:
     def write(self, input_ids, labels, prompt_lengths, records: list[str] | None) -> None:
         if not input_ids:
             return
+        n = len(input_ids)
+        self.write_columns({
+            "input_ids": _list_array(input_ids),
+            "labels": _list_array(labels),
+            "length": pa.array([len(ids) for ids in input_ids], pa.int32()),
+            "prompt_length": pa.array(prompt_lengths, pa.int32()),
+            "record": pa.array(records if records is not None else [None] * n, pa.string()),
+        })
+
+    def write_columns(self, columns: dict[str, pa.Array]) -> None:
+        """Append one batch given as arrays by column name (every column of the writer's schema)."""
+        batch = pa.record_batch([columns[field.name] for field in self.schema], schema=self.schema)
+        if not batch.num_rows:
+            return
         if self._writer is None or self._rows_in_file >= self.rows_per_shard:
             self._open_next()
-        n = len(input_ids)
-        batch = pa.record_batch([
-            _list_array(input_ids),
-            _list_array(labels),
-            pa.array([len(ids) for ids in input_ids], pa.int32()),
-            pa.array(prompt_lengths, pa.int32()),
-            pa.array(records if records is not None else [None] * n, pa.string()),
-        ], schema=SCHEMA)
         self._writer.write_batch(batch)
-        self._rows_in_file += n
-        self.rows += n
+        self._rows_in_file += batch.num_rows
+        self.rows += batch.num_rows
 
     def _open_next(self) -> None:
         self.close()
         name = f"shard-{len(self.files):05d}.arrow"
         self.files.append(name)
-        self._writer = pa.ipc.new_file(str(self.folder / name), SCHEMA)
+        self._writer = pa.ipc.new_file(str(self.folder / name), self.schema)
         self._rows_in_file = 0
 
     def close(self) -> None:
@@ -77,7 +88,8 @@ class ShardedDataset:
             self._batches += [b for b in (reader.get_batch(i) for i in range(reader.num_record_batches)) if b.num_rows]
         # Zero-copy numpy views (offsets, values) per record batch and list column.
         self._lists = [
-            {name: (b.column(name).offsets.to_numpy(), b.column(name).values.to_numpy()) for name in ("input_ids", "labels")}
+            {field.name: (b.column(field.name).offsets.to_numpy(), b.column(field.name).values.to_numpy())
+             for field in b.schema if pa.types.is_list(field.type)}
             for b in self._batches
         ]
         counts = [b.num_rows for b in self._batches]
@@ -97,7 +109,7 @@ class ShardedDataset:
         return chunk, index - int(self._starts[chunk])
 
     def tokens(self, index: int, column: str = "input_ids") -> np.ndarray:
-        """Zero-copy view of one row's ids (int32); column is input_ids or labels."""
+        """Zero-copy view of one row's values in a list column (input_ids, labels, or a task's own columns)."""
         chunk, row = self._locate(index)
         offsets, values = self._lists[chunk][column]
         return values[offsets[row]:offsets[row + 1]]
