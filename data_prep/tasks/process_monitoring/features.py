@@ -74,7 +74,7 @@ def time_features(frame: pd.DataFrame, columns: EventColumns) -> pd.DataFrame:
     return pd.DataFrame({
         "days_since_start": (seconds - start) / 86400.0,
         "days_since_previous": np.nan_to_num((seconds - previous) / 86400.0, nan=0.0),
-        "weekday": ts.dt.weekday.to_numpy(dtype=float),
+        "weekday": ts.dt.day_of_week.to_numpy(dtype=float),
         "hour": (ts.dt.hour + ts.dt.minute / 60.0).to_numpy(dtype=float),
         "next_activity": next_activity.fillna(END).to_numpy(),
         "remaining_days": (end - seconds) / 86400.0,
