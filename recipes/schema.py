@@ -100,6 +100,7 @@ class EventColumns(Section):
     timestamp: str = "time:timestamp"
     categorical: list[str] = ["org:resource"]   # more categorical attributes, each with its own embedding
     continuous: list[str] = []                  # numeric attributes, normalised with train-split statistics
+    fill_missing: str | None = None             # value for a missing categorical attribute; none: an error
 
 
 class LossWeights(Section):

@@ -237,7 +237,7 @@ def test_xes_reads_like_the_same_log_as_csv(tmp_path):
     (HAND_LOG.replace("B,pay,2024-01-05 16:30:00,ann,20", "B,pay,2024-01-05 16:30:00,ann,n/a"),
      "log.csv: column 'amount' row 6: not a finite number ('n/a')"),
     (HAND_LOG.replace("C,check,2024-01-04 08:30:00,bob,30", "C,check,2024-01-04 08:30:00,,30"),
-     "log.csv: column 'resource' row 8: missing value"),
+     "log.csv: column 'resource' row 8: missing value (or set process.columns.fill_missing)"),
 ])
 def test_bad_event_logs_fail_with_one_line_naming_file_column_row(tmp_path, text, message):
     from data_prep.tasks.process_monitoring.eventlog import read_event_log
@@ -325,6 +325,8 @@ def test_heads_and_input_layer_round_trip_with_the_adapter(backbone, tiny_model_
 def test_debug_recipes_reach_the_bayes_optimal_accuracy(recipe_name, tmp_path, tiny_model_dir):
     """The shipped debug recipes end to end: within 3 points of the Bayes-optimal next-activity accuracy, metrics and
     plot written, and the saved model reloads to the same accuracy."""
+    from data_prep.shards import ShardedDataset
+    from data_prep.tasks import task_for
     from recipes.loader import load_recipe
     from trainer.loop import train
     from trainer.process_monitoring import EventWorkload
@@ -344,13 +346,9 @@ def test_debug_recipes_reach_the_bayes_optimal_accuracy(recipe_name, tmp_path, t
     assert set(json.loads((run / "per_prefix.json").read_text())) >= {"1", "2", "3"}
 
     model, _ = load_sequence_model(run / "adapter", torch.device("cpu"))
-    work = EventWorkload(recipe, None)
-    work.task = type("T", (), {"headline_metrics": ()})()
-    from data_prep.shards import ShardedDataset
-    from data_prep.tasks import task_for
-
-    work.task = task_for(recipe)
+    work = EventWorkload(recipe, task_for(recipe))
     prepared = work.prepare()
+    assert prepared.cache_hit
     reloaded, _ = work.evaluate(model, ShardedDataset(prepared.split("eval")), torch.device("cpu"))
     assert reloaded["next_activity_acc"] == metrics["next_activity_acc"]
     assert reloaded["remaining_time_mae_days"] == pytest.approx(metrics["remaining_time_mae_days"], abs=1e-3)

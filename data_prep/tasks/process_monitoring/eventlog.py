@@ -115,8 +115,14 @@ def check_events(frame: pd.DataFrame, columns: EventColumns, source: str, first_
     frame = frame[list(dict.fromkeys(wanted))].reset_index(drop=True)
     if frame.empty:
         raise InputError(f"{source}: the event log has no events")
+    if columns.fill_missing is not None:
+        for name in columns.categorical:
+            frame[name] = frame[name].where(~_missing(frame[name]), columns.fill_missing)
     for name in (columns.case, columns.activity, *columns.categorical):
-        _no_missing(frame[name], source, name, first_row)
+        empty = _missing(frame[name])
+        if empty.any():
+            hint = "" if name in (columns.case, columns.activity) else " (or set process.columns.fill_missing)"
+            raise InputError(f"{source}: column '{name}' row {int(np.argmax(empty)) + first_row}: missing value{hint}")
         frame[name] = frame[name].astype(str)
     frame[columns.timestamp] = _timestamps(frame[columns.timestamp], source, columns.timestamp, first_row)
     for name in columns.continuous:
@@ -130,10 +136,8 @@ def check_events(frame: pd.DataFrame, columns: EventColumns, source: str, first_
     return _order_cases(frame, columns, source)
 
 
-def _no_missing(series: pd.Series, source: str, name: str, first_row: int) -> None:
-    empty = series.isna().to_numpy() | (series.astype(str).str.strip() == "").to_numpy()
-    if empty.any():
-        raise InputError(f"{source}: column '{name}' row {int(np.argmax(empty)) + first_row}: missing value")
+def _missing(series: pd.Series) -> np.ndarray:
+    return series.isna().to_numpy() | (series.astype(str).str.strip() == "").to_numpy()
 
 
 def _timestamps(series: pd.Series, source: str, name: str, first_row: int) -> pd.Series:
