@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,7 +258,9 @@ def test_unsorted_events_are_sorted_stably_with_a_warning(tmp_path, caplog):
     pd.testing.assert_frame_equal(frame, reference)
 
 
-def test_cli_reports_a_bad_log_in_one_line_with_exit_code_2(tmp_path):
+def test_cli_reports_a_bad_log_in_one_line_with_exit_code_2(tmp_path, capsys):
+    from launch.cli import main
+
     log = write(tmp_path, HAND_LOG.replace("2024-01-02 09:00:00", "yesterday"))
     recipe = write(tmp_path, json.dumps({
         "task": "process_monitoring", "output_dir": str(tmp_path / "run"),
@@ -268,10 +268,8 @@ def test_cli_reports_a_bad_log_in_one_line_with_exit_code_2(tmp_path):
         "process": {"backbone": "lstm", "columns": COLUMNS.model_dump()},
         "data": {"train_file": str(log), "cache_dir": str(tmp_path / "cache"), "eval_fraction": 0.3},
     }), "recipe.yaml")
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(recipe)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {log}: column 'time' row 4: unparsable timestamp ('yesterday')")
     assert not (tmp_path / "run").exists()
 

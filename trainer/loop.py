@@ -171,7 +171,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         tracker.summary({f"final/{k}": metrics[k] for k in ("tokens_per_s", "final_loss", "train_seconds", "steps")})
         write_atomic(adapter_dir / "README.md", model_card(dump_recipe(recipe), recipe.model.name_or_path, task.name,
-                                                           data_hash, metrics, task.headline_metrics))
+                                                           data_hash, metrics, task.headline_metrics, work.how_to_load))
         plot_loss(log.entries(), run_dir / "loss.png")
         work.write_reports(run_dir, after)
         print(summary_table(metrics, task.headline_metrics), flush=True)

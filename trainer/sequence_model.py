@@ -73,6 +73,8 @@ class EventSequenceModel(nn.Module):
     def __init__(self, inputs: EventInputs, backbone: nn.Module, width: int, num_classes: int, recurrent: bool):
         super().__init__()
         self.inputs, self.backbone, self.recurrent = inputs, backbone, recurrent
+        # FSDP2 wraps each of these layers as its own unit (trainer/distributed.py: shard_fsdp2).
+        self._no_split_modules = [] if recurrent else list(getattr(backbone, "_no_split_modules", None) or [])
         self.next_activity = nn.Linear(width, num_classes)
         self.remaining_time = nn.Linear(width, 1)
 

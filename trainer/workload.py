@@ -25,6 +25,7 @@ from recipes.schema import Recipe
 from trainer.batches import MicroBatch, MicroBatchStream, Plan, attention_mask_for
 from trainer.evaluate import eval_records, evaluate_generation
 from trainer.model import DTYPES, load_model, load_tokenizer
+from trainer.run_files import LOAD_CHAT_ADAPTER
 
 
 LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
@@ -32,6 +33,7 @@ LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
 
 class Workload(Protocol):
     task: Task
+    how_to_load: str  # the "Load it" section of the adapter's model card
 
     def prepare(self) -> PreparedData: ...
     def stream(self, dataset: ShardedDataset, plan: Plan, seed: int, rank: int, world_size: int): ...
@@ -46,6 +48,8 @@ class Workload(Protocol):
 
 class TextWorkload:
     """Chat SFT: tokenizer + chat template, LM cross-entropy on target tokens, greedy-generation eval."""
+
+    how_to_load = LOAD_CHAT_ADAPTER
 
     def __init__(self, recipe: Recipe, task: Task):
         self.recipe, self.task = recipe, task
