@@ -7,13 +7,15 @@ Not a chat task: events are embedded (trainer/sequence_model.py) rather than tok
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from data_prep.prepare import PreparedData, _file_sha256
 from data_prep.tasks.base import ChatExample, Record, Task
-from data_prep.tasks.process_monitoring.eventlog import read_event_log, read_skpm
-from data_prep.tasks.process_monitoring.features import eval_case_count, frame_digest, prepare_events
+from data_prep.tasks.process_monitoring.eventlog import check_events, read_event_log, read_skpm
 from data_prep.tasks.process_monitoring.generator import COLUMNS, generate_log
 from recipes.errors import InputError
+
+if TYPE_CHECKING:
+    from data_prep.prepare import PreparedData
 
 NOT_CHAT = ("task process_monitoring predicts from event sequences, not chat: train and evaluate it with "
             "`multitune train` (metrics.json holds next_activity_acc and remaining_time_mae_days)")
@@ -41,12 +43,14 @@ class ProcessMonitoring(Task):
 
     def prepare(self, recipe) -> PreparedData:
         """Shards of the recipe's event log: synthetic (data.generator), a file (data.train_file) or skpm."""
+        # Imported here: data_prep.prepare imports the task registry, which imports this module.
+        from data_prep.prepare import _file_sha256
+        from data_prep.tasks.process_monitoring.features import eval_case_count, frame_digest, prepare_events
+
         data, process = recipe.data, recipe.process
         if data.generator is not None:
             spec = data.generator
             synthetic = generate_log(spec.n_train + spec.n_eval, spec.seed)
-            from data_prep.tasks.process_monitoring.eventlog import check_events
-
             frame = check_events(synthetic.events, process.columns, "generator", 1)
             source = {"generated": frame_digest(frame)}
             return prepare_events(frame, data, process, source, spec.n_eval, synthetic.bayes)
