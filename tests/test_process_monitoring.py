@@ -224,6 +224,12 @@ def test_xes_reads_like_the_same_log_as_csv(tmp_path):
     assert frame["org:resource"].tolist() == ["ann", "bob", "bob"]
     assert frame["case:Amount"].tolist() == [10.0, 10.0, 20.0]
     assert frame["time:timestamp"].iloc[1] == pd.Timestamp("2024-01-01 11:00", tz="UTC")
+    import gzip
+
+    (tmp_path / "log.xes.gz").write_bytes(gzip.compress(xes.encode()))
+    pd.testing.assert_frame_equal(read_event_log(tmp_path / "log.xes.gz", columns), frame)
+    with pytest.raises(InputError, match=r"log.xes: missing column 'org:role' \(columns: "):
+        read_event_log(tmp_path / "log.xes", EventColumns(categorical=["org:role"]))
 
 
 @pytest.mark.parametrize("text, message", [

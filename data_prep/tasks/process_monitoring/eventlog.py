@@ -144,7 +144,11 @@ def _timestamps(series: pd.Series, source: str, name: str, first_row: int) -> pd
     if pd.api.types.is_datetime64_any_dtype(series):
         parsed = series
     else:
-        parsed = pd.to_datetime(series, errors="coerce", utc=True, format="mixed")
+        # ISO 8601 (XES, most exports) parses vectorised; only what it misses goes through per-value inference.
+        parsed = pd.to_datetime(series, errors="coerce", utc=True, format="ISO8601")
+        retry = parsed.isna() & series.notna()
+        if retry.any():
+            parsed[retry] = pd.to_datetime(series[retry], errors="coerce", utc=True, format="mixed")
     bad = parsed.isna().to_numpy()
     if bad.any():
         row = int(np.argmax(bad))
