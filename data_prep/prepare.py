@@ -75,8 +75,8 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
         splits = {split: writer.stats() for split, writer in writers.items()}
         for split, stats in splits.items():
             if stats["rows"] == 0:
-                raise InputError(f"data: the {split} split is empty after preparation "
-                                 f"({stats['dropped']} rows dropped as longer than data.max_seq_len={data.max_seq_len})")
+                raise InputError(f"data: the {split} split is empty after preparation ({stats['dropped']} rows "
+                                 f"dropped as longer than data.max_seq_len={data.max_seq_len})")
         return {
             "task": task.name, "formatter_version": task.formatter_version,
             "max_seq_len": data.max_seq_len, "overlong": data.overlong, "completion_only": data.completion_only,

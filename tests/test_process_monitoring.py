@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, TINY_SPEC
 from recipes.errors import InputError
-from recipes.schema import DataConfig, EventColumns, GeneratorSpec, ProcessConfig
+from recipes.schema import DataConfig, EventColumns, ProcessConfig
 
 HAND_LOG = """case,activity,time,resource,amount
 A,register,2024-01-01 09:00:00,ann,10

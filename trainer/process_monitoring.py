@@ -48,6 +48,11 @@ class EventBatch:
 class EventBatchStream(MicroBatchStream):
     """The resumable micro-batch stream of the text tasks, collating event features instead of token ids."""
 
+    def __init__(self, dataset: ShardedDataset, plan: Plan, seed: int, rank: int, world_size: int,
+                 n_categorical: int, n_continuous: int):
+        super().__init__(dataset, plan, seed, rank, world_size)
+        self.n_cat, self.n_cont = n_categorical, n_continuous
+
     def collate(self, rows: list[np.ndarray]) -> EventBatch:
         data = self.dataset
         n_cat = self.n_cat
@@ -74,33 +79,31 @@ class EventBatchStream(MicroBatchStream):
                                                      constant_values=value) for a in arrays]).astype(dtype))
 
         targets = stack(fields["tgt"], IGNORE, np.int64)
-        return EventBatch(categorical=stack(fields["cat"], 0, np.int64), continuous=stack(fields["cont"], 0, np.float32),
-                          position_ids=stack(fields["pos"], 0, np.int64), segment_ids=stack(fields["seg"], -1, np.int64),
-                          targets=targets, remaining=stack(fields["rem"], 0, np.float32),
+        return EventBatch(categorical=stack(fields["cat"], 0, np.int64),
+                          continuous=stack(fields["cont"], 0, np.float32),
+                          position_ids=stack(fields["pos"], 0, np.int64),
+                          segment_ids=stack(fields["seg"], -1, np.int64), targets=targets, remaining=stack(fields["rem"], 0, np.float32),
                           bayes_pred=stack(fields["bayes"], NO_BAYES, np.int64), real_tokens=real,
                           target_tokens=int((targets != IGNORE).sum()))
 
 
 def event_stream(dataset: ShardedDataset, plan: Plan, seed: int, rank: int, world_size: int,
                  manifest: dict) -> EventBatchStream:
-    stream = EventBatchStream(dataset, plan, seed, rank, world_size)
-    stream.n_cat, stream.n_cont = len(manifest["categorical"]), len(manifest["continuous"])
-    return stream
+    return EventBatchStream(dataset, plan, seed, rank, world_size, len(manifest["categorical"]),
+                            len(manifest["continuous"]))
 
 
-def predict(model: EventSequenceModel, batch: EventBatch, mask_dtype: torch.dtype):
-    """(next-activity logits, normalised remaining time) for a batch, with the block-diagonal mask an LM needs."""
-    backend = model.attention
+def predict(model, batch: EventBatch, mask_dtype: torch.dtype):
+    """(next-activity logits, normalised remaining time) for a batch, with the block-diagonal mask an LM needs.
+    `model` may be wrapped (DDP, DeepSpeed) for training: it is called through the wrapper."""
+    backend = (model.module if hasattr(model, "module") else model).attention
     mask = attention_mask_for(batch, mask_dtype, backend) if backend is not None else None
     return model(batch.categorical, batch.continuous, batch.position_ids, batch.segment_ids, mask)
 
 
 def multitask_loss_sum(model, batch: EventBatch, weights, mask_dtype: torch.dtype) -> torch.Tensor:
     """Summed over every prefix: weighted cross-entropy (next activity) + L1 (normalised remaining time)."""
-    inner = model.module if hasattr(model, "module") else model
-    backend = inner.attention
-    mask = attention_mask_for(batch, mask_dtype, backend) if backend is not None else None
-    logits, remaining = model(batch.categorical, batch.continuous, batch.position_ids, batch.segment_ids, mask)
+    logits, remaining = predict(model, batch, mask_dtype)
     has_target = batch.targets != IGNORE
     ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum")
     l1 = (remaining - batch.remaining).abs()[has_target].sum()
