@@ -277,6 +277,8 @@ def test_cli_reports_a_bad_log_in_one_line_with_exit_code_2(tmp_path, capsys):
     assert main(["train", str(recipe)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {log}: column 'time' row 4: unparsable timestamp ('yesterday')")
+    assert main(["eval", str(recipe)]) == 2  # chat-only commands refuse before loading anything
+    assert "`multitune train` evaluates it" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -394,3 +396,18 @@ def test_qlora_backbone_checkpoints_and_resumes_to_the_same_run(tmp_path, tiny_m
     assert losses[0] == losses[1] and len(losses[0]) == 6
     assert resumed["next_activity_acc"] == full["next_activity_acc"]
     assert full["before"]["next_activity_acc"] != full["next_activity_acc"]  # training changed the predictions
+
+
+def test_frozen_backbone_trains_only_the_input_layer_and_heads(tiny_model_dir):
+    from recipes.schema import AdapterConfig
+    from trainer.sequence_model import build_sequence_model
+
+    spec = _spec("causal_lm", tiny_model_dir)
+    spec["adapter"] = AdapterConfig(kind="none").model_dump()
+    spec["process"]["freeze_backbone"] = True
+    model = build_sequence_model(spec, torch.device("cpu"))
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"inputs", "next_activity", "remaining_time"}
+    spec["process"]["freeze_backbone"] = False  # full fine-tuning: the backbone trains too
+    full = build_sequence_model(spec, torch.device("cpu"))
+    assert all(p.requires_grad for p in full.backbone.parameters())
