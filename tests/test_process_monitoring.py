@@ -411,3 +411,24 @@ def test_frozen_backbone_trains_only_the_input_layer_and_heads(tiny_model_dir):
     spec["process"]["freeze_backbone"] = False  # full fine-tuning: the backbone trains too
     full = build_sequence_model(spec, torch.device("cpu"))
     assert all(p.requires_grad for p in full.backbone.parameters())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"process": None}, "task: process_monitoring goes with a `process` section"),
+    ({"process": {"skpm_log": "BPI12"}}, "process.skpm_log replaces data.train_file / data.generator"),
+    ({"data": {}}, "give exactly one of data.train_file or data.generator"),
+    ({"process": {"backbone": "transformer"}}, "process.backbone"),
+])
+def test_recipe_checks_for_process_monitoring(tmp_path, change, message):
+    from recipes.loader import validate_recipe
+
+    raw = {"task": "process_monitoring", "output_dir": str(tmp_path), "model": {"name_or_path": "lstm"},
+           "process": {"backbone": "lstm"}, "data": {"generator": {"n_train": 10}}}
+    raw.update(change)
+    with pytest.raises(InputError, match=message.replace("(", "\\(")):
+        validate_recipe({k: v for k, v in raw.items() if v is not None})
+    empty = write(tmp_path, "", "empty.csv")
+    from data_prep.tasks.process_monitoring.eventlog import read_event_log
+
+    with pytest.raises(InputError, match="not a readable CSV"):
+        read_event_log(empty, COLUMNS)

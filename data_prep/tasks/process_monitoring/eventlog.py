@@ -31,11 +31,14 @@ def read_event_log(path: str | Path, columns: EventColumns) -> pd.DataFrame:
     if name.endswith(".csv"):
         try:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-        except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
             raise InputError(f"{path}: not a readable CSV ({' '.join(str(exc).split())})") from None
         first_row = 2  # after the header line
     elif name.endswith(".parquet"):
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise InputError(f"{path}: not a readable Parquet file ({' '.join(str(exc).split())})") from None
         first_row = 1
     elif name.endswith((".xes", ".xes.gz")):
         frame = read_xes(path)
