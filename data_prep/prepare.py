@@ -63,14 +63,8 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
     if data.generator is not None:  # cheap (milliseconds per thousand records) and needed for the key
         generated = task.generate(data.generator.n_train + data.generator.n_eval, data.generator.seed)
     key = cache_key(task, data, tokenizer, generated)
-    folder = Path(data.cache_dir) / key[:20]
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        return PreparedData(folder, json.loads(manifest_path.read_text()), cache_hit=True)
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    def build(tmp: Path) -> dict:
         started = time.perf_counter()
         writers = {split: _SplitWriter(task, data, tokenizer, tmp / split, keep_records=split == "eval")
                    for split in ("train", "eval")}
@@ -86,13 +80,28 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
         splits = {split: writer.stats() for split, writer in writers.items()}
         for split, stats in splits.items():
             if stats["rows"] == 0:
-                raise InputError(f"data: the {split} split is empty after preparation "
-                                 f"({stats['dropped']} rows dropped as longer than data.max_seq_len={data.max_seq_len})")
-        manifest = {
-            "hash": key, "task": task.name, "formatter_version": task.formatter_version,
+                raise InputError(f"data: the {split} split is empty after preparation ({stats['dropped']} rows "
+                                 f"dropped as longer than data.max_seq_len={data.max_seq_len})")
+        return {
+            "task": task.name, "formatter_version": task.formatter_version,
             "max_seq_len": data.max_seq_len, "overlong": data.overlong, "completion_only": data.completion_only,
             "splits": splits, "seconds": round(time.perf_counter() - started, 3),
         }
+
+    return build_cached(Path(data.cache_dir), key, build)
+
+
+def build_cached(cache_dir: Path, key: str, build) -> PreparedData:
+    """The folder for content hash `key`: reused when complete, else `build(tmp)` writes the splits and returns the
+    manifest, and the folder is renamed into place (a crash never leaves a folder that looks complete)."""
+    folder = cache_dir / key[:20]
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        return PreparedData(folder, json.loads(manifest_path.read_text()), cache_hit=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        manifest = {"hash": key, **build(tmp)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         try:
             os.rename(tmp, folder)

@@ -1,4 +1,4 @@
-"""Arrow IPC shards of tokenized samples: a streaming writer, and a memory-mapped reader with O(1) row access."""
+"""Arrow IPC shards of tokenized samples: a streaming writer with an index, and a lazily memory-mapped reader."""
 
 from __future__ import annotations
 
@@ -16,12 +16,17 @@ SCHEMA = pa.schema([
 ])
 
 
-def _list_array(rows: list[list[int]]) -> pa.ListArray:
+def _list_array(rows: list, dtype=np.int32) -> pa.ListArray:
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
+    values = np.fromiter((t for r in rows for t in r), dtype=dtype, count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def list_column(rows: list, dtype=np.int32) -> pa.ListArray:
+    """One list-valued column (a row per sample) for `ShardWriter.write_columns`."""
+    return _list_array(rows, dtype)
 
 
 # The split's index, written last: every row's length, and each record batch's (file number, rows).
@@ -30,10 +35,11 @@ LENGTHS, BATCHES = "lengths.npy", "batches.npy"
 
 class ShardWriter:
     """Appends batches to `shard-NNNNN.arrow` files in `folder`, starting a new file every `rows_per_shard` rows;
-    `close()` writes the index that lets a reader open the split without touching the shards."""
+    `close()` writes the index that lets a reader open the split without touching the shards. Every schema has
+    an int32 `length` column (a row's sequence length, what packing plans from)."""
 
-    def __init__(self, folder: Path, rows_per_shard: int = 200_000):
-        self.folder = folder
+    def __init__(self, folder: Path, rows_per_shard: int = 200_000, schema: pa.Schema = SCHEMA):
+        self.folder, self.schema = folder, schema
         self.rows_per_shard = rows_per_shard
         self.files: list[str] = []
         self.rows = 0
@@ -46,28 +52,33 @@ class ShardWriter:
     def write(self, input_ids, labels, prompt_lengths, records: list[str] | None) -> None:
         if not input_ids:
             return
+        n = len(input_ids)
+        self.write_columns({
+            "input_ids": _list_array(input_ids),
+            "labels": _list_array(labels),
+            "length": pa.array([len(ids) for ids in input_ids], pa.int32()),
+            "prompt_length": pa.array(prompt_lengths, pa.int32()),
+            "record": pa.array(records if records is not None else [None] * n, pa.string()),
+        })
+
+    def write_columns(self, columns: dict[str, pa.Array]) -> None:
+        """Append one batch given as arrays by column name (every column of the writer's schema)."""
+        batch = pa.record_batch([columns[field.name] for field in self.schema], schema=self.schema)
+        if not batch.num_rows:
+            return
         if self._writer is None or self._rows_in_file >= self.rows_per_shard:
             self._open_next()
-        n = len(input_ids)
-        lengths = np.fromiter((len(ids) for ids in input_ids), dtype=np.int32, count=n)
-        batch = pa.record_batch([
-            _list_array(input_ids),
-            _list_array(labels),
-            pa.array(lengths, pa.int32()),
-            pa.array(prompt_lengths, pa.int32()),
-            pa.array(records if records is not None else [None] * n, pa.string()),
-        ], schema=SCHEMA)
         self._writer.write_batch(batch)
-        self._lengths.append(lengths)
-        self._batches.append((len(self.files) - 1, n))
-        self._rows_in_file += n
-        self.rows += n
+        self._lengths.append(batch.column("length").to_numpy(zero_copy_only=False).astype(np.int32))
+        self._batches.append((len(self.files) - 1, batch.num_rows))
+        self._rows_in_file += batch.num_rows
+        self.rows += batch.num_rows
 
     def _open_next(self) -> None:
         self._close_file()
         name = f"shard-{len(self.files):05d}.arrow"
         self.files.append(name)
-        self._writer = pa.ipc.new_file(str(self.folder / name), SCHEMA)
+        self._writer = pa.ipc.new_file(str(self.folder / name), self.schema)
         self._rows_in_file = 0
 
     def _close_file(self) -> None:
@@ -115,13 +126,13 @@ class ShardedDataset:
             if file not in self._readers:
                 self._readers[file] = pa.ipc.open_file(pa.memory_map(str(self._files[file]), "r"))
             batch = self._readers[file].get_batch(int(self._in_file[k]))
-            views = {name: (batch.column(name).offsets.to_numpy(), batch.column(name).values.to_numpy())
-                     for name in ("input_ids", "labels")}
+            views = {field.name: (batch.column(field.name).offsets.to_numpy(), batch.column(field.name).values.to_numpy())
+                     for field in batch.schema if pa.types.is_list(field.type)}
             self._cache[k] = (batch, views)
         return self._cache[k]
 
     def tokens(self, index: int, column: str = "input_ids") -> np.ndarray:
-        """Zero-copy view of one row's ids (int32); column is input_ids or labels."""
+        """Zero-copy view of one row's values in a list column (input_ids, labels, or a task's own columns)."""
         (_, views), row = self._locate(index)
         offsets, values = views[column]
         return values[offsets[row]:offsets[row + 1]]

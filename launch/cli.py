@@ -134,6 +134,15 @@ def _load(args):
     return recipe
 
 
+def _load_chat(args):
+    """The recipe of a command that generates text (eval, infer); process monitoring evaluates in `train`."""
+    recipe = _load(args)
+    if recipe.process is not None:
+        raise InputError(f"multitune {args.command}: task {recipe.task} predicts from event sequences, not chat; "
+                         "`multitune train` evaluates it (metrics.json, per_prefix.png)")
+    return recipe
+
+
 def cmd_validate(args) -> int:
     recipe = _load(args)
     print(f"ok: {args.recipe} (task={recipe.task}, model={recipe.model.name_or_path}, "
@@ -142,12 +151,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_prep(args) -> int:
-    from data_prep.prepare import prepare
-    from data_prep.tasks import get_task
-    from trainer.model import load_tokenizer
+    from data_prep.tasks import task_for
+    from trainer.workload import workload_for
 
     recipe = _load(args)
-    prepared = prepare(get_task(recipe.task), recipe.data, load_tokenizer(recipe.model))
+    prepared = workload_for(recipe, task_for(recipe)).prepare()  # the same shards (and cache key) train uses
     splits = prepared.manifest["splits"]
     print(f"{'cache hit' if prepared.cache_hit else 'prepared'}: {prepared.folder}")
     for name, stats in splits.items():
@@ -199,7 +207,7 @@ def cmd_eval(args) -> int:
     if args.retrieval_k < 1:
         raise InputError("--retrieval-k must be at least 1")
     passages = load_passages(Path(args.retrieval_docs)) if args.retrieval_docs else None
-    recipe = _load(args)
+    recipe = _load_chat(args)
     _, table = evaluate_recipe(recipe, [Path(a) for a in args.adapter], include_base=not args.no_base,
                                endpoint=endpoint, judge=Judge(judge_client) if judge_client else None,
                                retriever=Retriever(passages) if passages else None, top_k=args.retrieval_k)
@@ -225,7 +233,7 @@ def _endpoint_client(args, url: tuple[str | None, str], model: tuple[str | None,
 def cmd_infer(args) -> int:
     from launch.infer import run_inference
 
-    counts = run_inference(_load(args), Path(args.adapter) if args.adapter else None, Path(args.input),
+    counts = run_inference(_load_chat(args), Path(args.adapter) if args.adapter else None, Path(args.input),
                            Path(args.output), args.batch_size)
     print(f"{counts['rows']} rows written to {args.output} ({counts['valid']} valid, {counts['invalid']} flagged)")
     return 0

@@ -86,11 +86,41 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        if (self.generator is None) == (self.train_file is None):
+        if self.generator is not None and self.train_file is not None:
             raise ValueError("give exactly one of data.train_file or data.generator")
         if self.generator is not None and self.eval_file is not None:
             raise ValueError("data.eval_file goes with data.train_file, not with data.generator")
         return self
+
+
+class EventColumns(Section):
+    """Which columns of an event log hold what (defaults: the XES standard names, as BPI logs and skpm use)."""
+
+    case: str = "case:concept:name"
+    activity: str = "concept:name"
+    timestamp: str = "time:timestamp"
+    categorical: list[str] = ["org:resource"]   # more categorical attributes, each with its own embedding
+    continuous: list[str] = []                  # numeric attributes, normalised with train-split statistics
+    fill_missing: str | None = None             # value for a missing categorical attribute; none: an error
+
+
+class LossWeights(Section):
+    next_activity: float = Field(1.0, ge=0)
+    remaining_time: float = Field(1.0, ge=0)
+
+
+class ProcessConfig(Section):
+    """Predictive process monitoring (`task: process_monitoring`): event log, input layer, backbone, heads."""
+
+    skpm_log: str | None = None       # a BPI log class of skpm (e.g. BPI20PrepaidTravelCosts) instead of train_file
+    columns: EventColumns = EventColumns()
+    backbone: Literal["causal_lm", "lstm", "gru"] = "causal_lm"
+    freeze_backbone: bool = False     # with adapter.kind=none: train only the input layer and heads
+    rnn_hidden_size: PositiveInt = 128
+    rnn_layers: PositiveInt = 1
+    combine: Literal["sum", "concat"] = "sum"
+    embed_dim: PositiveInt = 32       # per-feature width before the projection, with combine=concat
+    loss_weights: LossWeights = LossWeights()
 
 
 class TrainConfig(Section):
@@ -151,10 +181,18 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
+    process: ProcessConfig | None = None
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
         m = self.model
+        from_skpm = self.process is not None and self.process.skpm_log is not None
+        if (self.data.generator is None) == (self.data.train_file is None) and not from_skpm:
+            raise ValueError("give exactly one of data.train_file or data.generator")
+        if from_skpm and (self.data.generator is not None or self.data.train_file is not None):
+            raise ValueError("process.skpm_log replaces data.train_file / data.generator: give only one source")
+        if (self.task == "process_monitoring") != (self.process is not None):
+            raise ValueError("task: process_monitoring goes with a `process` section (and only it)")
         if m.quantization == "nf4" and self.adapter.kind == "none":
             raise ValueError("model.quantization=nf4 needs adapter.kind=lora: 4-bit weights cannot be fully fine-tuned")
         if m.quantization == "nf4" and self.distributed.strategy in SHARDED and m.quant_storage != m.dtype:

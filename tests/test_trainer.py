@@ -21,7 +21,9 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_tokens(tiny_model
     from recipes.schema import AdapterConfig
     from trainer.batches import MicroBatchStream
     from trainer.loop import accumulate_gradients
+    from trainer.batches import attention_mask_for
     from trainer.model import lora_config
+    from trainer.workload import token_loss_sum
     from transformers import AutoModelForCausalLM
 
     from test_packing import ArrayDataset
@@ -39,9 +41,12 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_tokens(tiny_model
     stream = MicroBatchStream(ArrayDataset(rows, labels), plan=[[]], seed=0)
     accelerator = Accelerator(cpu=True)
 
+    def lm_loss(model, batch):
+        return token_loss_sum(model, batch, attention_mask_for(batch, torch.float32, "sdpa"))
+
     def grads(window):
         model.zero_grad()
-        loss, targets, _ = accumulate_gradients(model, window, accelerator, torch.float32, "sdpa")
+        loss, targets, _ = accumulate_gradients(model, window, accelerator, lm_loss)
         return loss / targets, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     split = [stream.collate([np.array([0]), np.array([1])]), stream.collate([np.array([2, 3])])]

@@ -4,45 +4,33 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from data_prep.prepare import prepare
 from data_prep.shards import ShardedDataset
 from data_prep.tasks import task_for
-from data_prep.tokenize import IGNORE
 from recipes.errors import InputError
 from recipes.loader import dump_recipe
 from recipes.schema import Recipe
-from trainer.batches import (
-    MicroBatch,
-    MicroBatchStream,
-    Position,
-    attention_mask_for,
-    plan_efficiency,
-    plan_micro_batches,
-)
+from trainer.batches import MicroBatch, Position, plan_efficiency, plan_micro_batches
 from trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.distributed import Distributed, make_accelerator
-from trainer.evaluate import eval_records, evaluate_generation
 from trainer.memory import peak_memory_gb
-from trainer.model import DTYPES, count_parameters, load_model, load_tokenizer
+from trainer.model import count_parameters
 from trainer.run_files import RunLog, check_output_dir, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
 from trainer.tracking import Tracker
+from trainer.workload import LossFn, Workload, workload_for
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     task = task_for(recipe)
+    work = workload_for(recipe, task)  # what differs between text and event-sequence tasks
     strategy = recipe.distributed.strategy
     accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm)
     dist = Distributed(strategy, accelerator)
@@ -55,8 +43,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     # Data: tokenized once (main process first, the others then hit the cache), read memory-mapped.
     # Bad data fails here, before anything in output_dir is touched.
     with accelerator.main_process_first():
-        tokenizer = load_tokenizer(recipe.model)
-        prepared = prepare(task, recipe.data, tokenizer)
+        prepared = work.prepare()
     if main:
         claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
         write_atomic(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
@@ -66,19 +53,16 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     plan = plan_micro_batches(train_set.lengths, recipe.data.max_seq_len, cfg.micro_batch_tokens,
                               recipe.data.packing, cfg.seed)
     efficiency = plan_efficiency(train_set.lengths, plan, recipe.data.max_seq_len, recipe.data.packing)
-    stream = MicroBatchStream(train_set, plan, cfg.seed, accelerator.process_index, accelerator.num_processes,
-                              tokenizer.pad_token_id)
+    stream = work.stream(train_set, plan, cfg.seed, accelerator.process_index, accelerator.num_processes)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.per_rank / cfg.grad_accum)
 
     # Model, optimizer, schedule.
     with dist.model_loading(quantized=recipe.model.quantization == "nf4"):
-        model = load_model(recipe.model, recipe.adapter, accelerator.device, cfg.gradient_checkpointing)
+        model = work.load_model(accelerator.device, cfg.gradient_checkpointing)
     trainable, total = count_parameters(model)
     model, optimizer = dist.prepare(model, lambda m: build_optimizer(m, recipe))
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
-    backend = dist.unwrap(model).config._attn_implementation
-    mask_dtype = DTYPES[recipe.model.dtype]
 
     log = RunLog(run_dir / "log.jsonl")
     tracker = Tracker(recipe.tracking, run_dir, recipe.model_dump(mode="json"), enabled=main)
@@ -100,8 +84,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     else:
         state = TrainState(data_hash=data_hash)
         if recipe.eval.before_training and (main or dist.sharded):  # sharded: every rank takes part in forward
-            before, _ = evaluate_generation(dist.unwrap(model), tokenizer, eval_set, task, recipe.eval,
-                                            accelerator.device)
+            before, _ = work.evaluate(dist.unwrap(model), eval_set, accelerator.device)
             if main:
                 log.append({"eval": "before", "step": 0, **before})
                 tracker.log({f"eval_before/{k}": v for k, v in before.items()}, step=0)
@@ -122,8 +105,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
         for _ in range(cfg.grad_accum):
             position, batch = next(batches)
             window.append(batch.to(accelerator.device))
-        loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, mask_dtype, backend,
-                                                                       dist)
+        loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, work.loss_sum, dist)
         grad_norm = dist.clip_grad_norm(model, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -153,10 +135,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
                             accelerator.process_index, accelerator.wait_for_everyone, strategy)
         if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
             eval_entry = {"eval": "loss", "step": state.step, "loss": eval_loss(model, eval_set, recipe, accelerator,
-                                                                               backend, mask_dtype)}
+                                                                               work)}
             if main:
-                eval_entry.update(task.model_metrics(accelerator.unwrap_model(model), tokenizer,
-                                                     eval_records(eval_set, recipe.eval), accelerator.device))
+                eval_entry.update(work.step_metrics(accelerator.unwrap_model(model), eval_set, accelerator.device))
                 log.append(eval_entry)
                 tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
                             step=state.step)
@@ -169,15 +150,17 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     dist_info = dist.describe(model)
     metrics = None
     if main:
-        adapter_dir = save_adapter(unwrapped, weights, tokenizer, recipe, run_dir, data_hash)
+        adapter_dir = work.save(unwrapped, weights, run_dir, data_hash)
     if main or dist.sharded:
-        after, examples = evaluate_generation(unwrapped, tokenizer, eval_set, task, recipe.eval, accelerator.device)
+        after, examples = work.evaluate(unwrapped, eval_set, accelerator.device)
     if main:
         log.append({"eval": "after", "step": state.step, **after})
         tracker.log({f"eval/{k}": v for k, v in after.items()}, step=state.step)
         step_entries = [e for e in log.entries() if "eval" not in e]
         metrics = {
-            "task": task.name, "steps": state.step, "before": before, "after": after,
+            "task": task.name, "steps": state.step,
+            **{k: after[k] for k in task.headline_metrics if k in after},  # the final figures, at the top level
+            "before": before, "after": after,
             "tokens_per_s": sum(e["tokens"] for e in step_entries) / max(sum(e["tokens"] / e["tokens_per_s"]
                                                                             for e in step_entries), 1e-9),
             "packing_efficiency": efficiency, "final_loss": step_entries[-1]["loss"] if step_entries else None,
@@ -187,21 +170,23 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         tracker.summary({f"final/{k}": metrics[k] for k in ("tokens_per_s", "final_loss", "train_seconds", "steps")})
         write_atomic(adapter_dir / "README.md", model_card(dump_recipe(recipe), recipe.model.name_or_path, task.name,
-                                                           data_hash, metrics, task.headline_metrics))
+                                                           data_hash, metrics, task.headline_metrics, work.how_to_load))
         plot_loss(log.entries(), run_dir / "loss.png")
+        work.write_reports(run_dir, after)
         print(summary_table(metrics, task.headline_metrics), flush=True)
     tracker.finish()
     accelerator.wait_for_everyone()
     return metrics
 
 
-def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerator, mask_dtype: torch.dtype,
-                         backend: str, dist: Distributed | None = None) -> tuple[float, float, float]:
+def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerator, loss_fn: LossFn,
+                         dist: Distributed | None = None) -> tuple[float, float, float]:
     """Backward over one optimizer step's micro-batches; returns (summed loss, target tokens, real tokens), global.
 
-    The loss is normalised by the target tokens of the whole step across all ranks, so accumulation and packing
-    weigh every token equally (not every micro-batch); DDP, FSDP and DeepSpeed average gradients over ranks, hence
-    the world size; DeepSpeed also divides by its accumulation steps, which `loss_factor` undoes.
+    `loss_fn(model, batch)` is the loss summed over the batch's targets. The loss is normalised by the target tokens
+    of the whole step across all ranks, so accumulation and packing weigh every token equally (not every
+    micro-batch); DDP, FSDP and DeepSpeed average gradients over ranks, hence the world size; DeepSpeed also
+    divides by its accumulation steps, which `loss_factor` undoes.
     """
     dist = dist or Distributed("single", accelerator)
     counts = torch.tensor([sum(b.target_tokens for b in window), sum(b.real_tokens for b in window)],
@@ -212,36 +197,24 @@ def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerat
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         with dist.gradient_sync(model, sync=last):
-            batch_loss = token_loss_sum(model, batch, attention_mask_for(batch, mask_dtype, backend))
+            batch_loss = loss_fn(model, batch)
             accelerator.backward(batch_loss * scale)
         loss_sum += batch_loss.detach()
     return accelerator.reduce(loss_sum, reduction="sum").item(), global_targets, global_tokens
 
 
-def token_loss_sum(model, batch: MicroBatch, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Summed cross-entropy over target tokens; the LM head runs only at positions that have a target."""
-    keep = (batch.targets != IGNORE).any(dim=0).nonzero().squeeze(1)
-    if keep.numel() == 0:  # an empty filler batch still runs forward/backward so ranks stay in step
-        keep = torch.zeros(1, dtype=torch.long, device=batch.targets.device)
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=attention_mask,
-                logits_to_keep=keep, use_cache=False)
-    logits = out.logits.float()
-    targets = batch.targets[:, keep]
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-
-
 @torch.no_grad()
-def eval_loss(model, dataset: ShardedDataset, recipe: Recipe, accelerator, backend: str, mask_dtype) -> float:
-    """Teacher-forced loss per target token over the eval split (each rank its share, summed)."""
+def eval_loss(model, dataset: ShardedDataset, recipe: Recipe, accelerator, work: Workload) -> float:
+    """Teacher-forced loss per target over the eval split (each rank its share, summed)."""
     plan = plan_micro_batches(dataset.lengths, recipe.data.max_seq_len, recipe.train.micro_batch_tokens,
                               recipe.data.packing, 0)
-    stream = MicroBatchStream(dataset, plan, 0, accelerator.process_index, accelerator.num_processes)
+    stream = work.stream(dataset, plan, 0, accelerator.process_index, accelerator.num_processes)
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for group in stream.share(0):
         batch = stream.collate(plan[group] if group >= 0 else []).to(accelerator.device)
-        totals[0] += token_loss_sum(model, batch, attention_mask_for(batch, mask_dtype, backend)).double()
+        totals[0] += work.loss_sum(model, batch).double()
         totals[1] += batch.target_tokens
     model.train(was_training)
     loss_total, count = accelerator.reduce(totals, reduction="sum").tolist()
@@ -259,22 +232,3 @@ def build_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
 
     optimizer_cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return optimizer_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Recipe, run_dir: Path,
-                 data_hash: str) -> Path:
-    """PEFT adapter (from the gathered trainable `weights`) + tokenizer + multitune.json (how the base was loaded)
-    + model card, renamed into place. Full fine-tuning (every weight trainable) saves the whole model."""
-    final = run_dir / "adapter"
-    tmp = run_dir / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    info = {"base_model": recipe.model.name_or_path, "task": recipe.task, "data_hash": data_hash,
-            "quantization": recipe.model.quantization, "dtype": recipe.model.dtype,
-            "double_quant": recipe.model.double_quant, "compute_dtype": recipe.model.compute_dtype}
-    (tmp / "multitune.json").write_text(json.dumps(info, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    return final

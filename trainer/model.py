@@ -96,13 +96,14 @@ def bnb_config(config: ModelConfig) -> BitsAndBytesConfig:
     )
 
 
-def lora_config(adapter: AdapterConfig) -> LoraConfig:
+def lora_config(adapter: AdapterConfig, task_type: str | None = "CAUSAL_LM") -> LoraConfig:
+    """`task_type=None` for a bare backbone (`AutoModel`, fed `inputs_embeds`) rather than a causal LM."""
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=adapter.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 

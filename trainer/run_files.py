@@ -115,8 +115,19 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+LOAD_CHAT_ADAPTER = """```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("path/to/adapter")
+tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")
+```
+
+Or merge it into a standalone model: `multitune merge --adapter path/to/adapter --out merged/`."""
+
+
 def model_card(recipe_yaml: str, base_model: str, task: str, data_hash: str, metrics: dict[str, Any],
-               fields: tuple[str, ...]) -> str:
+               fields: tuple[str, ...], how_to_load: str = LOAD_CHAT_ADAPTER) -> str:
     """README.md for the adapter folder: what it is, how it was made, how well it does, how to load it."""
     table = summary_table(metrics, fields).splitlines()
     return f"""---
@@ -131,7 +142,7 @@ LoRA adapter for `{base_model}`, trained by multitune on the `{task}` task.
 - Data manifest hash: `{data_hash}`
 - Optimizer steps: {metrics.get('steps')}, final train loss {metrics.get('final_loss')}
 
-## Evaluation (held-out split, greedy generation)
+## Evaluation (held-out split)
 
 ```
 {chr(10).join(table[:-1])}
@@ -139,15 +150,7 @@ LoRA adapter for `{base_model}`, trained by multitune on the `{task}` task.
 
 ## Load it
 
-```python
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
-
-model = AutoPeftModelForCausalLM.from_pretrained("path/to/adapter")
-tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")
-```
-
-Or merge it into a standalone model: `multitune merge --adapter path/to/adapter --out merged/`.
+{how_to_load}
 
 ## Recipe
 

@@ -1,0 +1,124 @@
+"""What a run trains on, behind one small interface, so trainer/loop.py stays the same loop for every task.
+
+A workload prepares the data, builds the batch stream and the model, gives the summed loss of a micro-batch,
+evaluates, and saves what was trained. Text tasks: tokenized chat, LM loss, generation eval, PEFT adapter +
+tokenizer. Process monitoring (trainer/process_monitoring.py): event features, multi-task heads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from data_prep.prepare import PreparedData, prepare
+from data_prep.shards import ShardedDataset
+from data_prep.tasks import Task
+from data_prep.tokenize import IGNORE
+from recipes.schema import Recipe
+from trainer.batches import MicroBatch, MicroBatchStream, Plan, attention_mask_for
+from trainer.evaluate import eval_records, evaluate_generation
+from trainer.model import DTYPES, load_model, load_tokenizer
+from trainer.run_files import LOAD_CHAT_ADAPTER
+
+
+LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
+
+
+class Workload(Protocol):
+    task: Task
+    how_to_load: str  # the "Load it" section of the adapter's model card
+
+    def prepare(self) -> PreparedData: ...
+    def stream(self, dataset: ShardedDataset, plan: Plan, seed: int, rank: int, world_size: int): ...
+    def load_model(self, device: torch.device, gradient_checkpointing: bool) -> torch.nn.Module: ...
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        """Loss summed over the batch's targets (the loop normalises by the step's target count)."""
+    def evaluate(self, model, dataset: ShardedDataset, device: torch.device) -> tuple[dict, list[dict]]: ...
+    def step_metrics(self, model, dataset: ShardedDataset, device: torch.device) -> dict: ...
+    def save(self, model, weights: dict[str, torch.Tensor], run_dir: Path, data_hash: str) -> Path: ...
+    def write_reports(self, run_dir: Path, after: dict) -> None: ...
+
+
+class TextWorkload:
+    """Chat SFT: tokenizer + chat template, LM cross-entropy on target tokens, greedy-generation eval."""
+
+    how_to_load = LOAD_CHAT_ADAPTER
+
+    def __init__(self, recipe: Recipe, task: Task):
+        self.recipe, self.task = recipe, task
+        self.tokenizer = None
+        self.backend = recipe.model.attn_implementation
+        self.mask_dtype = DTYPES[recipe.model.dtype]
+
+    def prepare(self) -> PreparedData:
+        self.tokenizer = load_tokenizer(self.recipe.model)
+        return prepare(self.task, self.recipe.data, self.tokenizer)
+
+    def stream(self, dataset, plan, seed, rank, world_size) -> MicroBatchStream:
+        return MicroBatchStream(dataset, plan, seed, rank, world_size, self.tokenizer.pad_token_id)
+
+    def load_model(self, device, gradient_checkpointing):
+        model = load_model(self.recipe.model, self.recipe.adapter, device, gradient_checkpointing)
+        self.backend = model.config._attn_implementation
+        return model
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        return token_loss_sum(model, batch, attention_mask_for(batch, self.mask_dtype, self.backend))
+
+    def evaluate(self, model, dataset, device):
+        return evaluate_generation(model, self.tokenizer, dataset, self.task, self.recipe.eval, device)
+
+    def step_metrics(self, model, dataset, device) -> dict:
+        return self.task.model_metrics(model, self.tokenizer, eval_records(dataset, self.recipe.eval), device)
+
+    def save(self, model, weights, run_dir, data_hash) -> Path:
+        return save_adapter(model, weights, self.tokenizer, self.recipe, run_dir, data_hash)
+
+    def write_reports(self, run_dir: Path, after: dict) -> None:
+        """Text tasks report through metrics.json and loss.png only."""
+
+
+def workload_for(recipe: Recipe, task: Task) -> Workload:
+    if recipe.process is not None:
+        from trainer.process_monitoring import EventWorkload
+
+        return EventWorkload(recipe, task)
+    return TextWorkload(recipe, task)
+
+
+def token_loss_sum(model, batch: MicroBatch, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Summed cross-entropy over target tokens; the LM head runs only at positions that have a target."""
+    keep = (batch.targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0:  # an empty filler batch still runs forward/backward so ranks stay in step
+        keep = torch.zeros(1, dtype=torch.long, device=batch.targets.device)
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=attention_mask,
+                logits_to_keep=keep, use_cache=False)
+    logits = out.logits.float()
+    targets = batch.targets[:, keep]
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Recipe, run_dir: Path,
+                 data_hash: str) -> Path:
+    """PEFT adapter (from the gathered trainable `weights`) + tokenizer + multitune.json (how the base was loaded)
+    + model card, renamed into place. Full fine-tuning (every weight trainable) saves the whole model."""
+    final = run_dir / "adapter"
+    tmp = run_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    info = {"base_model": recipe.model.name_or_path, "task": recipe.task, "data_hash": data_hash,
+            "quantization": recipe.model.quantization, "dtype": recipe.model.dtype,
+            "double_quant": recipe.model.double_quant, "compute_dtype": recipe.model.compute_dtype}
+    (tmp / "multitune.json").write_text(json.dumps(info, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
