@@ -18,7 +18,7 @@ from data_prep.tasks import get_task
 from data_prep.tokenize import IGNORE
 from recipes.schema import AdapterConfig, DataConfig, GeneratorSpec, ModelConfig
 from trainer.batches import MicroBatchStream, attention_mask_for, plan_micro_batches
-from trainer.loop import token_loss_sum
+from trainer.workload import token_loss_sum
 from trainer.model import load_model, load_tokenizer
 
 REPEATS = 5

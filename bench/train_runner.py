@@ -8,6 +8,7 @@ loop only (data preparation, model loading and the final evaluation excluded). P
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ import yaml
 
 from bench.common import ENV, REPO, TARGET_MODULES, model_dir
 
-ROWS, SEED, LR, STEP_TOKENS, ROW_LEN = 800, 0, 1e-3, 4096, 512
+ROWS = int(os.environ.get("BENCH_TRAIN_ROWS", 800))  # `bench.run --quick` sets fewer
+SEED, LR, STEP_TOKENS, ROW_LEN = 0, 1e-3, 4096, 512
 
 
 def records() -> list[dict]:
