@@ -10,10 +10,17 @@ import sys
 from pathlib import Path
 
 from launch import results, sweep
-from recipes.errors import InputError
+from recipes.errors import InputError, RunStopped
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +29,7 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multitune", description="Fine-tune LLMs from validated YAML recipes.")
+    parser = OneLineParser(prog="multitune", description="Fine-tune LLMs from validated YAML recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a recipe (schema, combinations, task) without running anything")
@@ -32,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe end to end")
     _recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even though the data or resume-relevant recipe keys changed since the checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     launch = p.add_argument_group("multi-process strategies (ddp, fsdp, zero2, zero3): passed to accelerate launch")
     launch.add_argument("--num_processes", type=int, help="total ranks over all machines (default: the config's)")
@@ -123,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _load(args):
@@ -165,7 +177,8 @@ def cmd_train(args) -> int:
     from trainer.loop import train
 
     try:
-        train(recipe, resume=args.resume, overwrite=args.overwrite)
+        train(recipe, resume=args.resume or args.force_resume, overwrite=args.overwrite,
+              force_resume=args.force_resume)
     finally:
         if torch.distributed.is_initialized():  # a launched rank: leave the group cleanly
             torch.distributed.destroy_process_group()
@@ -179,7 +192,8 @@ def _launch(recipe, args) -> int:
 
     flags = LaunchFlags(args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip,
                         args.main_process_port)
-    trainer_args = [*args.overrides, *(["--resume"] if args.resume else []), *(["--overwrite"] if args.overwrite else [])]
+    trainer_args = [*args.overrides, *(["--resume"] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
+                    *(["--force-resume"] if args.force_resume else [])]
     cmd, env = launch_command(recipe, args.recipe, trainer_args, flags)
     print("[multitune] " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     return subprocess.run(cmd, env=env).returncode
