@@ -124,59 +124,61 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     # In a log file (SLURM, CI) a bar redrawn every step floods it: update it every 30 s there instead.
     progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
-    skips_in_a_row = 0
-    while state.step < total_steps:
-        started = time.perf_counter()
-        window: list[MicroBatch] = []
-        for _ in range(cfg.grad_accum):
-            position, batch = next(batches)
-            window.append(batch.to(accelerator.device))
-        loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, mask_dtype, backend,
-                                                                       dist)
-        grad_norm = dist.clip_grad_norm(model, cfg.max_grad_norm)
-        loss = loss_sum / max(global_targets, 1.0)
-        state.epoch, state.index = position.epoch, position.index
-        # Loss and norm are global (reduced over ranks), so every rank takes the same branch. DeepSpeed has
-        # already stepped inside backward and may not report a norm: only its loss is checked.
-        if not (math.isfinite(loss) and (math.isfinite(grad_norm) or dist.deepspeed)):
-            skips_in_a_row += 1
-            handle_nonfinite(cfg, state, loss, grad_norm, skips_in_a_row, run_dir / "checkpoints", main)
-            optimizer.zero_grad(set_to_none=True)  # skipped: this window's data is consumed, nothing updated
-            continue
+    try:  # closed on the way out of an error too, so the error line is not glued to the bar
         skips_in_a_row = 0
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        while state.step < total_steps:
+            started = time.perf_counter()
+            window: list[MicroBatch] = []
+            for _ in range(cfg.grad_accum):
+                position, batch = next(batches)
+                window.append(batch.to(accelerator.device))
+            loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, mask_dtype,
+                                                                           backend, dist)
+            grad_norm = dist.clip_grad_norm(model, cfg.max_grad_norm)
+            loss = loss_sum / max(global_targets, 1.0)
+            state.epoch, state.index = position.epoch, position.index
+            # Loss and norm are global (reduced over ranks), so every rank takes the same branch. DeepSpeed has
+            # already stepped inside backward and may not report a norm: only its loss is checked.
+            if not (math.isfinite(loss) and (math.isfinite(grad_norm) or dist.deepspeed)):
+                skips_in_a_row += 1
+                handle_nonfinite(cfg, state, loss, grad_norm, skips_in_a_row, run_dir / "checkpoints", main)
+                optimizer.zero_grad(set_to_none=True)  # skipped: this window's data is consumed, nothing updated
+                continue
+            skips_in_a_row = 0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        state.step += 1
-        state.tokens_seen += int(global_tokens)
-        elapsed = time.perf_counter() - started
-        state.elapsed_s += elapsed
-        entry = {"step": state.step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
-                 "grad_norm": round(float(grad_norm), 6), "tokens": int(global_tokens),
-                 "tokens_per_s": round(global_tokens / elapsed, 1), "target_tokens": int(global_targets),
-                 "epoch": state.epoch, "peak_mem_gb": peak_memory_gb(accelerator.device)}
-        if main:
-            log.append(entry)
-            tracker.log(entry, step=state.step)
-            progress.update(1)
-            progress.set_postfix(refresh=False, loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
-                                 gnorm=f"{entry['grad_norm']:.2f}")
-
-        if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
-            save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, recipe.checkpoint.keep_last,
-                            accelerator.process_index, accelerator.wait_for_everyone, strategy,
-                            accelerator.num_processes)
-        if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
-            eval_entry = {"eval": "loss", "step": state.step, "loss": eval_loss(model, eval_set, recipe, accelerator,
-                                                                               backend, mask_dtype)}
+            state.step += 1
+            state.tokens_seen += int(global_tokens)
+            elapsed = time.perf_counter() - started
+            state.elapsed_s += elapsed
+            entry = {"step": state.step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+                     "grad_norm": round(float(grad_norm), 6), "tokens": int(global_tokens),
+                     "tokens_per_s": round(global_tokens / elapsed, 1), "target_tokens": int(global_targets),
+                     "epoch": state.epoch, "peak_mem_gb": peak_memory_gb(accelerator.device)}
             if main:
-                eval_entry.update(task.model_metrics(accelerator.unwrap_model(model), tokenizer,
-                                                     eval_records(eval_set, recipe.eval), accelerator.device))
-                log.append(eval_entry)
-                tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
-                            step=state.step)
-    progress.close()
+                log.append(entry)
+                tracker.log(entry, step=state.step)
+                progress.update(1)
+                progress.set_postfix(refresh=False, loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}",
+                                     tok_s=f"{entry['tokens_per_s']:.0f}", gnorm=f"{entry['grad_norm']:.2f}")
+
+            if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
+                save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state,
+                                recipe.checkpoint.keep_last, accelerator.process_index, accelerator.wait_for_everyone,
+                                strategy, accelerator.num_processes)
+            if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
+                eval_entry = {"eval": "loss", "step": state.step,
+                              "loss": eval_loss(model, eval_set, recipe, accelerator, backend, mask_dtype)}
+                if main:
+                    eval_entry.update(task.model_metrics(accelerator.unwrap_model(model), tokenizer,
+                                                         eval_records(eval_set, recipe.eval), accelerator.device))
+                    log.append(eval_entry)
+                    tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
+                                step=state.step)
+    finally:
+        progress.close()
 
     # Outputs: trainable weights gathered once (collective) and saved by the main process as a PEFT adapter (written
     # atomically), final evaluation (on every rank when sharded), metrics, plot.
