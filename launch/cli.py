@@ -196,7 +196,15 @@ def _launch(recipe, args) -> int:
                     *(["--force-resume"] if args.force_resume else [])]
     cmd, env = launch_command(recipe, args.recipe, trainer_args, flags)
     print("[multitune] " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:  # a rank failed or died; the launcher has ended the others and printed which one
+        from trainer.checkpoint import list_checkpoints
+
+        kept = list_checkpoints(recipe.output_path / "checkpoints")
+        raise RunStopped(f"a training rank failed (accelerate launch exited with {code}, its report above names "
+                         f"the rank); " + (f"newest complete checkpoint {kept[-1]}, continue with --resume" if kept
+                                           else "no checkpoint written yet"))
+    return 0
 
 
 def cmd_eval(args) -> int:

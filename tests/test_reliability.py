@@ -316,7 +316,9 @@ def test_one_rank_killed_ends_the_job_with_an_error_within_60_s(tmp_path, tiny_m
     took = time.monotonic() - killed_at
     assert launcher.returncode not in (0, None) and took < 60, (launcher.returncode, took, stderr[-3000:])
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert errors and "rank" in errors[-1], stderr[-3000:]
+    assert "a training rank failed" in errors[-1] and "checkpoint" in errors[-1], stderr[-3000:]
+    assert "rank      : 1 (local_rank: 1)" in stderr and "Signal 9 (SIGKILL)" in stderr  # the launcher's report
+    print(f"rank 1 killed: launcher exited {launcher.returncode} after {took:.1f} s")
     from trainer.checkpoint import list_checkpoints
 
     assert all((p / "rng-1.pt").is_file() for p in list_checkpoints(tmp_path / "run" / "checkpoints"))
