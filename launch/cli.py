@@ -148,6 +148,10 @@ def _load(args):
 
 def cmd_validate(args) -> int:
     recipe = _load(args)
+    if recipe.distributed.strategy != "single":
+        from launch.distributed import resolve_config
+
+        resolve_config(recipe)
     print(f"ok: {args.recipe} (task={recipe.task}, model={recipe.model.name_or_path}, "
           f"method={_method(recipe)}, strategy={recipe.distributed.strategy})")
     return 0
