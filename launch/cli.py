@@ -138,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args):
-    from data_prep.tasks import get_task
+    from data_prep.tasks import task_for
     from recipes.loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    get_task(recipe.task)
+    task_for(recipe)  # the task exists and takes the recipe's task options
     return recipe
 
 

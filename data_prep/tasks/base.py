@@ -134,7 +134,8 @@ class Task(ABC):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                    detail = exc.msg if exc.msg.endswith(" at") else f"{exc.msg} at"
+                    raise InputError(f"{where}: malformed JSON ({detail} column {exc.colno})") from None
                 if not isinstance(record, dict):
                     raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
                 check(record, where)
@@ -145,7 +146,7 @@ class Task(ABC):
         reader = None
         try:
             with open(path, newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle)
+                reader = csv.DictReader(handle, strict=True)
                 for row in reader:
                     where = f"{path}:{reader.line_num}"
                     if None in row:
@@ -155,5 +156,5 @@ class Task(ABC):
         except UnicodeDecodeError:
             raise InputError(f"{path}: not valid UTF-8") from None
         except csv.Error as exc:
-            line = reader.line_num if reader is not None else 1
+            line = reader.line_num + 1 if reader is not None else 1  # the line being read when it failed
             raise InputError(f"{path}:{line}: malformed CSV ({exc})") from None
