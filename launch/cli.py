@@ -183,6 +183,13 @@ def cmd_train(args) -> int:
     try:
         train(recipe, resume=args.resume or args.force_resume, overwrite=args.overwrite,
               force_resume=args.force_resume)
+    except RuntimeError as exc:  # a peer rank died or hung: say so in one line instead of gloo's/NCCL's traceback
+        lost_peer = isinstance(exc, torch.distributed.DistError) or any(s in str(exc) for s in ("gloo", "NCCL"))
+        if not (torch.distributed.is_initialized() and lost_peer):
+            raise
+        raise RunStopped(f"rank {torch.distributed.get_rank()}: a collective with the other ranks failed "
+                         f"({' '.join(str(exc).split())[:160]}): a rank died, or hung longer than "
+                         f"distributed.timeout_s={recipe.distributed.timeout_s}") from None
     finally:
         if torch.distributed.is_initialized():  # a launched rank: leave the group cleanly
             torch.distributed.destroy_process_group()
