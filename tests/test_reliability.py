@@ -100,8 +100,11 @@ def killed_writers(tmp_path_factory) -> dict[str, tuple[Path, subprocess.Complet
     started = {point: subprocess.Popen([sys.executable, "-c", WRITER, str(root / str(i))], cwd=REPO, text=True,
                                        stderr=subprocess.PIPE, env={**ENV, "MULTITUNE_KILL_AT": point})
                for i, point in enumerate(KILL_POINTS)}
-    return {point: (root / str(i), (proc.wait(timeout=300), proc.stderr.read()))
-            for i, (point, proc) in enumerate(started.items())}
+    results = {}
+    for i, (point, proc) in enumerate(started.items()):
+        _, stderr = proc.communicate(timeout=300)
+        results[point] = (root / str(i), (proc.returncode, stderr))
+    return results
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
