@@ -203,8 +203,8 @@ def _launch(recipe, args) -> int:
 
     flags = LaunchFlags(args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip,
                         args.main_process_port)
-    trainer_args = [*args.overrides, *(["--resume"] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
-                    *(["--force-resume"] if args.force_resume else [])]
+    trainer_args = [*args.overrides, *(["--resume"] if args.resume else []),
+                    *(["--overwrite"] if args.overwrite else []), *(["--force-resume"] if args.force_resume else [])]
     cmd, env = launch_command(recipe, args.recipe, trainer_args, flags)
     print("[multitune] " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     code = subprocess.run(cmd, env=env).returncode
