@@ -10,10 +10,17 @@ import sys
 from pathlib import Path
 
 from launch import results, sweep
-from recipes.errors import InputError
+from recipes.errors import InputError, RunStopped
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +29,7 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multitune", description="Fine-tune LLMs from validated YAML recipes.")
+    parser = OneLineParser(prog="multitune", description="Fine-tune LLMs from validated YAML recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a recipe (schema, combinations, task) without running anything")
@@ -32,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe end to end")
     _recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even though the data or resume-relevant recipe keys changed since the checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     launch = p.add_argument_group("multi-process strategies (ddp, fsdp, zero2, zero3): passed to accelerate launch")
     launch.add_argument("--num_processes", type=int, help="total ranks over all machines (default: the config's)")
@@ -123,14 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _load(args):
-    from data_prep.tasks import get_task
+    from data_prep.tasks import task_for
     from recipes.loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    get_task(recipe.task)
+    task_for(recipe)  # the task exists and takes the recipe's task options
     return recipe
 
 
@@ -145,6 +157,10 @@ def _load_chat(args):
 
 def cmd_validate(args) -> int:
     recipe = _load(args)
+    if recipe.distributed.strategy != "single":
+        from launch.distributed import resolve_config
+
+        resolve_config(recipe)
     print(f"ok: {args.recipe} (task={recipe.task}, model={recipe.model.name_or_path}, "
           f"method={_method(recipe)}, strategy={recipe.distributed.strategy})")
     return 0
@@ -173,7 +189,15 @@ def cmd_train(args) -> int:
     from trainer.loop import train
 
     try:
-        train(recipe, resume=args.resume, overwrite=args.overwrite)
+        train(recipe, resume=args.resume or args.force_resume, overwrite=args.overwrite,
+              force_resume=args.force_resume)
+    except RuntimeError as exc:  # a peer rank died or hung: say so in one line instead of gloo's/NCCL's traceback
+        lost_peer = isinstance(exc, torch.distributed.DistError) or any(s in str(exc) for s in ("gloo", "NCCL"))
+        if not (torch.distributed.is_initialized() and lost_peer):
+            raise
+        raise RunStopped(f"rank {torch.distributed.get_rank()}: a collective with the other ranks failed "
+                         f"({' '.join(str(exc).split())[:160]}): a rank died, or hung longer than "
+                         f"distributed.timeout_s={recipe.distributed.timeout_s}") from None
     finally:
         if torch.distributed.is_initialized():  # a launched rank: leave the group cleanly
             torch.distributed.destroy_process_group()
@@ -187,10 +211,19 @@ def _launch(recipe, args) -> int:
 
     flags = LaunchFlags(args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip,
                         args.main_process_port)
-    trainer_args = [*args.overrides, *(["--resume"] if args.resume else []), *(["--overwrite"] if args.overwrite else [])]
+    trainer_args = [*args.overrides, *(["--resume"] if args.resume else []),
+                    *(["--overwrite"] if args.overwrite else []), *(["--force-resume"] if args.force_resume else [])]
     cmd, env = launch_command(recipe, args.recipe, trainer_args, flags)
     print("[multitune] " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:  # a rank failed or died; the launcher has ended the others and printed which one
+        from trainer.checkpoint import list_checkpoints
+
+        kept = list_checkpoints(recipe.output_path / "checkpoints")
+        raise RunStopped(f"a training rank failed (accelerate launch exited with {code}, its report above names "
+                         f"the rank); " + (f"newest complete checkpoint {kept[-1]}, continue with --resume" if kept
+                                           else "no checkpoint written yet"))
+    return 0
 
 
 def cmd_eval(args) -> int:

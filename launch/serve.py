@@ -13,8 +13,6 @@ from pathlib import Path
 
 import torch
 
-from recipes.errors import InputError
-
 
 class RequestError(Exception):
     """A client mistake, answered with an OpenAI-style error object."""
@@ -184,10 +182,10 @@ def load_chat_model(model_path: str, adapter: Path | None, dtype: str, name: str
     from peft import PeftModel
 
     from recipes.schema import AdapterConfig, ModelConfig
-    from trainer.model import load_model, load_tokenizer
+    from trainer.model import check_adapter_folder, load_model, load_tokenizer
 
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise InputError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
+    if adapter is not None:
+        check_adapter_folder(adapter)
     config = ModelConfig(name_or_path=model_path, dtype=dtype, compute_dtype=dtype, quantization=quantization)
     has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(config.model_copy(update={"name_or_path": str(adapter)}) if has_tokenizer else config)

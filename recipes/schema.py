@@ -136,6 +136,10 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
     gradient_checkpointing: bool = False
+    # A step whose loss or gradient norm is NaN/inf: `stop` the run (the last checkpoint stays the newest), or
+    # `skip` it (its gradients are dropped, nothing is updated) and stop after more than max_nonfinite_skips in a row.
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: PositiveInt = 5
 
 
 class EvalConfig(Section):
@@ -168,6 +172,8 @@ SHARDED: frozenset[str] = frozenset({"fsdp", "zero3"})
 class DistributedConfig(Section):
     strategy: Strategy = "single"
     accelerate_config: str | None = None
+    # A collective waiting longer than this for the other ranks fails (exit code non-zero) instead of hanging.
+    timeout_s: PositiveInt = 600
 
 
 class Recipe(Section):
@@ -199,6 +205,11 @@ class Recipe(Section):
             raise ValueError(
                 f"model.quant_storage={m.quant_storage} cannot be sharded by {self.distributed.strategy}: "
                 f"set model.quant_storage={m.dtype} (equal to model.dtype)"
+            )
+        if self.train.nonfinite == "skip" and self.distributed.strategy in ("zero2", "zero3"):
+            raise ValueError(
+                f"train.nonfinite=skip cannot be honoured under distributed.strategy={self.distributed.strategy}: "
+                "DeepSpeed updates the weights inside backward, before the loss is checked; use nonfinite=stop"
             )
         if self.data.max_seq_len > self.train.micro_batch_tokens:
             raise ValueError(

@@ -154,7 +154,7 @@ def test_non_utf8_and_missing_files(tmp_path):
 def test_empty_user_file_is_an_error(tmp_path, tokenizer):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(InputError, match="train split is empty"):
+    with pytest.raises(InputError, match="empty.jsonl: no records in the file"):
         prepare(TASK, DataConfig(train_file=str(empty), cache_dir=str(tmp_path / "c")), tokenizer)
 
 

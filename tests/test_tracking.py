@@ -44,7 +44,7 @@ def assert_no_secret_written(run: Path) -> None:
 
 
 def test_offline_wandb_run_logs_metrics_keeps_run_id_on_resume_and_writes_no_secret(
-        tmp_path, tiny_model_dir, monkeypatch):
+        tmp_path, tiny_model_dir, monkeypatch, capfd):
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     run, first = train_then_resume(tmp_path, tiny_model_dir, {
@@ -75,6 +75,9 @@ def test_offline_wandb_run_logs_metrics_keeps_run_id_on_resume_and_writes_no_sec
     config = wandb_config(files[0])
     assert config["train"]["lr"] == 1e-3 and config["adapter"]["r"] == 8 and config["tracking"]["group"] == "g1"
     assert_no_secret_written(run)
+    printed = capfd.readouterr()  # the console log too
+    for name, value in SECRETS.items():
+        assert value not in printed.out + printed.err, f"{name} printed"
 
 
 def test_mlflow_local_store_logs_metrics_and_params_and_resume_continues_the_run(

@@ -193,26 +193,6 @@ def test_merge_reproduces_base_plus_adapter(tmp_path, tiny_model_dir):
         assert (merged - trained).abs().mean() < (onto_original - trained).abs().mean()
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["train", "missing.yaml"], "recipe file not found"),
-    (["validate", "{recipe}", "train.lrr=1"], "did you mean 'train.lr'"),
-    (["validate", "{recipe}", "train.lr=abc"], "train.lr"),
-    (["validate", "{recipe}", "task=poetry"], "unknown task 'poetry'"),
-    (["validate", "{recipe}", "model.quantization=nf4", "adapter.kind=none"], "needs adapter.kind=lora"),
-    (["prep", "{recipe}", "data.generator=null", "data.train_file=nowhere.jsonl"], "data file not found"),
-    (["train", "{recipe}", "model.name_or_path=./no/such/model"], "folder not found"),
-    (["train", "{recipe}", "--resume"], "nothing to resume"),
-    (["merge", "--adapter", "{tmp}", "--out", "{tmp}/m"], "not an adapter folder"),
-])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir, args, fragment):
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path, tiny_model_dir))
-    args = [a.format(recipe=recipe, tmp=tmp_path) for a in args]
-    result = run_cli(*args, check=False)
-    assert result.returncode == 2, result.stderr
-    assert fragment in result.stderr
-    assert_one_line_error(result.stderr)
-
-
 def test_malformed_row_reported_with_file_and_line(tmp_path, tiny_model_dir):
     data = tmp_path / "tickets.jsonl"
     data.write_text('{"title": "a", "description": "b", "category": "billing", "subcategory": "refund", '

@@ -6,26 +6,40 @@ that looks whole) and stores the frozen base weights, which for QLoRA are gigaby
 Layout per strategy: single/DDP (replicated) → the main rank writes `trainable.safetensors` + `optimizer.pt`;
 FSDP2 → `sharded/` via torch.distributed.checkpoint, one file per rank holding that rank's shards of the
 trainable weights and their optimizer state; DeepSpeed → `deepspeed/`, its own per-rank partitioned files
-(frozen weights excluded). Every rank writes `rng-{rank}.pt`; the folder is renamed into place only when all
-ranks are done.
+(frozen weights excluded). Every rank writes `rng-{rank}.pt` last (its "done" mark) and the main rank
+`state.json` last of all; the folder is fsynced and renamed into place only when every rank's mark is there.
+Old checkpoints are retired by renaming them out of the `step-N` namespace before deleting them, so a process
+killed at any moment leaves only complete `step-N` folders (plus dot-folders the next save clears away).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from recipes.errors import InputError
+from recipes.errors import InputError, RunStopped
+from trainer.faults import kill_point
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+LEFTOVER = re.compile(r"^\.step-\d+\.(tmp|del)$")  # a save or a deletion that was killed
+
+# Recipe keys whose change makes a checkpoint mean something else (weight shapes, optimizer state, the data
+# order); the others (lr, max_steps, eval, checkpoint, tracking, ...) may change between a run and its resume.
+RESUME_KEYS = ("task", "model.name_or_path", "model.tiny", "model.dtype", "model.quantization",
+               "model.double_quant", "model.compute_dtype", "model.quant_storage", "adapter", "data.packing",
+               "train.micro_batch_tokens", "train.grad_accum", "train.optimizer", "train.seed",
+               "distributed.strategy")
 
 
 @dataclass
@@ -36,6 +50,8 @@ class TrainState:
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     data_hash: str = ""
+    recipe: dict[str, Any] = field(default_factory=dict)  # resume_fingerprint of the recipe that wrote it
+    nonfinite_skips: int = 0  # steps skipped for a NaN/inf loss or gradient (train.nonfinite=skip)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -43,48 +59,128 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, keep_last: int,
-                    rank: int = 0, barrier=lambda: None, strategy: str = "single") -> Path:
-    """Every rank calls this: each writes its RNG state (and its shards when sharded), the main rank (0) the
-    rest, then renames the whole. `model` is the wrapped model (DeepSpeed engine, FSDP2 module, DDP)."""
+                    rank: int = 0, barrier=lambda: None, strategy: str = "single", world_size: int = 1) -> Path:
+    """Every rank calls this: each writes its shards (when sharded) and RNG state, the main rank (0) the rest,
+    then renames the whole. `model` is the wrapped model (DeepSpeed engine, FSDP2 module, DDP)."""
     final = folder / f"step-{state.step}"
     tmp = folder / f".step-{state.step}.tmp"
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        for leftover in [p for p in folder.iterdir() if LEFTOVER.match(p.name)]:
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
     barrier()
+    error = None
     try:
-        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
         if strategy == "fsdp":
             _save_fsdp2(tmp / "sharded", model, optimizer)
         elif strategy in ("zero2", "zero3"):
             model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
         elif rank == 0:
             save_file(trainable_state(_unwrap(model)), str(tmp / "trainable.safetensors"))
+            kill_point("checkpoint-weights", state.step)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
         if rank == 0:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
-    finally:
-        barrier()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are released
+        error = exc
+    barrier()
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failure(error, folder, state.step) from error
     if rank == 0:
+        missing = [r for r in range(world_size) if not (tmp / f"rng-{r}.pt").is_file()]
+        if missing:
+            raise RunStopped(f"checkpoint step-{state.step}: rank {missing[0]} did not finish writing it; "
+                             f"not saved, earlier checkpoints kept")
         _fsync_tree(tmp)
-        if final.exists():  # the same step saved again after a resume: replace it whole
-            shutil.rmtree(final)
+        kill_point("checkpoint-written", state.step)
+        if final.exists():  # the same step saved again after a resume: retire the old copy first
+            _retire(final)
         os.rename(tmp, final)
         _fsync_dir(folder)
+        kill_point("checkpoint-renamed", state.step)
         for old in list_checkpoints(folder)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _retire(old)
     barrier()
     return final
 
 
+def _retire(path: Path) -> None:
+    """Delete a checkpoint so that no moment of the deletion leaves a half `step-N` folder behind."""
+    doomed = path.with_name(f".{path.name}.del")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    kill_point("checkpoint-retired", int(path.name.split("-")[1]))
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _save_failure(error: Exception, folder: Path, step: int) -> Exception:
+    """A full disk becomes one clear line; anything else stays what it was (a bug to see in full)."""
+    message = str(error)
+    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) \
+        or "No space left" in message or "os error 28" in message or "File too large" in message
+    if not full:
+        try:  # torch.save reports a short write only as an internal error ("unexpected pos ...")
+            full = shutil.disk_usage(folder).free < 1 << 20
+        except OSError:
+            full = False
+    if not full:
+        return error
+    kept = [p.name for p in list_checkpoints(folder)]
+    return RunStopped(f"checkpoint step-{step} not saved: no space left on the device of {folder} "
+                      f"({shutil.disk_usage(folder).free} bytes free); "
+                      f"{'kept ' + kept[-1] if kept else 'no earlier checkpoint'}, nothing half-written")
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Temporary folders (a save that did not finish) never match."""
+    """Complete checkpoints, oldest first. Temporary and retired folders (dot-names) never match."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
     return [p for _, p in sorted(found)]
+
+
+def read_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def resume_fingerprint(recipe) -> dict[str, Any]:
+    """The recipe's RESUME_KEYS as flat `section.key: value` pairs (stored in each checkpoint's state.json)."""
+    from trainer.tracking import flatten
+
+    flat = flatten(recipe.model_dump(mode="json"))
+    return {key: value for key, value in flat.items()
+            if any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)}
+
+
+def checkpoint_to_resume(folder: Path, fingerprint: dict[str, Any], data_hash: str,
+                         force: bool) -> tuple[Path, list[str]]:
+    """The newest complete checkpoint and what no longer matches it; a mismatch is refused unless `force`."""
+    found = list_checkpoints(folder)
+    if not found:
+        raise InputError(f"output_dir {folder.parent}: no complete checkpoint to resume from")
+    problems = resume_problems(read_state(found[-1]), fingerprint, data_hash)
+    if problems and not force:
+        raise InputError(f"{found[-1]}: cannot resume, {'; '.join(problems)}: start a new run, "
+                         f"or pass --force-resume to resume anyway")
+    return found[-1], problems
+
+
+def resume_problems(state: TrainState, fingerprint: dict[str, Any], data_hash: str) -> list[str]:
+    """Why a checkpoint does not fit the current recipe and data (empty: it does)."""
+    problems = []
+    if state.data_hash != data_hash:
+        problems.append(f"data changed (manifest hash {state.data_hash[:12]} != {data_hash[:12]})")
+    if state.recipe:  # checkpoints written before fingerprints existed carry none
+        for key in sorted(set(state.recipe) | set(fingerprint)):
+            if state.recipe.get(key) != fingerprint.get(key):
+                problems.append(f"{key} changed ({state.recipe.get(key)!r} -> {fingerprint.get(key)!r})")
+    return problems
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, strategy: str = "single") -> TrainState:
@@ -102,9 +198,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, stra
             raise InputError(f"{path}: DeepSpeed could not load its checkpoint (different number of ranks?)")
     else:
         _load_replicated(path, _unwrap(model), optimizer)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / f"rng-{rank}.pt", weights_only=True))
-    return TrainState(**json.loads((path / "state.json").read_text()))
+    scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
+    set_rng_state(load_tensors(path / f"rng-{rank}.pt"))
+    return read_state(path)
+
+
+def load_tensors(path: Path):
+    """torch.load restricted to tensors and plain containers: a checkpoint file is never arbitrary pickle."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"{path}: refused to load, it holds more than tensors and plain values "
+                         f"({' '.join(str(exc).split())[:120]})") from None
 
 
 def _load_replicated(path: Path, model, optimizer) -> None:
@@ -112,11 +217,15 @@ def _load_replicated(path: Path, model, optimizer) -> None:
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks trainable parameters such as {missing[0]}")
+        raise InputError(f"{path}: checkpoint lacks trainable parameters such as {missing[0]}")
+    wrong = [name for name, value in weights.items() if name in params and params[name].shape != value.shape]
+    if wrong:
+        raise InputError(f"{path}: {wrong[0]} has shape {tuple(weights[wrong[0]].shape)} in the checkpoint but "
+                         f"{tuple(params[wrong[0]].shape)} in the model (adapter or model changed)")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
 
 
 def _fsdp2_options():

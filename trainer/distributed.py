@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
@@ -15,15 +16,22 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 DEEPSPEED = frozenset({"zero2", "zero3"})
 
 
-def make_accelerator(strategy: str, dtype: str, grad_accum: int, max_grad_norm: float | None) -> Accelerator:
+def make_accelerator(strategy: str, dtype: str, grad_accum: int, max_grad_norm: float | None,
+                     timeout_s: int = 600) -> Accelerator:
     """The process group and device for `strategy`, with the CPU traps of accelerate 1.15 handled explicitly.
+
+    `timeout_s` bounds every collective: a rank whose peer hangs (not dead: a dead peer's closed connection
+    fails the collective at once, and the launcher then ends the job) raises after that long instead of
+    waiting for torch's default of 30 minutes (gloo) / 10 (NCCL).
 
     On CPU: DDP/FSDP need accelerate's CPU flag (MULTI_CPU over gloo); DeepSpeed must NOT get it (each rank would
     think it is alone) but needs gloo named explicitly. FSDP is applied by us (`shard_fsdp2`), never by accelerate,
     which on CPU would silently give DDP instead.
     """
     on_cpu = not torch.cuda.is_available()
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and strategy != "single" else []
+    timeout = timedelta(seconds=timeout_s)
+    handlers = [] if strategy == "single" else [
+        InitProcessGroupKwargs(backend="gloo", timeout=timeout) if on_cpu else InitProcessGroupKwargs(timeout=timeout)]
     if strategy in DEEPSPEED:
         plugin = DeepSpeedPlugin(
             zero_stage=2 if strategy == "zero2" else 3,

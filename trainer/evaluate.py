@@ -16,7 +16,7 @@ from recipes.errors import InputError
 from recipes.schema import AdapterConfig, EvalConfig, Recipe
 from trainer.endpoint import EndpointClient
 from trainer.judge import Judge
-from trainer.model import load_model, load_tokenizer
+from trainer.model import check_adapter_folder, load_model, load_tokenizer
 from trainer.retrieval import Retriever
 from trainer.run_files import write_atomic
 
@@ -132,8 +132,8 @@ def _judged_examples(metrics: dict, judge: Judge | None, task: Task, outputs: li
 
 def load_for_eval(recipe: Recipe, adapter: Path | None):
     """(model, tokenizer, device): the recipe's base model as the recipe loads it, optionally with an adapter."""
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise InputError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
+    if adapter is not None:
+        check_adapter_folder(adapter)
     tokenizer = load_tokenizer(recipe.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(recipe.model, AdapterConfig(kind="none"), device, gradient_checkpointing=False)

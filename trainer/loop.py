@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -15,11 +16,18 @@ from transformers import get_scheduler
 
 from data_prep.shards import ShardedDataset
 from data_prep.tasks import task_for
-from recipes.errors import InputError
+from recipes.errors import RunStopped
 from recipes.loader import dump_recipe
-from recipes.schema import Recipe
+from recipes.schema import Recipe, TrainConfig
 from trainer.batches import MicroBatch, Position, plan_efficiency, plan_micro_batches
-from trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    TrainState,
+    checkpoint_to_resume,
+    list_checkpoints,
+    load_checkpoint,
+    resume_fingerprint,
+    save_checkpoint,
+)
 from trainer.distributed import Distributed, make_accelerator
 from trainer.memory import peak_memory_gb
 from trainer.model import count_parameters
@@ -28,11 +36,12 @@ from trainer.tracking import Tracker
 from trainer.workload import LossFn, Workload, workload_for
 
 
-def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_resume: bool = False) -> dict:
     task = task_for(recipe)
     work = workload_for(recipe, task)  # what differs between text and event-sequence tasks
     strategy = recipe.distributed.strategy
-    accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm)
+    accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm,
+                                   recipe.distributed.timeout_s)
     dist = Distributed(strategy, accelerator)
     main = accelerator.is_main_process
     run_dir = recipe.output_path
@@ -41,9 +50,15 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     cfg = recipe.train
 
     # Data: tokenized once (main process first, the others then hit the cache), read memory-mapped.
-    # Bad data fails here, before anything in output_dir is touched.
+    # Bad data, or a checkpoint that does not fit this recipe and data, fails here, before output_dir is touched.
     with accelerator.main_process_first():
         prepared = work.prepare()
+    data_hash = prepared.manifest["hash"]
+    fingerprint = resume_fingerprint(recipe)
+    if resume:
+        resume_from, mismatches = checkpoint_to_resume(run_dir / "checkpoints", fingerprint, data_hash, force_resume)
+        if mismatches and main:
+            print(f"[multitune] --force-resume from {resume_from} although {'; '.join(mismatches)}", flush=True)
     if main:
         claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
         write_atomic(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
@@ -66,23 +81,17 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
 
     log = RunLog(run_dir / "log.jsonl")
     tracker = Tracker(recipe.tracking, run_dir, recipe.model_dump(mode="json"), enabled=main)
-    data_hash = prepared.manifest["hash"]
     tracker.summary({"data_hash": data_hash, "packing_efficiency": efficiency, "trainable_params": trainable,
                      "total_params": total})
     before = None
     if resume:
-        newest = list_checkpoints(run_dir / "checkpoints")
-        if not newest:
-            raise InputError(f"output_dir {run_dir}: no complete checkpoint to resume from")
-        state = load_checkpoint(newest[-1], model, optimizer, scheduler, accelerator.process_index, strategy)
-        if state.data_hash != data_hash:
-            raise InputError(f"{newest[-1]}: data changed since this checkpoint (hash {state.data_hash[:12]} "
-                             f"!= {data_hash[:12]}); start a new run instead of --resume")
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, accelerator.process_index, strategy)
+        state.data_hash, state.recipe = data_hash, fingerprint  # what later checkpoints of this run stand for
         if main:
             log.truncate_after(state.step)
         before = next((e for e in log.entries() if e.get("eval") == "before"), None)
     else:
-        state = TrainState(data_hash=data_hash)
+        state = TrainState(data_hash=data_hash, recipe=fingerprint)
         if recipe.eval.before_training and (main or dist.sharded):  # sharded: every rank takes part in forward
             before, _ = work.evaluate(dist.unwrap(model), eval_set, accelerator.device)
             if main:
@@ -99,49 +108,60 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     # In a log file (SLURM, CI) a bar redrawn every step floods it: update it every 30 s there instead.
     progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
-    while state.step < total_steps:
-        started = time.perf_counter()
-        window: list[MicroBatch] = []
-        for _ in range(cfg.grad_accum):
-            position, batch = next(batches)
-            window.append(batch.to(accelerator.device))
-        loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, work.loss_sum, dist)
-        grad_norm = dist.clip_grad_norm(model, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:  # closed on the way out of an error too, so the error line is not glued to the bar
+        skips_in_a_row = 0
+        while state.step < total_steps:
+            started = time.perf_counter()
+            window: list[MicroBatch] = []
+            for _ in range(cfg.grad_accum):
+                position, batch = next(batches)
+                window.append(batch.to(accelerator.device))
+            loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, work.loss_sum,
+                                                                           dist)
+            grad_norm = dist.clip_grad_norm(model, cfg.max_grad_norm)
+            loss = loss_sum / max(global_targets, 1.0)
+            state.epoch, state.index = position.epoch, position.index
+            # Loss and norm are global (reduced over ranks), so every rank takes the same branch. DeepSpeed has
+            # already stepped inside backward and may not report a norm: only its loss is checked.
+            if not (math.isfinite(loss) and (math.isfinite(grad_norm) or dist.deepspeed)):
+                skips_in_a_row += 1
+                handle_nonfinite(cfg, state, loss, grad_norm, skips_in_a_row, run_dir / "checkpoints", main)
+                optimizer.zero_grad(set_to_none=True)  # skipped: this window's data is consumed, nothing updated
+                continue
+            skips_in_a_row = 0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        state.step += 1
-        state.epoch, state.index = position.epoch, position.index
-        state.tokens_seen += int(global_tokens)
-        elapsed = time.perf_counter() - started
-        state.elapsed_s += elapsed
-        loss = loss_sum / max(global_targets, 1.0)
-        entry = {"step": state.step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
-                 "grad_norm": round(float(grad_norm), 6), "tokens": int(global_tokens),
-                 "tokens_per_s": round(global_tokens / elapsed, 1), "target_tokens": int(global_targets),
-                 "epoch": state.epoch, "peak_mem_gb": peak_memory_gb(accelerator.device)}
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss is {loss} at step {state.step}; last good checkpoint kept")
-        if main:
-            log.append(entry)
-            tracker.log(entry, step=state.step)
-            progress.update(1)
-            progress.set_postfix(refresh=False, loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
-                                 gnorm=f"{entry['grad_norm']:.2f}")
-
-        if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
-            save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, recipe.checkpoint.keep_last,
-                            accelerator.process_index, accelerator.wait_for_everyone, strategy)
-        if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
-            eval_entry = {"eval": "loss", "step": state.step, "loss": eval_loss(model, eval_set, recipe, accelerator,
-                                                                               work)}
+            state.step += 1
+            state.tokens_seen += int(global_tokens)
+            elapsed = time.perf_counter() - started
+            state.elapsed_s += elapsed
+            entry = {"step": state.step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+                     "grad_norm": round(float(grad_norm), 6), "tokens": int(global_tokens),
+                     "tokens_per_s": round(global_tokens / elapsed, 1), "target_tokens": int(global_targets),
+                     "epoch": state.epoch, "peak_mem_gb": peak_memory_gb(accelerator.device)}
             if main:
-                eval_entry.update(work.step_metrics(accelerator.unwrap_model(model), eval_set, accelerator.device))
-                log.append(eval_entry)
-                tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
-                            step=state.step)
-    progress.close()
+                log.append(entry)
+                tracker.log(entry, step=state.step)
+                progress.update(1)
+                progress.set_postfix(refresh=False, loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}",
+                                     tok_s=f"{entry['tokens_per_s']:.0f}", gnorm=f"{entry['grad_norm']:.2f}")
+
+            if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
+                save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state,
+                                recipe.checkpoint.keep_last, accelerator.process_index, accelerator.wait_for_everyone,
+                                strategy, accelerator.num_processes)
+            if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
+                eval_entry = {"eval": "loss", "step": state.step,
+                              "loss": eval_loss(model, eval_set, recipe, accelerator, work)}
+                if main:
+                    eval_entry.update(work.step_metrics(accelerator.unwrap_model(model), eval_set, accelerator.device))
+                    log.append(eval_entry)
+                    tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
+                                step=state.step)
+    finally:
+        progress.close()
 
     # Outputs: trainable weights gathered once (collective) and saved by the main process as a PEFT adapter (written
     # atomically), final evaluation (on every rank when sharded), metrics, plot.
@@ -164,6 +184,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
             "tokens_per_s": sum(e["tokens"] for e in step_entries) / max(sum(e["tokens"] / e["tokens_per_s"]
                                                                             for e in step_entries), 1e-9),
             "packing_efficiency": efficiency, "final_loss": step_entries[-1]["loss"] if step_entries else None,
+            "nonfinite_skips": state.nonfinite_skips,
             "train_seconds": round(state.elapsed_s, 2), "trainable_params": trainable, "total_params": total,
             "data_hash": data_hash, "adapter": str(adapter_dir), "distributed": dist_info, "examples": examples,
         }
@@ -232,3 +253,22 @@ def build_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
 
     optimizer_cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return optimizer_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def handle_nonfinite(cfg: TrainConfig, state: TrainState, loss: float, grad_norm: float, in_a_row: int,
+                     checkpoints: Path, main: bool) -> None:
+    """A NaN/inf loss or gradient norm before optimizer step `state.step + 1`: stop (RunStopped naming the step and
+    the checkpoint kept) or, under `train.nonfinite=skip`, count it and return so the loop drops the gradients."""
+    step = state.step + 1
+    what = f"non-finite loss ({loss})" if not math.isfinite(loss) else f"non-finite gradient norm ({grad_norm})"
+    kept = list_checkpoints(checkpoints)
+    keep = f"last good checkpoint {kept[-1]} kept" if kept else "no checkpoint written yet"
+    if cfg.nonfinite == "stop":
+        raise RunStopped(f"{what} at step {step}: run stopped (train.nonfinite=stop); {keep}")
+    if in_a_row > cfg.max_nonfinite_skips:
+        raise RunStopped(f"{what} at step {step}: {in_a_row} steps in a row non-finite, more than "
+                         f"train.max_nonfinite_skips={cfg.max_nonfinite_skips}; run stopped, {keep}")
+    state.nonfinite_skips += 1
+    if main:
+        print(f"[multitune] {what} at step {step}: skipped ({in_a_row} in a row, train.nonfinite=skip)",
+              file=sys.stderr, flush=True)

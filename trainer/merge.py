@@ -19,12 +19,11 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from recipes.errors import InputError
-from trainer.model import DTYPES
+from trainer.model import DTYPES, check_adapter_folder
 
 
 def adapter_info(adapter_dir: Path) -> dict:
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise InputError(f"--adapter {adapter_dir}: not an adapter folder (no adapter_config.json)")
+    check_adapter_folder(adapter_dir)
     info_file = adapter_dir / "multitune.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     info.setdefault("base_model", PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path)
@@ -42,9 +41,9 @@ def load_base_for_merge(info: dict, base: str, onto: str) -> torch.nn.Module:
         )
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=dtype,
-                                                     device_map={"": device})
+                                                     device_map={"": device}, use_safetensors=True)
         return dequantize_nf4(model, dtype)
-    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True)
 
 
 def dequantize_nf4(model, dtype: torch.dtype):

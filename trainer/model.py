@@ -30,6 +30,15 @@ def resolve_model_path(config: ModelConfig) -> str:
     return config.name_or_path
 
 
+def check_adapter_folder(adapter: Path) -> None:
+    """An adapter we are about to load: PEFT config plus safetensors weights (a pickled .bin could run code)."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise InputError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise InputError(f"--adapter {adapter}: no adapter_model.safetensors (adapters are loaded from safetensors "
+                         f"only, never from pickled .bin files)")
+
+
 def load_tokenizer(config: ModelConfig):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config), trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:

@@ -57,7 +57,7 @@ class Retriever:
         path = model_path or default_embedding_model()
         self.passages, self.batch_size, self.max_length = passages, batch_size, max_length
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.encoder = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        self.encoder = AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
         self.matrix = self._embed([p.text for p in passages])
 
     @torch.no_grad()

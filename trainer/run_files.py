@@ -21,8 +21,10 @@ def check_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other")
     if resume:
-        if not (path / "checkpoints").is_dir():
-            raise InputError(f"output_dir {path}: nothing to resume (no checkpoints/ folder)")
+        from trainer.checkpoint import list_checkpoints
+
+        if not list_checkpoints(path / "checkpoints"):
+            raise InputError(f"output_dir {path}: no complete checkpoint to resume from")
         return
     existing = [name for name in RUN_FILES if (path / name).exists()]
     if existing and not overwrite:

@@ -14,6 +14,10 @@ from recipes.errors import InputError
 
 Record = dict[str, Any]
 
+# One row of a data file longer than this is refused: no sample a model trains on is 8 MiB of text, and reading
+# such a line (a file without line breaks, a binary file) would only hold its whole size in memory.
+MAX_LINE_BYTES = 8 << 20
+
 
 @dataclass(frozen=True)
 class ChatExample:
@@ -87,7 +91,8 @@ class Task(ABC):
                 raise InputError(f"{where}: missing field '{field}'")
 
     def read(self, path: str | Path, inputs_only: bool = False) -> Iterator[Record]:
-        """Records from a user's JSONL or CSV file, each validated; errors name file:line.
+        """Records from a user's JSONL or CSV file, each validated; errors name file:line. A file without any
+        record, or two records with the same `id`, is an error too.
 
         `inputs_only`: rows to answer, not to train on, so only `input_fields` are required.
         """
@@ -96,16 +101,30 @@ class Task(ABC):
         if not path.is_file():
             raise InputError(f"data file not found: {path}")
         if path.suffix == ".csv":
-            yield from self._read_csv(path, check)
+            rows = self._read_csv(path, check)
         elif path.suffix in (".jsonl", ".json"):
-            yield from self._read_jsonl(path, check)
+            rows = self._read_jsonl(path, check)
         else:
             raise InputError(f"{path}: unsupported data file type '{path.suffix}' (use .jsonl or .csv)")
+        first_seen: dict[str, str] = {}
+        count = 0
+        for where, record in rows:
+            if record.get("id") is not None:
+                seen = first_seen.setdefault(str(record["id"]), where)
+                if seen != where:
+                    raise InputError(f"{where}: duplicate id {record['id']!r} (first at line {seen.rsplit(':', 1)[1]})")
+            count += 1
+            yield record
+        if count == 0:
+            raise InputError(f"{path}: no records in the file (empty)")
 
-    def _read_jsonl(self, path: Path, check) -> Iterator[Record]:
+    def _read_jsonl(self, path: Path, check) -> Iterator[tuple[str, Record]]:
         with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
+            for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), start=1):
                 where = f"{path}:{number}"
+                if len(raw) > MAX_LINE_BYTES:
+                    raise InputError(f"{where}: line longer than {MAX_LINE_BYTES >> 20} MiB (a binary file, or "
+                                     f"records without line breaks?)")
                 try:
                     line = raw.decode("utf-8").strip()
                 except UnicodeDecodeError:
@@ -115,18 +134,27 @@ class Task(ABC):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                    detail = exc.msg if exc.msg.endswith(" at") else f"{exc.msg} at"
+                    raise InputError(f"{where}: malformed JSON ({detail} column {exc.colno})") from None
                 if not isinstance(record, dict):
                     raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
                 check(record, where)
-                yield record
+                yield where, record
 
-    def _read_csv(self, path: Path, check) -> Iterator[Record]:
+    def _read_csv(self, path: Path, check) -> Iterator[tuple[str, Record]]:
+        csv.field_size_limit(MAX_LINE_BYTES)
+        reader = None
         try:
             with open(path, newline="", encoding="utf-8") as handle:
-                for number, row in enumerate(csv.DictReader(handle), start=2):
-                    record = {key: value for key, value in row.items() if key is not None}
-                    check(record, f"{path}:{number}")
-                    yield record
+                reader = csv.DictReader(handle, strict=True)
+                for row in reader:
+                    where = f"{path}:{reader.line_num}"
+                    if None in row:
+                        raise InputError(f"{where}: more values than the {len(reader.fieldnames)} header columns")
+                    check(row, where)
+                    yield where, row
         except UnicodeDecodeError:
             raise InputError(f"{path}: not valid UTF-8") from None
+        except csv.Error as exc:
+            line = reader.line_num + 1 if reader is not None else 1  # the line being read when it failed
+            raise InputError(f"{path}:{line}: malformed CSV ({exc})") from None
