@@ -40,7 +40,7 @@ def trl(jsonl: Path, out: Path) -> dict:
 
     disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    model = AutoModelForCausalLM.from_pretrained(model_dir())
+    model = AutoModelForCausalLM.from_pretrained(model_dir(), use_safetensors=True)
     config = SFTConfig(output_dir=str(out / "trainer"), packing=True, max_length=MAX_LEN, completion_only_loss=True,
                        report_to=[], use_cpu=True, dataset_num_proc=None)
 

@@ -68,7 +68,8 @@ def trl(out: Path, packed: bool, startup: bool = False) -> dict:
         example = task.format(record)
         rows.append({"prompt": example.messages, "completion": [{"role": "assistant", "content": example.answer}]})
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype="float32", attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype="float32", attn_implementation="sdpa",
+                                                 use_safetensors=True)
     # Unpacked batches hold ~STEP_TOKENS real tokens on average, as the packed ones do.
     lengths = [len(ids) for ids in tokenize_examples(tokenizer, [task.format(r) for r in records()], True).input_ids]
     batch = STEP_TOKENS // ROW_LEN if packed else round(STEP_TOKENS * len(lengths) / sum(lengths))
