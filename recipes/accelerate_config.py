@@ -4,6 +4,7 @@ strategy/method/config combination the trainer cannot run fails before any launc
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -38,8 +39,7 @@ FSDP1_ONLY = {
 }
 DEEPSPEED_KEYS = {
     "deepspeed_multinode_launcher", "deepspeed_hostfile", "deepspeed_inclusion_filter", "deepspeed_exclusion_filter",
-    "zero_stage", "offload_optimizer_device", "offload_param_device", "offload_optimizer_nvme_path",
-    "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
+    "zero_stage", "offload_optimizer_device", "offload_param_device", "zero3_init_flag", "zero3_save_16bit_model",
 }
 DEEPSPEED_FROM_RECIPE = {
     "gradient_accumulation_steps": "comes from train.grad_accum",
@@ -118,6 +118,32 @@ def _deepspeed_problem(recipe, ds: dict) -> str | None:
     if int(ds.get("zero_stage", -1)) != stage:
         return (f"deepspeed_config.zero_stage is {ds.get('zero_stage')}, but "
                 f"distributed.strategy={recipe.distributed.strategy} needs {stage}")
+    for key in ("offload_optimizer_device", "offload_param_device"):
+        if str(ds.get(key, "none")) not in ("none", "cpu"):
+            return f"deepspeed_config.{key}={ds[key]} is not supported: none or cpu"
     if stage < 3 and str(ds.get("offload_param_device", "none")) != "none":
         return "deepspeed_config.offload_param_device needs ZeRO-3 (ZeRO-2 does not partition parameters)"
     return None
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """What the trainer takes from a DeepSpeed accelerate config; the rest of DeepSpeed's config comes from the
+    recipe (accumulation, clipping, precision)."""
+
+    zero_stage: int
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    zero3_init: bool = True
+
+
+def deepspeed_settings(recipe) -> DeepSpeedSettings | None:
+    """Read from the recipe's own accelerate config rather than from the launcher's environment, so a process
+    runs what its recipe names whichever config launched it."""
+    if recipe.distributed.strategy not in ("zero2", "zero3"):
+        return None
+    ds = yaml.safe_load(resolve_accelerate_config(recipe).read_text()).get("deepspeed_config") or {}
+    stage = int(recipe.distributed.strategy[-1])
+    return DeepSpeedSettings(zero_stage=stage, offload_optimizer=str(ds.get("offload_optimizer_device")) == "cpu",
+                             offload_param=str(ds.get("offload_param_device")) == "cpu",
+                             zero3_init=stage == 3 and bool(ds.get("zero3_init_flag", True)))

@@ -22,6 +22,7 @@ from data_prep.shards import ShardedDataset
 from data_prep.tasks import task_for
 from data_prep.tokenize import IGNORE
 from recipes.errors import InputError
+from recipes.accelerate_config import deepspeed_settings
 from recipes.loader import dump_recipe
 from recipes.schema import Recipe
 from trainer.batches import (
@@ -36,7 +37,7 @@ from trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, sa
 from trainer.distributed import Distributed, make_accelerator
 from trainer.evaluate import eval_records, evaluate_generation
 from trainer.memory import peak_memory_gb
-from trainer.model import DTYPES, count_parameters, load_model, load_tokenizer
+from trainer.model import DTYPES, count_parameters, load_tokenizer
 from trainer.run_files import RunLog, check_output_dir, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
 from trainer.tracking import Tracker
 
@@ -44,7 +45,8 @@ from trainer.tracking import Tracker
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     task = task_for(recipe)
     strategy = recipe.distributed.strategy
-    accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm)
+    accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm,
+                                   deepspeed_settings(recipe))
     dist = Distributed(strategy, accelerator)
     main = accelerator.is_main_process
     run_dir = recipe.output_path
@@ -71,8 +73,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.per_rank / cfg.grad_accum)
 
     # Model, optimizer, schedule.
-    with dist.model_loading(quantized=recipe.model.quantization == "nf4"):
-        model = load_model(recipe.model, recipe.adapter, accelerator.device, cfg.gradient_checkpointing)
+    model = dist.load_model(recipe.model, recipe.adapter, cfg.gradient_checkpointing)
     trainable, total = count_parameters(model)
     model, optimizer = dist.prepare(model, lambda m: build_optimizer(m, recipe))
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
