@@ -5,7 +5,8 @@ every rank loading the whole model (`--ordinary`). Run it under accelerate with 
         --num_processes 2 bench/load_memory.py MODEL_DIR [--ordinary] [--qlora]
 
 Prints one JSON line per rank: resident set size (MiB) before loading, peak during load + shard, after sharding.
-MODEL_DIR is built on first use (random-init Llama, hidden 1024, 8 layers: ~170M parameters, 650 MiB in fp32).
+MODEL_DIR is built on first use (random-init Llama, hidden 1024, 24 layers: ~345M parameters, 1.3 GiB in fp32;
+run once to build it, then measure).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main(model_dir: str, ordinary: bool, qlora: bool) -> None:
     from trainer.model import load_model
     from trainer.tiny_model import ensure_tiny_model
 
-    spec = TinyModelSpec(hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8, intermediate_size=2816)
+    spec = TinyModelSpec(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=2816)
     accelerator = make_accelerator("fsdp", "float32", 1, None)
     with accelerator.main_process_first():
         ensure_tiny_model(spec, model_dir)
