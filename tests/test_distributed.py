@@ -63,6 +63,7 @@ def test_strategy_shards_learns_saves_and_resumes(tmp_path, tiny_model_dir, laun
         name = f"{config.removesuffix('.yaml')}-{method}"
         recipe = write_recipe(tmp_path / f"{name}.yaml", recipe_dict(
             tmp_path / name, tiny_model_dir, model=model, adapter=adapter, train=STEPS, checkpoint=CKPT,
+            data={"cache_dir": str(tmp_path / "cache")},  # tokenized once per launch, a cache hit after that
             distributed={"strategy": strategy, "accelerate_config": f"accelerate_configs/{config}"}))
         runs[recipe] = (config, strategy, method)
     flags = {"ddp.yaml": ["--coverage"]}.get(launched_with, ["--load-check"])
