@@ -8,13 +8,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.errors import InputError
+from recipes.accelerate_config import resolve_accelerate_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "accelerate_configs"
-
-
-EXPECTED_TYPE = {"single": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 
 
 @dataclass(frozen=True)
@@ -26,28 +22,9 @@ class LaunchFlags:
     main_process_port: int | None = None
 
 
-def default_config(recipe) -> str:
-    strategy = recipe.distributed.strategy
-    if strategy == "fsdp" and recipe.model.quantization == "nf4":
-        return "fsdp_qlora.yaml"
-    return {"single": "single_gpu.yaml"}.get(strategy, f"{strategy}.yaml")
-
-
 def resolve_config(recipe) -> Path:
-    """The recipe's `distributed.accelerate_config` (relative to the working dir, else to the repo), or the
-    strategy's default in accelerate_configs/."""
-    import yaml
-
-    name = recipe.distributed.accelerate_config or str(Path("accelerate_configs") / default_config(recipe))
-    found = next((c for c in (Path(name), REPO / name) if c.is_file()), None)
-    if found is None:
-        raise InputError(f"distributed.accelerate_config: file not found: {name}")
-    kind = str(yaml.safe_load(found.read_text()).get("distributed_type", "NO"))
-    expected = EXPECTED_TYPE[recipe.distributed.strategy]
-    if kind != expected:
-        raise InputError(f"distributed.accelerate_config: {name} has distributed_type {kind}, but "
-                         f"distributed.strategy={recipe.distributed.strategy} needs {expected}")
-    return found
+    """The accelerate config file this recipe launches with (checked against the recipe at validate time)."""
+    return resolve_accelerate_config(recipe)
 
 
 def free_port() -> int:

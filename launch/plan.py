@@ -274,15 +274,10 @@ def _per(shards: int) -> str:
 # ---------------------------------------------------------------------------------------------------- recommend
 def offload_flags(recipe: Recipe) -> tuple[bool, bool]:
     """(optimizer offloaded, parameters offloaded) from the recipe's accelerate config (DeepSpeed only)."""
-    import yaml
+    from recipes.accelerate_config import deepspeed_settings
 
-    from launch.distributed import resolve_config
-
-    if recipe.distributed.strategy not in ("zero2", "zero3"):
-        return False, False
-    ds = yaml.safe_load(resolve_config(recipe).read_text()).get("deepspeed_config", {}) or {}
-    return (str(ds.get("offload_optimizer_device", "none")) == "cpu",
-            str(ds.get("offload_param_device", "none")) == "cpu")
+    settings = deepspeed_settings(recipe)
+    return (settings.offload_optimizer, settings.offload_param) if settings else (False, False)
 
 
 def recommend(recipe: Recipe, shape: ModelShape, setup: Setup, gpu_gib: float) -> tuple[Setup, Plan] | None:

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from recipes.accelerate_config import resolve_accelerate_config
 from recipes.errors import InputError
 from recipes.schema import Recipe
 
@@ -50,13 +51,20 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """The typed recipe, with the accelerate config it launches with read and checked against it."""
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
         message = describe_error(errors[0], Recipe)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise InputError(f"{source}: {message}{more}") from None
+    if recipe.distributed.strategy != "single" or recipe.distributed.accelerate_config:
+        try:
+            resolve_accelerate_config(recipe)
+        except InputError as exc:
+            raise InputError(f"{source}: {exc}") from None
+    return recipe
 
 
 def describe_error(error: dict[str, Any], root: type[BaseModel]) -> str:

@@ -1,8 +1,10 @@
 """Runs inside `accelerate launch` (every rank): for each recipe, train, cut the run back to its first checkpoint,
-and resume it in the same process group, so one launch checks several methods of one strategy.
+and resume it in the same process group, so one launch checks several methods (and, for DeepSpeed, stages: each
+recipe's own accelerate config decides its stage and offload) of one strategy family.
 
 Writes next to each run: `log.full.jsonl` and `metrics.full.json` (the uninterrupted run); with `--coverage`,
-`coverage.json` (which samples each rank's stream yields in epoch 0).
+`coverage.json` (which samples each rank's stream yields in epoch 0); with `--load-check`, for recipes without
+quantization, `load_check.json` (see `check_loading`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from contextlib import nullcontext
 
 from pathlib import Path
 
@@ -47,13 +50,74 @@ def sample_coverage(recipe) -> None:
         (recipe.output_path / "coverage.json").write_text(json.dumps({"rows": len(data), "per_rank": everyone}))
 
 
+def check_loading(recipe) -> None:
+    """Load and shard the recipe's model the way `train` does, then compare it with an ordinary full load on this
+    rank: the gathered state dict (rank 0) and the logits of one forward (every rank; buffers included). Writes
+    `load_check.json`: how each rank built its model and what it held before sharding, and the differences."""
+    import torch
+    from accelerate.utils import set_seed
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from recipes.accelerate_config import deepspeed_settings
+    from trainer.distributed import Distributed, _without_zero3_init, make_accelerator
+    from trainer.model import load_model
+
+    accelerator = make_accelerator(recipe.distributed.strategy, recipe.model.dtype, 1, None,
+                                   deepspeed_settings(recipe))
+    dist_ = Distributed(recipe.distributed.strategy, accelerator)
+    set_seed(recipe.train.seed)
+    model = dist_.load_model(lambda device, weights: load_model(recipe.model, recipe.adapter, device, False, weights),
+                             quantized=recipe.model.quantization == "nf4")
+    model, _ = dist_.prepare(model, lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0))
+    set_seed(recipe.train.seed)
+    plugin = accelerator.state.deepspeed_plugin if dist_.deepspeed else None
+    with _without_zero3_init(plugin) if plugin else nullcontext():  # the ordinary load, no zero.Init
+        reference = load_model(recipe.model, recipe.adapter, torch.device("cpu"), False)
+    ids = torch.arange(1, 33).reshape(2, 16)
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        logits_diff = (model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max().item()
+    if dist_.strategy == "fsdp":
+        gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        import deepspeed
+
+        params = list(dist_.unwrap(model).parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            gathered = {n: p.detach().cpu().clone() for n, p in dist_.unwrap(model).named_parameters()}
+    expected = reference.state_dict()
+    result = {"load_per_rank": _everyone(dist_.load_info), "logits_max_diff": _everyone(logits_diff),
+              "full_bytes": sum(p.numel() * p.element_size() for p in reference.parameters())}
+    if dist.get_rank() == 0:
+        result["state_keys_compared"] = len(gathered)
+        # DeepSpeed's gather is of parameters only; FSDP's state dict must have exactly the ordinary keys
+        unmatched = set(gathered) ^ set(expected) if dist_.strategy == "fsdp" else set(gathered) - set(expected)
+        result["unmatched_keys"] = sorted(unmatched)[:5]
+        result["state_max_diff"] = max((gathered[k].float() - expected[k].float()).abs().max().item()
+                                       for k in gathered)
+        recipe.output_path.parent.mkdir(parents=True, exist_ok=True)
+        (recipe.output_path.parent / "load_check.json").write_text(json.dumps(result))
+    dist.barrier()
+    AcceleratorState._reset_state()
+
+
+def _everyone(value) -> list:
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
 def main(paths: list[str]) -> None:
     from recipes.loader import load_recipe
     from trainer.loop import train
 
     coverage = "--coverage" in paths
-    for path in [p for p in paths if p != "--coverage"]:
+    load_check = "--load-check" in paths
+    for path in [p for p in paths if not p.startswith("--")]:
         recipe = load_recipe(path, [])
+        if load_check and recipe.model.quantization == "none":
+            check_loading(recipe)
         train(recipe)
         if dist.get_rank() == 0:
             cut_back_to_first_checkpoint(recipe.output_path)

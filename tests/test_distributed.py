@@ -22,12 +22,13 @@ METHODS = {  # model/adapter overrides; sharded QLoRA stores 4-bit weights in th
     "qlora": ({"quantization": "nf4"}, {}),
     "full": ({}, {"kind": "none"}),
 }
-CASES = {  # accelerate config -> (strategy, methods)
-    "ddp.yaml": ("ddp", ["lora", "qlora"]),
-    "fsdp.yaml": ("fsdp", ["lora", "qlora", "full"]),
-    "zero2.yaml": ("zero2", ["lora", "qlora"]),
-    "zero3.yaml": ("zero3", ["lora", "qlora", "full"]),
-    "zero3_offload.yaml": ("zero3", ["lora"]),
+LAUNCHES = {  # one `accelerate launch` per strategy family -> (accelerate config of each recipe, strategy, method)
+    # DeepSpeed stages and offload come from each recipe's own accelerate config, so one launch runs all three.
+    "ddp.yaml": [("ddp.yaml", "ddp", "lora"), ("ddp.yaml", "ddp", "qlora")],
+    "fsdp.yaml": [("fsdp.yaml", "fsdp", "lora"), ("fsdp.yaml", "fsdp", "qlora"), ("fsdp.yaml", "fsdp", "full")],
+    "zero3.yaml": [("zero2.yaml", "zero2", "lora"), ("zero2.yaml", "zero2", "qlora"), ("zero3.yaml", "zero3", "lora"),
+                   ("zero3.yaml", "zero3", "qlora"), ("zero3.yaml", "zero3", "full"),
+                   ("zero3_offload.yaml", "zero3", "lora")],
 }
 
 
@@ -49,25 +50,27 @@ def free_port():
     return free_port()
 
 
-@pytest.mark.parametrize("config", list(CASES))
-def test_strategy_shards_learns_saves_and_resumes(tmp_path, tiny_model_dir, config):
+@pytest.mark.parametrize("launched_with", list(LAUNCHES))
+def test_strategy_shards_learns_saves_and_resumes(tmp_path, tiny_model_dir, launched_with):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    strategy, methods = CASES[config]
-    recipes = []
-    for method in methods:
+    runs = {}
+    for config, strategy, method in LAUNCHES[launched_with]:
         model, adapter = METHODS[method]
         if method == "qlora" and strategy in ("fsdp", "zero3"):
             model = {**model, "quant_storage": "float32"}
-        recipes.append(write_recipe(tmp_path / f"{method}.yaml", recipe_dict(
-            tmp_path / method, tiny_model_dir, model=model, adapter=adapter, train=STEPS, checkpoint=CKPT,
-            distributed={"strategy": strategy, "accelerate_config": f"accelerate_configs/{config}"})))
-    coverage = ["--coverage"] if strategy == "ddp" else []
-    launch(config, "tests/distributed_driver.py", *coverage, *map(str, recipes), port=free_port())
+        name = f"{config.removesuffix('.yaml')}-{method}"
+        recipe = write_recipe(tmp_path / f"{name}.yaml", recipe_dict(
+            tmp_path / name, tiny_model_dir, model=model, adapter=adapter, train=STEPS, checkpoint=CKPT,
+            data={"cache_dir": str(tmp_path / "cache")},  # tokenized once per launch, a cache hit after that
+            distributed={"strategy": strategy, "accelerate_config": f"accelerate_configs/{config}"}))
+        runs[recipe] = (config, strategy, method)
+    flags = {"ddp.yaml": ["--coverage"]}.get(launched_with, ["--load-check"])
+    launch(launched_with, "tests/distributed_driver.py", *flags, *map(str, runs), port=free_port())
 
-    for method in methods:
-        run = tmp_path / method / "run"
+    for recipe, (config, strategy, method) in runs.items():
+        run = recipe.parent / recipe.stem / "run"
         info = json.loads((run / "metrics.full.json").read_text())["distributed"]
         assert info["world_size"] == 2, info
         if strategy == "ddp":
@@ -80,6 +83,7 @@ def test_strategy_shards_learns_saves_and_resumes(tmp_path, tiny_model_dir, conf
             expected = 0.5 if strategy == "zero3" else 1.0  # ZeRO-3 partitions parameters, ZeRO-2 only states
             assert info["local_param_fraction"] == pytest.approx(expected, abs=0.01), info
             assert info["offload"] == ("offload" in config)
+        check_big_model_loading(info["load_per_rank"], strategy, method, recipe.parent / recipe.stem)
         full, resumed = steps(run / "log.full.jsonl"), steps(run / "log.jsonl")
         assert full[4] < full[1], (method, full)
         assert sorted(resumed) == [1, 2, 3, 4]
@@ -100,19 +104,41 @@ def test_strategy_shards_learns_saves_and_resumes(tmp_path, tiny_model_dir, conf
             changed = (base.model.layers[0].mlp.up_proj.weight - original.model.layers[0].mlp.up_proj.weight).abs()
             assert changed.max() > 1e-4  # the gathered full model, not the initial weights
 
-    if strategy == "ddp":  # every training sample exactly once per epoch across the two ranks
-        cover = json.loads((tmp_path / "lora" / "run" / "coverage.json").read_text())
+    if launched_with == "ddp.yaml":  # every training sample exactly once per epoch across the two ranks
+        cover = json.loads((tmp_path / "ddp-lora" / "run" / "coverage.json").read_text())
         first, second = cover["per_rank"]
         assert not set(first) & set(second)
         assert sorted(first + second) == list(range(cover["rows"]))
 
 
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir):
-    """2 ranks x (micro-batch b, accumulation 2) sees per step exactly the micro-batches 1 rank sees with
-    accumulation 4 (rank r takes every 2nd of the same shuffled order), and the loss is normalised by the global
-    target-token count. Step 1 (before any update) agrees to 1e-6; later steps to 5e-4 relative, because the
-    all-reduce sums gradients in a different order and Adam's update (~g/sqrt(v)) amplifies that round-off for
-    near-zero gradient components (measured: 1e-5 at step 3, 1e-4 at step 4)."""
+def check_big_model_loading(per_rank: list[dict], strategy: str, method: str, folder) -> None:
+    """No rank but 0 holds the whole model before sharding: FSDP2 ranks > 0 build it on the meta device (no
+    parameter bytes at all), ZeRO-3 partitions it while loading (each rank half); the result equals an ordinary
+    load. QLoRA loads quantized on every rank (4-bit weights cannot be built without reading them)."""
+    if method == "qlora" or strategy in ("ddp", "zero2"):
+        assert [r["init"] for r in per_rank] == ["full", "full"], per_rank
+        return
+    check = json.loads((folder / "load_check.json").read_text())
+    full_bytes = check["full_bytes"]
+    assert check["load_per_rank"] == per_rank  # the check loaded exactly as training did
+    if strategy == "fsdp":
+        assert per_rank == [{"init": "full", "bytes": full_bytes}, {"init": "meta", "bytes": 0}], per_rank
+    else:
+        assert [r["init"] for r in per_rank] == ["zero.Init", "zero.Init"], per_rank
+        assert all(r["bytes"] == pytest.approx(full_bytes / 2, rel=0.02) for r in per_rank), (per_rank, full_bytes)
+    assert check["unmatched_keys"] == [] and check["state_keys_compared"] > 10, check
+    assert check["state_max_diff"] == 0.0, check  # the same bytes as an ordinary load
+    assert max(check["logits_max_diff"]) < 1e-6, check  # every rank, buffers (rotary inv_freq) included
+
+
+def test_two_machines_train_one_ddp_job_equal_to_one_process(tmp_path, tiny_model_dir):
+    """Two launches on this host, machine rank 0 and 1, one process each, meeting at 127.0.0.1, train one DDP job;
+    and that job equals one process with the same global batch: 2 ranks x (micro-batch b, accumulation 2) see per
+    step exactly the micro-batches 1 rank sees with accumulation 4 (rank r takes every 2nd of the same shuffled
+    order), the loss normalised by the global target-token count. Step 1 (before any update) agrees to 1e-6; later
+    steps to 5e-4 relative, because the all-reduce sums gradients in a different order and Adam's update
+    (~g/sqrt(v)) amplifies that round-off for near-zero gradient components (measured: 1e-5 at step 3, 1e-4 at
+    step 4)."""
     from recipes.loader import validate_recipe
     from trainer.loop import train
 
@@ -120,30 +146,21 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
         return recipe_dict(tmp_path / name, tiny_model_dir, train={"max_steps": 4, "grad_accum": accum},
                            checkpoint={"every_steps": None}, distributed={"strategy": strategy})
 
-    write_recipe(tmp_path / "ddp.yaml", recipe("ddp", "ddp", 2))
-    subprocess.run([sys.executable, "-m", "launch.cli", "train", str(tmp_path / "ddp.yaml"), "--num_processes", "2"],
-                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=600)
+    path = write_recipe(tmp_path / "ddp.yaml", recipe("ddp", "ddp", 2))
+    port = free_port()
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "train", str(path), "--num_processes", "2", "--num_machines", "2",
+         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     one = validate_recipe(recipe("one", "single", 4))
-    train(one)
+    train(one)  # meanwhile, in this process
+    outputs = [m.communicate(timeout=600)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "run" / "metrics.json").read_text())
+    assert metrics["distributed"]["world_size"] == 2 and metrics["distributed"]["wrapper"] == "DistributedDataParallel"
+
     two_ranks, one_rank = steps(tmp_path / "ddp" / "run" / "log.jsonl"), steps(one.output_path / "log.jsonl")
     assert sorted(two_ranks) == sorted(one_rank) == [1, 2, 3, 4]
     assert two_ranks[1] == pytest.approx(one_rank[1], rel=1e-6)
     for step in one_rank:
         assert two_ranks[step] == pytest.approx(one_rank[step], rel=5e-4), (two_ranks, one_rank)
-
-
-def test_two_machines_rendezvous_and_train_one_job(tmp_path, tiny_model_dir):
-    """Two launches on this host, machine rank 0 and 1, one process each, meeting at 127.0.0.1: one DDP job."""
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path, tiny_model_dir, train={"max_steps": 3},
-                                                          checkpoint={"every_steps": None},
-                                                          distributed={"strategy": "ddp"}))
-    port = free_port()
-    machines = [subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "train", str(recipe), "--num_processes", "2", "--num_machines", "2",
-         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)],
-        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [m.communicate(timeout=600)[0] for m in machines]
-    assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["distributed"]["world_size"] == 2 and metrics["distributed"]["wrapper"] == "DistributedDataParallel"
-    assert sorted(steps(tmp_path / "run" / "log.jsonl")) == [1, 2, 3]

@@ -6,18 +6,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+from recipes.accelerate_config import DeepSpeedSettings
+
 DEEPSPEED = frozenset({"zero2", "zero3"})
 
 
 def make_accelerator(strategy: str, dtype: str, grad_accum: int, max_grad_norm: float | None,
-                     timeout_s: int = 600) -> Accelerator:
+                     deepspeed: DeepSpeedSettings | None = None, timeout_s: int = 600) -> Accelerator:
     """The process group and device for `strategy`, with the CPU traps of accelerate 1.15 handled explicitly.
 
     `timeout_s` bounds every collective: a rank whose peer hangs (not dead: a dead peer's closed connection
@@ -26,18 +28,22 @@ def make_accelerator(strategy: str, dtype: str, grad_accum: int, max_grad_norm: 
 
     On CPU: DDP/FSDP need accelerate's CPU flag (MULTI_CPU over gloo); DeepSpeed must NOT get it (each rank would
     think it is alone) but needs gloo named explicitly. FSDP is applied by us (`shard_fsdp2`), never by accelerate,
-    which on CPU would silently give DDP instead.
+    which on CPU would silently give DDP instead. DeepSpeed's stage and offload come from `deepspeed` (the
+    recipe's accelerate config), every field explicit, so nothing falls back to the launcher's environment.
     """
     on_cpu = not torch.cuda.is_available()
     timeout = timedelta(seconds=timeout_s)
     handlers = [] if strategy == "single" else [
         InitProcessGroupKwargs(backend="gloo", timeout=timeout) if on_cpu else InitProcessGroupKwargs(timeout=timeout)]
     if strategy in DEEPSPEED:
+        deepspeed = deepspeed or DeepSpeedSettings(zero_stage=int(strategy[-1]))
         plugin = DeepSpeedPlugin(
-            zero_stage=2 if strategy == "zero2" else 3,
+            zero_stage=deepspeed.zero_stage,
             gradient_accumulation_steps=grad_accum,
             gradient_clipping=max_grad_norm or 0.0,
-            zero3_init_flag=False if strategy == "zero2" else None,  # None: the accelerate config decides
+            offload_optimizer_device="cpu" if deepspeed.offload_optimizer else "none",
+            offload_param_device="cpu" if deepspeed.offload_param else "none",
+            zero3_init_flag=deepspeed.zero3_init,
         )
         # We feed DeepSpeed our own token-budget micro-batches (rows vary); its batch size only enters its sanity
         # check (train_batch_size = micro x accumulation x world) and its logging.
@@ -56,6 +62,7 @@ def make_accelerator(strategy: str, dtype: str, grad_accum: int, max_grad_norm: 
 class Distributed:
     strategy: str
     accelerator: Accelerator
+    load_info: dict = field(default_factory=dict)  # how this rank built its model: init kind, bytes it held
 
     @property
     def deepspeed(self) -> bool:
@@ -71,7 +78,33 @@ class Distributed:
         is already normalised by the whole step's target tokens."""
         return float(grad_accum) if self.deepspeed else 1.0
 
-    def model_loading(self, quantized: bool):
+    def broadcasts_weights(self, quantized: bool) -> bool:
+        """FSDP2 full/LoRA: only rank 0 reads the weights; the others build the model on the meta device and get
+        their shard from rank 0 after sharding. (4-bit weights cannot be built without reading them: under QLoRA
+        every rank quantizes while loading, one weight at a time, and holds the 4-bit model until sharding.)"""
+        return self.strategy == "fsdp" and not quantized and self.accelerator.num_processes > 1
+
+    def load_model(self, build: Callable[[torch.device, bool], torch.nn.Module], quantized: bool):
+        """The model as this rank should hold it before `prepare`, without every rank holding all of it: meta on
+        FSDP2 ranks other than 0 (see `broadcasts_weights`), partitioned while loading under ZeRO-3 (zero.Init).
+
+        `build(device, weights)` makes the model; weights=False asks for it on the meta device, from the config
+        alone (a builder that cannot may load real weights: rank 0's overwrite them when sharding).
+        """
+        rank0 = self.accelerator.process_index == 0
+        device = self.accelerator.device
+        if self.broadcasts_weights(quantized):  # fully_shard moves each unit to the device, one at a time
+            device = torch.device("cpu")
+        with self._model_loading(quantized):
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            weights = rank0 or not self.broadcasts_weights(quantized)
+            model = build(device, weights)
+            init = "meta" if not weights else "zero.Init" if is_deepspeed_zero3_enabled() else "full"
+        self.load_info = {"init": init, "bytes": _materialised_bytes(model)}
+        return model
+
+    def _model_loading(self, quantized: bool):
         """Context for `from_pretrained`. ZeRO-3 partitions full/LoRA weights while loading (zero.Init, from the
         config's zero3_init_flag); 4-bit loading needs a device map, which zero.Init refuses, so QLoRA loads
         quantized on each rank and is partitioned by `prepare`."""
@@ -83,7 +116,8 @@ class Distributed:
     def prepare(self, model, build_optimizer: Callable):
         """Wrap the model for the strategy and build its optimizer (after sharding, for FSDP2)."""
         if self.strategy == "fsdp":
-            model = shard_fsdp2(model, self.accelerator.num_processes)
+            quantized = any(type(p).__name__ == "Params4bit" for p in model.parameters())
+            model = shard_fsdp2(model, self.accelerator.num_processes, self.broadcasts_weights(quantized))
             return model, build_optimizer(model)
         return self.accelerator.prepare(model, build_optimizer(model))
 
@@ -120,6 +154,7 @@ class Distributed:
         if self.deepspeed:
             info["zero_stage"] = model.zero_optimization_stage()
             info["offload"] = bool(model.zero_cpu_offload())
+        info["load_per_rank"] = _all_ranks(self.load_info)
         return info
 
     def gather_trainable(self, model) -> dict[str, torch.Tensor]:
@@ -137,10 +172,18 @@ class Distributed:
         return {n: p.detach().cpu() for n, p in named}
 
 
-def shard_fsdp2(model, world_size: int):
+def shard_fsdp2(model, world_size: int, from_rank0: bool = False):
     """FSDP2: one unit per transformer layer (the model's `_no_split_modules`) plus the root; parameters become
     sharded DTensors. The root is the transformers model, not a PEFT wrapper, so `generate` (which bypasses the
-    PEFT forward) still gathers the root's weights."""
+    PEFT forward) still gathers the root's weights.
+
+    from_rank0: only rank 0 holds real weights (the others are on the meta device). The others allocate just
+    their shards, then torch's supported FSDP2 path sends rank 0's full state dict one tensor at a time, each
+    rank keeping its slice; buffers (not sharded, some not in the state dict, e.g. rotary inv_freq) are sent
+    whole.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -149,10 +192,18 @@ def shard_fsdp2(model, world_size: int):
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer_classes = set(getattr(inner, "_no_split_modules", None) or [])
     _uniform_float_dtype(model)
+    full_state = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}
     for module in inner.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh)
     fully_shard(inner, mesh=mesh)
+    if from_rank0:
+        if dist.get_rank() != 0:
+            model.to_empty(device=device)
+        set_model_state_dict(model, full_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     return model
 
 
@@ -199,6 +250,27 @@ def _deepspeed_sync(accelerator: Accelerator, model, sync: bool):
         if accelerator.sync_gradients != sync:
             raise RuntimeError("DeepSpeed accumulation boundary out of step with the micro-batch window")
         yield
+
+
+def _materialised_bytes(model) -> int:
+    """Bytes of parameter storage this rank really holds (meta: none; ZeRO-3: its partition)."""
+    total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            total += p.ds_tensor.numel() * p.ds_tensor.element_size()
+        elif not p.is_meta:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _all_ranks(value) -> list:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [value]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def _full_numel(p) -> int:

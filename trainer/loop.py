@@ -16,6 +16,7 @@ from transformers import get_scheduler
 
 from data_prep.shards import ShardedDataset
 from data_prep.tasks import task_for
+from recipes.accelerate_config import deepspeed_settings
 from recipes.errors import RunStopped
 from recipes.loader import dump_recipe
 from recipes.schema import Recipe, TrainConfig
@@ -41,7 +42,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     work = workload_for(recipe, task)  # what differs between text and event-sequence tasks
     strategy = recipe.distributed.strategy
     accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm,
-                                   recipe.distributed.timeout_s)
+                                   deepspeed_settings(recipe), recipe.distributed.timeout_s)
     dist = Distributed(strategy, accelerator)
     main = accelerator.is_main_process
     run_dir = recipe.output_path
@@ -72,8 +73,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.per_rank / cfg.grad_accum)
 
     # Model, optimizer, schedule.
-    with dist.model_loading(quantized=recipe.model.quantization == "nf4"):
-        model = work.load_model(accelerator.device, cfg.gradient_checkpointing)
+    model = dist.load_model(lambda device, weights: work.load_model(device, cfg.gradient_checkpointing, weights),
+                            quantized=recipe.model.quantization == "nf4")
     trainable, total = count_parameters(model)
     model, optimizer = dist.prepare(model, lambda m: build_optimizer(m, recipe))
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from recipes.errors import InputError
 from recipes.schema import AdapterConfig, ModelConfig
@@ -57,18 +57,30 @@ def attention_backend(requested: str) -> str:
     return requested
 
 
-def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device, gradient_checkpointing: bool):
-    """A trainable model on `device`: base weights (maybe NF4), then LoRA (only adapter weights train) or full FT."""
+def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device, gradient_checkpointing: bool,
+               weights: bool = True):
+    """A trainable model on `device`: base weights (maybe NF4), then LoRA (only adapter weights train) or full FT.
+
+    weights=False builds the same model on the meta device from the config alone, reading no weights and
+    allocating nothing: for ranks that receive their shard from rank 0 after sharding (`shard_fsdp2`).
+    """
     kwargs: dict = {
         "dtype": DTYPES[config.dtype],
         "attn_implementation": attention_backend(config.attn_implementation),
         "trust_remote_code": config.trust_remote_code,
-        "use_safetensors": True,
     }
-    if config.quantization == "nf4":
-        kwargs["quantization_config"] = bnb_config(config)
-        kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config), **kwargs)
+    if not weights:
+        if config.quantization == "nf4":
+            raise ValueError("a 4-bit model cannot be built without its weights (quantization needs them)")
+        path = resolve_model_path(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code), **kwargs)
+    else:
+        if config.quantization == "nf4":
+            kwargs["quantization_config"] = bnb_config(config)
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config), use_safetensors=True, **kwargs)
     if config.quantization == "nf4":
         keep_4bit_weights_differentiable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -78,7 +90,7 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device
     model.config.use_cache = False
     if adapter.kind == "lora":
         model = get_peft_model(model, lora_config(adapter))
-    return model if config.quantization == "nf4" else model.to(device)
+    return model if config.quantization == "nf4" or not weights else model.to(device)
 
 
 def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:

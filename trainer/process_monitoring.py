@@ -211,7 +211,8 @@ model, spec = load_sequence_model(Path("path/to/adapter"), torch.device("cpu"))
     def spec(self) -> dict:
         return model_spec(self.recipe.model, self.recipe.adapter, self.recipe.process, self.manifest)
 
-    def load_model(self, device: torch.device, gradient_checkpointing: bool):
+    def load_model(self, device: torch.device, gradient_checkpointing: bool, weights: bool = True):
+        """Always with weights (input layer and heads are initialised here); under FSDP2 rank 0's replace the rest."""
         return build_sequence_model(self.spec(), device, gradient_checkpointing)
 
     def loss_sum(self, model, batch: EventBatch) -> torch.Tensor:

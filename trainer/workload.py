@@ -37,7 +37,8 @@ class Workload(Protocol):
 
     def prepare(self) -> PreparedData: ...
     def stream(self, dataset: ShardedDataset, plan: Plan, seed: int, rank: int, world_size: int): ...
-    def load_model(self, device: torch.device, gradient_checkpointing: bool) -> torch.nn.Module: ...
+    def load_model(self, device: torch.device, gradient_checkpointing: bool, weights: bool = True) -> torch.nn.Module:
+        """The trainable model on `device`; weights=False: on the meta device where the model allows it."""
     def loss_sum(self, model, batch) -> torch.Tensor:
         """Loss summed over the batch's targets (the loop normalises by the step's target count)."""
     def evaluate(self, model, dataset: ShardedDataset, device: torch.device) -> tuple[dict, list[dict]]: ...
@@ -64,8 +65,8 @@ class TextWorkload:
     def stream(self, dataset, plan, seed, rank, world_size) -> MicroBatchStream:
         return MicroBatchStream(dataset, plan, seed, rank, world_size, self.tokenizer.pad_token_id)
 
-    def load_model(self, device, gradient_checkpointing):
-        model = load_model(self.recipe.model, self.recipe.adapter, device, gradient_checkpointing)
+    def load_model(self, device, gradient_checkpointing, weights=True):
+        model = load_model(self.recipe.model, self.recipe.adapter, device, gradient_checkpointing, weights)
         self.backend = model.config._attn_implementation
         return model
 
