@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from launch import results, sweep
+from launch import results, slurm, sweep
 from recipes.errors import InputError
 
 
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
+    slurm.add_parser(sub)
     sweep.add_parser(sub)
     results.add_parser(sub)
     return parser
@@ -163,9 +164,13 @@ def cmd_train(args) -> int:
     import torch.distributed
 
     from trainer.loop import train
+    from trainer.preemption import Preempted
 
     try:
         train(recipe, resume=args.resume, overwrite=args.overwrite)
+    except Preempted as stop:
+        print(f"[multitune] {stop}; continue with --resume", file=sys.stderr, flush=True)
+        return 3
     finally:
         if torch.distributed.is_initialized():  # a launched rank: leave the group cleanly
             torch.distributed.destroy_process_group()
@@ -183,6 +188,33 @@ def _launch(recipe, args) -> int:
     cmd, env = launch_command(recipe, args.recipe, trainer_args, flags)
     print("[multitune] " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     return subprocess.run(cmd, env=env).returncode
+
+
+def cmd_slurm(args) -> int:
+    from trainer.run_files import check_output_dir
+
+    recipe = _load(args)
+    options = slurm.options_from_args(args)
+    slurm.check_options(options, recipe)
+    folder = slurm.job_folder(recipe)
+    if args.dry_run:
+        print(slurm.render_sbatch(folder, options), end="")
+        return 0
+    check_output_dir(recipe.output_path, resume=args.resume, overwrite=args.overwrite)  # refused before submitting
+    job = slurm.submit(recipe, args.recipe, args.overrides, options, args.overwrite, args.resume)
+    print(f"submitted job {job.job_id}: {options.nodes} node(s) x {options.ntasks_per_node} task(s), "
+          f"time limit {options.time}, up to {options.max_requeues} requeues")
+    print(f"follow it:  tail -f {folder}/{job.job_id}_0_log.out {folder}/{job.job_id}_0_log.err"
+          f"   (squeue -j {job.job_id}, sacct -j {job.job_id}, scancel {job.job_id})", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        job.result()  # waits through requeues; raises when the job failed or was cancelled
+    except Exception as exc:  # submitit's UncompletedJobError/FailedJobError carry the job's own traceback
+        print(f"job {job.job_id} did not complete ({job.state}): {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} completed: {recipe.output_path}")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -290,7 +322,7 @@ def _method(recipe) -> str:
 COMMANDS = {
     "validate": cmd_validate, "prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
     "tiny-model": cmd_tiny_model, "infer": cmd_infer, "grid": cmd_grid, "serve": cmd_serve, "plan": cmd_plan,
-    "sweep": sweep.main, "results": results.main,
+    "sweep": sweep.main, "results": results.main, "slurm": cmd_slurm,
 }
 
 if __name__ == "__main__":

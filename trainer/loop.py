@@ -37,6 +37,7 @@ from trainer.distributed import Distributed, make_accelerator
 from trainer.evaluate import eval_records, evaluate_generation
 from trainer.memory import peak_memory_gb
 from trainer.model import DTYPES, count_parameters, load_model, load_tokenizer
+from trainer.preemption import Preempted, StopSignals
 from trainer.run_files import RunLog, check_output_dir, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
 from trainer.tracking import Tracker
 
@@ -116,50 +117,62 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict
     # In a log file (SLURM, CI) a bar redrawn every step floods it: update it every 30 s there instead.
     progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
-    while state.step < total_steps:
-        started = time.perf_counter()
-        window: list[MicroBatch] = []
-        for _ in range(cfg.grad_accum):
-            position, batch = next(batches)
-            window.append(batch.to(accelerator.device))
-        loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, mask_dtype, backend,
-                                                                       dist)
-        grad_norm = dist.clip_grad_norm(model, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    with StopSignals() as stop:
+        while state.step < total_steps:
+            started = time.perf_counter()
+            window: list[MicroBatch] = []
+            for _ in range(cfg.grad_accum):
+                position, batch = next(batches)
+                window.append(batch.to(accelerator.device))
+            loss_sum, global_targets, global_tokens = accumulate_gradients(model, window, accelerator, mask_dtype,
+                                                                           backend, dist)
+            grad_norm = dist.clip_grad_norm(model, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        state.step += 1
-        state.epoch, state.index = position.epoch, position.index
-        state.tokens_seen += int(global_tokens)
-        elapsed = time.perf_counter() - started
-        state.elapsed_s += elapsed
-        loss = loss_sum / max(global_targets, 1.0)
-        entry = {"step": state.step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
-                 "grad_norm": round(float(grad_norm), 6), "tokens": int(global_tokens),
-                 "tokens_per_s": round(global_tokens / elapsed, 1), "target_tokens": int(global_targets),
-                 "epoch": state.epoch, "peak_mem_gb": peak_memory_gb(accelerator.device)}
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss is {loss} at step {state.step}; last good checkpoint kept")
-        if main:
-            log.append(entry)
-            tracker.log(entry, step=state.step)
-            progress.update(1)
-            progress.set_postfix(refresh=False, loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
-                                 gnorm=f"{entry['grad_norm']:.2f}")
-
-        if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
-            save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, recipe.checkpoint.keep_last,
-                            accelerator.process_index, accelerator.wait_for_everyone, strategy)
-        if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
-            eval_entry = {"eval": "loss", "step": state.step, "loss": eval_loss(model, eval_set, recipe, accelerator,
-                                                                               backend, mask_dtype)}
+            state.step += 1
+            state.epoch, state.index = position.epoch, position.index
+            state.tokens_seen += int(global_tokens)
+            elapsed = time.perf_counter() - started
+            state.elapsed_s += elapsed
+            loss = loss_sum / max(global_targets, 1.0)
+            entry = {"step": state.step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+                     "grad_norm": round(float(grad_norm), 6), "tokens": int(global_tokens),
+                     "tokens_per_s": round(global_tokens / elapsed, 1), "target_tokens": int(global_targets),
+                     "epoch": state.epoch, "peak_mem_gb": peak_memory_gb(accelerator.device)}
+            if not math.isfinite(loss):
+                raise RuntimeError(f"loss is {loss} at step {state.step}; last good checkpoint kept")
             if main:
-                eval_entry.update(task.model_metrics(accelerator.unwrap_model(model), tokenizer,
-                                                     eval_records(eval_set, recipe.eval), accelerator.device))
-                log.append(eval_entry)
-                tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
-                            step=state.step)
+                log.append(entry)
+                tracker.log(entry, step=state.step)
+                progress.update(1)
+                progress.set_postfix(refresh=False, loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}",
+                                     tok_s=f"{entry['tokens_per_s']:.0f}", gnorm=f"{entry['grad_norm']:.2f}")
+
+            if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
+                save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state,
+                                recipe.checkpoint.keep_last, accelerator.process_index, accelerator.wait_for_everyone,
+                                strategy)
+            if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
+                eval_entry = {"eval": "loss", "step": state.step,
+                              "loss": eval_loss(model, eval_set, recipe, accelerator, backend, mask_dtype)}
+                if main:
+                    eval_entry.update(task.model_metrics(accelerator.unwrap_model(model), tokenizer,
+                                                         eval_records(eval_set, recipe.eval), accelerator.device))
+                    log.append(eval_entry)
+                    tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
+                                step=state.step)
+
+            # SIGTERM/SIGUSR1/SIGUSR2 on any rank (preemption, time limit): every rank checkpoints this step and stops.
+            signum = stop.agreed(accelerator.device)
+            if signum:
+                saved = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state,
+                                        recipe.checkpoint.keep_last, accelerator.process_index,
+                                        accelerator.wait_for_everyone, strategy)
+                progress.close()
+                tracker.finish()
+                raise Preempted(signum, state.step, saved)
     progress.close()
 
     # Outputs: trainable weights gathered once (collective) and saved by the main process as a PEFT adapter (written
