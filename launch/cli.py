@@ -209,7 +209,7 @@ def cmd_slurm(args) -> int:
     if not args.wait:
         return 0
     try:
-        job.result()  # waits through requeues; raises when the job failed or was cancelled
+        job.results()  # every task's; waits through requeues; raises when the job failed or was cancelled
     except Exception as exc:  # submitit's UncompletedJobError/FailedJobError carry the job's own traceback
         print(f"job {job.job_id} did not complete ({job.state}): {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ import io
 import math
 import re
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,8 @@ def submit(recipe, recipe_path: str, overrides: list[str], options: SlurmOptions
 
     check_options(options, recipe)
     folder = job_folder(recipe)
+    # A refused job leaves nothing behind: remove the folders this submission created.
+    created = next((p for p in (recipe.output_path, folder) if not p.exists()), None)
     try:
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=options.max_requeues)
     except RuntimeError as exc:  # no srun on this machine
@@ -121,6 +124,8 @@ def submit(recipe, recipe_path: str, overrides: list[str], options: SlurmOptions
         with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr over several lines
             return executor.submit(task)
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as exc:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise InputError(f"sbatch refused the job: {scheduler_reason(str(exc))}") from None
 
 

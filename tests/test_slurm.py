@@ -1,0 +1,235 @@
+"""Against a real single-node SLURM cluster (slurm/cluster/start.sh, started here if needed): the tiny recipe through
+submitit and through the sbatch template, 2 tasks forming a 2-rank DDP job, cancel, preemption and time-limit
+signals → checkpoint → requeue → exact resume, and a request the scheduler refuses at submit time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, recipe_dict, write_recipe
+
+pytestmark = pytest.mark.slow
+STATE = Path(os.environ.get("MULTITUNE_SLURM_DIR", "/tmp/multitune-slurm"))
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+STEPS = 16
+
+
+def _alive(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The test cluster, started (installed if missing) by the repo's script. Skips only where it cannot be
+    started; with MULTITUNE_REQUIRE_SLURM=1 (CI) that is a failure instead."""
+    def unavailable(reason: str):
+        if os.environ.get("MULTITUNE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{reason} (MULTITUNE_REQUIRE_SLURM=1)")
+        pytest.skip(reason)
+
+    if os.geteuid() != 0:
+        unavailable("the SLURM tests start a real cluster (slurm/cluster/start.sh), which needs root")
+    was_running = _alive(STATE / "run" / "slurmctld.pid")
+    started = subprocess.run(["bash", str(REPO / "slurm" / "cluster" / "start.sh")], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        unavailable(f"could not start the test SLURM cluster: {(started.stderr.strip() or '?').splitlines()[-1]}")
+    conf = started.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", conf)  # for sbatch/sacct here and, exported, inside the jobs
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv("PYTHON", sys.executable)  # the template's interpreter
+        yield
+    if not was_running:
+        subprocess.run(["bash", str(REPO / "slurm" / "cluster" / "stop.sh")], stdin=subprocess.DEVNULL, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("prep-cache")  # one tokenization for every job of this file
+
+
+def job_recipe(tmp_path: Path, model_dir: Path, cache: Path, name: str = "job", **sections) -> Path:
+    sections = {"data": {"cache_dir": str(cache)}, "train": {"max_steps": STEPS},
+                "checkpoint": {"every_steps": 4, "keep_last": 2}, **sections}
+    return write_recipe(tmp_path / f"{name}.yaml", recipe_dict(tmp_path / name, model_dir, **sections))
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`multitune ARGS` in this process (a job's own processes are what costs start-up time here)."""
+    from launch.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def sacct_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "UNKNOWN"
+
+
+def wait_for_state(job_id: str, timeout: float = 180) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = sacct_state(job_id)
+        if state.startswith(TERMINAL):
+            return state
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"job {job_id} still {sacct_state(job_id)} after {timeout}s")
+
+
+def steps(run: Path) -> dict[int, float]:
+    path = run / "log.jsonl"
+    if not path.exists():
+        return {}
+    return {e["step"]: e["loss"] for e in map(json.loads, path.read_text().splitlines()) if "eval" not in e}
+
+
+def wait_for_step(run: Path, step: int, job_id: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(steps(run)) >= step:
+            return
+        assert not sacct_state(job_id).startswith(TERMINAL), f"job {job_id} ended before step {step}"
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach step {step} in {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory, tiny_model_dir, shared_cache) -> dict:
+    """The tiny recipe submitted with `multitune slurm ... --wait`, uninterrupted: the losses others must match."""
+    from launch.cli import main
+
+    tmp = tmp_path_factory.mktemp("reference")
+    recipe = job_recipe(tmp, tiny_model_dir, shared_cache)
+    log = tmp / "stdout.txt"
+    with open(log, "w") as out, contextlib.redirect_stdout(out):
+        code = main(["slurm", str(recipe), "--cpus-per-task", "1", "--time", "10", "--wait"])
+    assert code == 0, log.read_text()
+    return {"recipe": recipe, "run": tmp / "job" / "run", "stdout": log.read_text()}
+
+
+def test_submitit_job_trains_and_its_script_is_the_dry_run(reference, capsys):
+    run = reference["run"]
+    job_id = re.search(r"submitted job (\d+)", reference["stdout"]).group(1)
+    assert f"tail -f {run.resolve()}/slurm/{job_id}_0_log.out" in reference["stdout"]
+    assert f"job {job_id} completed" in reference["stdout"]
+    assert sorted(steps(run)) == list(range(1, STEPS + 1))
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((run / "metrics.json").read_text())["steps"] == STEPS
+    # --dry-run renders exactly the script submitit handed to sbatch.
+    code, out, err = cli(capsys, "slurm", str(reference["recipe"]), "--cpus-per-task", "1", "--time", "10",
+                         "--dry-run")
+    assert code == 0, err
+    assert out == (run / "slurm" / f"{job_id}_submission.sh").read_text()
+
+
+def test_two_tasks_form_a_two_rank_ddp_job(cluster, tmp_path, tiny_model_dir, shared_cache):
+    from launch.slurm import SlurmOptions, submit
+    from recipes.loader import load_recipe
+
+    path = job_recipe(tmp_path, tiny_model_dir, shared_cache, train={"max_steps": 4},
+                      distributed={"strategy": "ddp"})
+    recipe = load_recipe(path)
+    job = submit(recipe, str(path), [], SlurmOptions(tasks_per_node=2, cpus_per_task=1, time="10"))
+    job.results()
+    info = json.loads((recipe.output_path / "metrics.json").read_text())["distributed"]
+    assert info["world_size"] == 2 and info["wrapper"] == "DistributedDataParallel", info
+    logs = [(recipe.output_path / "slurm" / f"{job.job_id}_{rank}_log.out").read_text() for rank in (0, 1)]
+    ports = {re.search(r"rendezvous (\S+),", log).group(1) for log in logs}
+    assert len(ports) == 1, ports  # both ranks met at the first node of the allocation
+    assert "rank 0/2" in logs[0] and "rank 1/2" in logs[1]
+
+
+def test_cancelled_job_is_reported_cancelled(cluster, tmp_path, tiny_model_dir, shared_cache):
+    from launch.slurm import SlurmOptions, submit
+    from recipes.loader import load_recipe
+
+    path = job_recipe(tmp_path, tiny_model_dir, shared_cache, train={"max_steps": 10_000})
+    recipe = load_recipe(path)
+    job = submit(recipe, str(path), [], SlurmOptions(cpus_per_task=1, time="10"))
+    wait_for_step(recipe.output_path, 1, job.job_id)
+    job.cancel()
+    assert wait_for_state(job.job_id).startswith("CANCELLED")
+    job.wait()
+    assert job.state.startswith("CANCELLED")
+    with pytest.raises(Exception, match="CANCELLED"):
+        job.result()
+
+
+def test_requeue_mid_run_resumes_to_the_same_losses(reference, tmp_path, tiny_model_dir, shared_cache):
+    """`scontrol requeue` (what preemption with requeue does): SIGTERM → checkpoint at a step boundary → the job
+    runs again and resumes; every step's loss equals the uninterrupted run's."""
+    from launch.slurm import SlurmOptions, submit
+    from recipes.loader import load_recipe
+
+    path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
+    recipe = load_recipe(path)
+    job = submit(recipe, str(path), [], SlurmOptions(cpus_per_task=1, time="10"))
+    wait_for_step(recipe.output_path, 2, job.job_id)
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    job.result()  # waits through the requeue
+    log = (recipe.output_path / "slurm" / f"{job.job_id}_0_log.out").read_text()
+    stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", log).group(1))
+    assert stopped < STEPS and "restart 1" in log and "resume" in log
+    assert steps(recipe.output_path) == pytest.approx(steps(reference["run"]), rel=1e-5)
+
+
+def test_sbatch_template_chains_through_time_limit_signals(reference, tmp_path, tiny_model_dir, shared_cache):
+    """The plain sbatch template, sent SIGUSR2 as SLURM does before the time limit: the job checkpoints, requeues
+    itself, resumes, and ends like the uninterrupted run."""
+    path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
+    run = tmp_path / "job" / "run"
+    job_id = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
+                             str(REPO / "slurm" / "train.sbatch"), str(path)],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    wait_for_step(run, 2, job_id)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    assert wait_for_state(job_id) == "COMPLETED"
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert "stopped by SIGUSR2" in log and f"requeued job {job_id}" in log and "restart 1" in log, log[-3000:]
+    assert steps(run) == pytest.approx(steps(reference["run"]), rel=1e-5)
+    assert json.loads((run / "metrics.json").read_text())["steps"] == STEPS
+
+
+def test_impossible_request_is_refused_at_submit_in_one_line(cluster, tmp_path, tiny_model_dir, shared_cache,
+                                                            capsys):
+    path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
+    code, out, err = cli(capsys, "slurm", str(path), "--mem", "100000G")
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sbatch refused the job:"), err
+    assert "Memory specification can not be satisfied" in lines[0] or "node configuration" in lines[0]
+    assert not (tmp_path / "job" / "run").exists()
+
+
+def test_sbatch_template_asks_for_what_submitit_asks_for():
+    """slurm/train.sbatch and `multitune slurm --dry-run` with the template's resources: the same directives
+    (apart from where logs go and submitit's bookkeeping), and both run launch.slurm_task.run_task per task."""
+    from launch.slurm import SlurmOptions, render_sbatch
+
+    def directives(script: str) -> dict[str, str]:
+        found = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", script, flags=re.M))
+        return {k: v for k, v in found.items() if k not in ("output", "error", "wckey")}
+
+    template = (REPO / "slurm" / "train.sbatch").read_text()
+    rendered = render_sbatch(Path("/runs/x/slurm"), SlurmOptions())
+    assert directives(template) == directives(rendered)
+    assert re.search(r"^srun --unbuffered .* -m launch\.slurm_task ", template, flags=re.M)
+    assert re.search(r"^srun --unbuffered .* -m submitit\.core\._submit ", rendered, flags=re.M)
