@@ -17,7 +17,7 @@ from recipes.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "slurm" / "train.sbatch"
-TIME = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(?:(\d+):)?(\d+)$")  # D-HH:MM:SS, HH:MM:SS, MM:SS, MM
+TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")  # sbatch --time formats
 
 
 @dataclass(frozen=True)
@@ -48,22 +48,19 @@ class SlurmOptions:
 
 
 def minutes(time: str) -> int:
-    """sbatch's time formats in whole minutes (rounded up: submitit takes minutes)."""
+    """sbatch's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up (submitit's unit)."""
     match = TIME.match(time.strip())
     if not match:
-        raise InputError(f"--time {time!r}: expected D-HH:MM:SS, HH:MM:SS, MM:SS or minutes")
-    days, a, b, last = (int(g) if g else 0 for g in match.groups())
-    fields = [g for g in match.groups()[1:] if g is not None]
-    if len(fields) == 1:  # plain minutes
-        total_s = int(fields[0]) * 60
-    elif len(fields) == 2:  # MM:SS
-        total_s = int(fields[0]) * 60 + int(fields[1])
-    else:  # HH:MM:SS
-        total_s = a * 3600 + b * 60 + last
-    total_s += days * 86400
-    if total_s <= 0:
+        raise InputError(f"--time {time!r}: expected minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
+    days, *fields = match.groups()
+    values = [int(f) for f in fields if f is not None]
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        seconds = int(days) * 86400 + sum(v * unit for v, unit in zip(values, (3600, 60, 1)))
+    else:  # M, M:S, H:M:S
+        seconds = sum(v * unit for v, unit in zip(values, {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(values)]))
+    if seconds <= 0:
         raise InputError(f"--time {time!r} must be positive")
-    return math.ceil(total_s / 60)
+    return math.ceil(seconds / 60)
 
 
 def check_options(options: SlurmOptions, recipe) -> None:

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,18 +102,67 @@ def steps(run: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in map(json.loads, path.read_text().splitlines()) if "eval" not in e}
 
 
-def wait_for_step(run: Path, step: int, job_id: str, timeout: float = 120) -> None:
+def wait_for_step(run: Path, step: int, job_id: str, timeout: float = 600) -> None:
     deadline = time.time() + timeout
+    checked = 0.0
     while time.time() < deadline:
         if len(steps(run)) >= step:
             return
-        assert not sacct_state(job_id).startswith(TERMINAL), f"job {job_id} ended before step {step}"
+        if time.time() - checked > 1:
+            assert not sacct_state(job_id).startswith(TERMINAL), f"job {job_id} ended before step {step}"
+            checked = time.time()
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not reach step {step} in {timeout}s")
 
 
+def at_step(run: Path, step: int, job_id: str, command: list[str]) -> list:
+    """Run `command` (a signal, a requeue, a cancel) once the job has logged `step`, from a thread, so jobs submitted
+    together run side by side on the cluster's 2 CPUs. Returns the list any error of the thread lands in."""
+    errors: list = []
+
+    def watch():
+        try:
+            wait_for_step(run, step, job_id)
+            subprocess.run(command, check=True, capture_output=True)
+        except Exception as exc:  # reported by the test that owns the job
+            errors.append(exc)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return errors
+
+
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory, tiny_model_dir, shared_cache) -> dict:
+def jobs(cluster, tmp_path_factory, tiny_model_dir, shared_cache) -> dict:
+    """Every job of this file, submitted up front (each test then checks its own), so that two run at a time."""
+    from launch.slurm import SlurmOptions, submit
+    from recipes.loader import load_recipe
+
+    def submitted(name: str, options: SlurmOptions, **sections):
+        tmp = tmp_path_factory.mktemp(name)
+        path = job_recipe(tmp, tiny_model_dir, shared_cache, **sections)
+        recipe = load_recipe(path)
+        return recipe.output_path, submit(recipe, str(path), [], options)
+
+    one_cpu = SlurmOptions(cpus_per_task=1, time="10")
+    found = {}
+    run, job = submitted("cancel", one_cpu, train={"max_steps": 10_000})
+    found["cancel"] = (run, job, at_step(run, 1, job.job_id, ["scancel", job.job_id]))
+    run, job = submitted("requeue", one_cpu)
+    found["requeue"] = (run, job, at_step(run, 2, job.job_id, ["scontrol", "requeue", job.job_id]))
+    tmp = tmp_path_factory.mktemp("template")
+    path = job_recipe(tmp, tiny_model_dir, shared_cache)
+    job_id = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp}/slurm-%j.out",
+                             str(REPO / "slurm" / "train.sbatch"), str(path)],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    run = tmp / "job" / "run"
+    found["template"] = (run, job_id, at_step(run, 2, job_id, ["scancel", "--signal=USR2", job_id]))
+    found["ddp"] = submitted("ddp", SlurmOptions(tasks_per_node=2, cpus_per_task=1, time="10"),
+                             train={"max_steps": 4}, distributed={"strategy": "ddp"})
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(jobs, tmp_path_factory, tiny_model_dir, shared_cache) -> dict:
     """The tiny recipe submitted with `multitune slurm ... --wait`, uninterrupted: the losses others must match."""
     from launch.cli import main
 
@@ -140,69 +190,46 @@ def test_submitit_job_trains_and_its_script_is_the_dry_run(reference, capsys):
     assert out == (run / "slurm" / f"{job_id}_submission.sh").read_text()
 
 
-def test_two_tasks_form_a_two_rank_ddp_job(cluster, tmp_path, tiny_model_dir, shared_cache):
-    from launch.slurm import SlurmOptions, submit
-    from recipes.loader import load_recipe
-
-    path = job_recipe(tmp_path, tiny_model_dir, shared_cache, train={"max_steps": 4},
-                      distributed={"strategy": "ddp"})
-    recipe = load_recipe(path)
-    job = submit(recipe, str(path), [], SlurmOptions(tasks_per_node=2, cpus_per_task=1, time="10"))
+def test_two_tasks_form_a_two_rank_ddp_job(jobs):
+    run, job = jobs["ddp"]
     job.results()
-    info = json.loads((recipe.output_path / "metrics.json").read_text())["distributed"]
+    info = json.loads((run / "metrics.json").read_text())["distributed"]
     assert info["world_size"] == 2 and info["wrapper"] == "DistributedDataParallel", info
-    logs = [(recipe.output_path / "slurm" / f"{job.job_id}_{rank}_log.out").read_text() for rank in (0, 1)]
-    ports = {re.search(r"rendezvous (\S+),", log).group(1) for log in logs}
-    assert len(ports) == 1, ports  # both ranks met at the first node of the allocation
+    logs = [(run / "slurm" / f"{job.job_id}_{rank}_log.out").read_text() for rank in (0, 1)]
+    addresses = {re.search(r"rendezvous (\S+),", log).group(1) for log in logs}
+    assert len(addresses) == 1, addresses  # both ranks met at the first node of the allocation
     assert "rank 0/2" in logs[0] and "rank 1/2" in logs[1]
 
 
-def test_cancelled_job_is_reported_cancelled(cluster, tmp_path, tiny_model_dir, shared_cache):
-    from launch.slurm import SlurmOptions, submit
-    from recipes.loader import load_recipe
-
-    path = job_recipe(tmp_path, tiny_model_dir, shared_cache, train={"max_steps": 10_000})
-    recipe = load_recipe(path)
-    job = submit(recipe, str(path), [], SlurmOptions(cpus_per_task=1, time="10"))
-    wait_for_step(recipe.output_path, 1, job.job_id)
-    job.cancel()
-    assert wait_for_state(job.job_id).startswith("CANCELLED")
+def test_cancelled_job_is_reported_cancelled(jobs):
+    run, job, errors = jobs["cancel"]
+    assert wait_for_state(job.job_id, timeout=600).startswith("CANCELLED")
+    assert not errors, errors
     job.wait()
     assert job.state.startswith("CANCELLED")
     with pytest.raises(Exception, match="CANCELLED"):
         job.result()
 
 
-def test_requeue_mid_run_resumes_to_the_same_losses(reference, tmp_path, tiny_model_dir, shared_cache):
+def test_requeue_mid_run_resumes_to_the_same_losses(jobs, reference):
     """`scontrol requeue` (what preemption with requeue does): SIGTERM → checkpoint at a step boundary → the job
     runs again and resumes; every step's loss equals the uninterrupted run's."""
-    from launch.slurm import SlurmOptions, submit
-    from recipes.loader import load_recipe
-
-    path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
-    recipe = load_recipe(path)
-    job = submit(recipe, str(path), [], SlurmOptions(cpus_per_task=1, time="10"))
-    wait_for_step(recipe.output_path, 2, job.job_id)
-    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    run, job, errors = jobs["requeue"]
     job.result()  # waits through the requeue
-    log = (recipe.output_path / "slurm" / f"{job.job_id}_0_log.out").read_text()
+    assert not errors, errors
+    log = (run / "slurm" / f"{job.job_id}_0_log.out").read_text()
     stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", log).group(1))
     assert stopped < STEPS and "restart 1" in log and "resume" in log
-    assert steps(recipe.output_path) == pytest.approx(steps(reference["run"]), rel=1e-5)
+    assert steps(run) == pytest.approx(steps(reference["run"]), rel=1e-5)
 
 
-def test_sbatch_template_chains_through_time_limit_signals(reference, tmp_path, tiny_model_dir, shared_cache):
+def test_sbatch_template_chains_through_time_limit_signals(jobs, reference):
     """The plain sbatch template, sent SIGUSR2 as SLURM does before the time limit: the job checkpoints, requeues
     itself, resumes, and ends like the uninterrupted run."""
-    path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
-    run = tmp_path / "job" / "run"
-    job_id = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
-                             str(REPO / "slurm" / "train.sbatch"), str(path)],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    wait_for_step(run, 2, job_id)
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    assert wait_for_state(job_id) == "COMPLETED"
-    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    run, job_id, errors = jobs["template"]
+    assert wait_for_state(job_id, timeout=600) == "COMPLETED"
+    assert not errors, errors
+    log = (run.parents[1] / f"slurm-{job_id}.out").read_text()
     assert "stopped by SIGUSR2" in log and f"requeued job {job_id}" in log and "restart 1" in log, log[-3000:]
     assert steps(run) == pytest.approx(steps(reference["run"]), rel=1e-5)
     assert json.loads((run / "metrics.json").read_text())["steps"] == STEPS
