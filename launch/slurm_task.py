@@ -60,7 +60,7 @@ def run_task(recipe_path: str, overrides: list[str], overwrite: bool, max_requeu
     resume = (resume or restarts > 0) and bool(list_checkpoints(recipe.output_path / "checkpoints"))
     # A restart before the first checkpoint starts over: what is in output_dir is this job's own partial run.
     overwrite = not resume and (overwrite or restarts > 0)
-    print(f"[multitune] rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} on {os.uname().nodename}, "
+    print(f"[multitune] rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} on {os.uname().nodename} pid {os.getpid()}, "
           f"job {os.environ.get('SLURM_JOB_ID')} restart {restarts}, rendezvous "
           f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, {'resume' if resume else 'start'}", flush=True)
     try:
@@ -86,8 +86,9 @@ def _after_preemption(signum: int, restarts: int, max_requeues: int) -> int:
         print(f"error: job {job} reached its limit of {max_requeues} requeues; continue with `multitune slurm ... "
               "--resume` or raise --max-requeues", file=sys.stderr, flush=True)
         return 1
+    # Printed first: the requeue ends this allocation, and SLURM's SIGTERM may end us before anything after it.
+    print(f"[multitune] requeueing job {job} ({restarts + 1} of at most {max_requeues} requeues)", flush=True)
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
-    print(f"[multitune] requeued job {job} ({restarts + 1} of at most {max_requeues} requeues)", flush=True)
     return 0
 
 

@@ -115,15 +115,16 @@ def wait_for_step(run: Path, step: int, job_id: str, timeout: float = 600) -> No
     raise AssertionError(f"job {job_id} did not reach step {step} in {timeout}s")
 
 
-def at_step(run: Path, step: int, job_id: str, command: list[str]) -> list:
-    """Run `command` (a signal, a requeue, a cancel) once the job has logged `step`, from a thread, so jobs submitted
-    together run side by side on the cluster's 2 CPUs. Returns the list any error of the thread lands in."""
+def at_step(run: Path, step: int, job_id: str, command) -> list:
+    """Run `command` (a signal, a requeue, a cancel; a list, or a function returning one) once the job has logged
+    `step`, from a thread, so jobs submitted together run side by side on the cluster's 2 CPUs. Returns the list any
+    error of the thread lands in."""
     errors: list = []
 
     def watch():
         try:
             wait_for_step(run, step, job_id)
-            subprocess.run(command, check=True, capture_output=True)
+            subprocess.run(command() if callable(command) else command, check=True, capture_output=True)
         except Exception as exc:  # reported by the test that owns the job
             errors.append(exc)
 
@@ -156,8 +157,14 @@ def jobs(cluster, tmp_path_factory, tiny_model_dir, shared_cache) -> dict:
                             cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     run = tmp / "job" / "run"
     found["template"] = (run, job_id, at_step(run, 2, job_id, ["scancel", "--signal=USR2", job_id]))
-    found["ddp"] = submitted("ddp", SlurmOptions(tasks_per_node=2, cpus_per_task=1, time="10"),
-                             train={"max_steps": 4}, distributed={"strategy": "ddp"})
+    run, job = submitted("ddp", SlurmOptions(tasks_per_node=2, cpus_per_task=1, time="10"),
+                         train={"max_steps": 6}, distributed={"strategy": "ddp"})
+
+    def signal_rank_1_only():
+        log = (run / "slurm" / f"{job.job_id}_1_log.out").read_text()
+        return ["kill", "-USR1", re.search(r"rank 1/2 .* pid (\d+),", log).group(1)]
+
+    found["ddp"] = (run, job, at_step(run, 1, job.job_id, signal_rank_1_only))
     return found
 
 
@@ -190,15 +197,22 @@ def test_submitit_job_trains_and_its_script_is_the_dry_run(reference, capsys):
     assert out == (run / "slurm" / f"{job_id}_submission.sh").read_text()
 
 
-def test_two_tasks_form_a_two_rank_ddp_job(jobs):
-    run, job = jobs["ddp"]
+def test_two_tasks_form_a_ddp_job_whose_ranks_stop_together(jobs):
+    """2 tasks on one node = a 2-rank DDP job. Only rank 1 gets SIGUSR1: both ranks still stop after the same step
+    (the flag is all-reduced), rank 0 requeues the job, and the next allocation finishes the run."""
+    run, job, errors = jobs["ddp"]
     job.results()
+    assert not errors, errors
     info = json.loads((run / "metrics.json").read_text())["distributed"]
     assert info["world_size"] == 2 and info["wrapper"] == "DistributedDataParallel", info
     logs = [(run / "slurm" / f"{job.job_id}_{rank}_log.out").read_text() for rank in (0, 1)]
-    addresses = {re.search(r"rendezvous (\S+),", log).group(1) for log in logs}
-    assert len(addresses) == 1, addresses  # both ranks met at the first node of the allocation
+    addresses = {m for log in logs for m in re.findall(r"rendezvous (\S+),", log)}
+    assert len(addresses) == 2, addresses  # each allocation: one address, both ranks (a new port after requeue)
     assert "rank 0/2" in logs[0] and "rank 1/2" in logs[1]
+    stops = {re.search(r"stopped by SIGUSR1 after step (\d+)", log).group(1) for log in logs}
+    assert len(stops) == 1, stops
+    assert f"requeueing job {job.job_id}" in logs[0] and "restart 1" in logs[1]
+    assert sorted(steps(run)) == list(range(1, 7))
 
 
 def test_cancelled_job_is_reported_cancelled(jobs):
@@ -230,7 +244,7 @@ def test_sbatch_template_chains_through_time_limit_signals(jobs, reference):
     assert wait_for_state(job_id, timeout=600) == "COMPLETED"
     assert not errors, errors
     log = (run.parents[1] / f"slurm-{job_id}.out").read_text()
-    assert "stopped by SIGUSR2" in log and f"requeued job {job_id}" in log and "restart 1" in log, log[-3000:]
+    assert "stopped by SIGUSR2" in log and f"requeueing job {job_id}" in log and "restart 1" in log, log[-3000:]
     assert steps(run) == pytest.approx(steps(reference["run"]), rel=1e-5)
     assert json.loads((run / "metrics.json").read_text())["steps"] == STEPS
 

@@ -107,7 +107,7 @@ SlurmdLogFile=$DIR/log/slurmd.log
 # No cgroups in containers: track processes by parentage, no task binding.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
+JobAcctGatherType=jobacct_gather/linux
 MpiDefault=none
 SwitchType=switch/none
 MailProg=/bin/true
