@@ -60,8 +60,8 @@ def run_task(recipe_path: str, overrides: list[str], overwrite: bool, max_requeu
     resume = (resume or restarts > 0) and bool(list_checkpoints(recipe.output_path / "checkpoints"))
     # A restart before the first checkpoint starts over: what is in output_dir is this job's own partial run.
     overwrite = not resume and (overwrite or restarts > 0)
-    print(f"[multitune] rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} on {os.uname().nodename} pid {os.getpid()}, "
-          f"job {os.environ.get('SLURM_JOB_ID')} restart {restarts}, rendezvous "
+    print(f"[multitune] rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} on {os.uname().nodename} "
+          f"pid {os.getpid()}, job {os.environ.get('SLURM_JOB_ID')} restart {restarts}, rendezvous "
           f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, {'resume' if resume else 'start'}", flush=True)
     try:
         train(recipe, resume=resume, overwrite=overwrite)

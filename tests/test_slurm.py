@@ -274,3 +274,19 @@ def test_sbatch_template_asks_for_what_submitit_asks_for():
     assert directives(template) == directives(rendered)
     assert re.search(r"^srun --unbuffered .* -m launch\.slurm_task ", template, flags=re.M)
     assert re.search(r"^srun --unbuffered .* -m submitit\.core\._submit ", rendered, flags=re.M)
+
+
+def test_time_formats_and_impossible_layouts_are_checked_before_submitting(tmp_path, tiny_model_dir):
+    from launch.slurm import SlurmOptions, check_options, minutes
+    from recipes.errors import InputError
+    from recipes.loader import validate_recipe
+
+    assert [minutes(t) for t in ("90", "1:30", "01:30:00", "1-0", "1-2:30", "0-0:0:30")] == [90, 2, 90, 1440, 1590, 1]
+    with pytest.raises(InputError, match="--time '1:2:3:4'"):
+        minutes("1:2:3:4")
+    single = validate_recipe(recipe_dict(tmp_path, tiny_model_dir))
+    with pytest.raises(InputError, match="distributed.strategy=single"):
+        check_options(SlurmOptions(nodes=2), single)
+    with pytest.raises(InputError, match="--nodes 0"):
+        check_options(SlurmOptions(nodes=0), single)
+    check_options(SlurmOptions(gpus_per_node=1), single)
