@@ -133,7 +133,7 @@ def at_step(run: Path, step: int, job_id: str, command) -> list:
 
 
 @pytest.fixture(scope="module")
-def jobs(cluster, tmp_path_factory, tiny_model_dir, shared_cache) -> dict:
+def jobs(cluster, tmp_path_factory, tiny_model_dir, shared_cache):
     """Every job of this file, submitted up front (each test then checks its own), so that two run at a time."""
     from launch.slurm import SlurmOptions, submit
     from recipes.loader import load_recipe
@@ -165,7 +165,10 @@ def jobs(cluster, tmp_path_factory, tiny_model_dir, shared_cache) -> dict:
         return ["kill", "-USR1", re.search(r"rank 1/2 .* pid (\d+),", log).group(1)]
 
     found["ddp"] = (run, job, at_step(run, 1, job.job_id, signal_rank_1_only))
-    return found
+    yield found
+    # A failed or interrupted test must not leave jobs behind (no-op for jobs that ended).
+    ids = [entry[1] if isinstance(entry[1], str) else entry[1].job_id for entry in found.values()]
+    subprocess.run(["scancel", *ids], capture_output=True)
 
 
 @pytest.fixture(scope="module")
