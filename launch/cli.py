@@ -208,9 +208,11 @@ def cmd_slurm(args) -> int:
           f"   (squeue -j {job.job_id}, sacct -j {job.job_id}, scancel {job.job_id})", flush=True)
     if not args.wait:
         return 0
+    from submitit.core.utils import UncompletedJobError
+
     try:
         job.results()  # every task's; waits through requeues; raises when the job failed or was cancelled
-    except Exception as exc:  # submitit's UncompletedJobError/FailedJobError carry the job's own traceback
+    except UncompletedJobError as exc:  # carries the job's own error output
         print(f"job {job.job_id} did not complete ({job.state}): {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
     print(f"job {job.job_id} completed: {recipe.output_path}")

@@ -219,7 +219,7 @@ def test_two_tasks_form_a_ddp_job_whose_ranks_stop_together(jobs):
 
 
 def test_cancelled_job_is_reported_cancelled(jobs):
-    run, job, errors = jobs["cancel"]
+    _, job, errors = jobs["cancel"]
     assert wait_for_state(job.job_id, timeout=600).startswith("CANCELLED")
     assert not errors, errors
     job.wait()
@@ -269,14 +269,14 @@ def test_sbatch_template_asks_for_what_submitit_asks_for():
     from launch.slurm import SlurmOptions, render_sbatch
 
     def directives(script: str) -> dict[str, str]:
-        found = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", script, flags=re.M))
+        found = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", script, flags=re.MULTILINE))
         return {k: v for k, v in found.items() if k not in ("output", "error", "wckey")}
 
     template = (REPO / "slurm" / "train.sbatch").read_text()
     rendered = render_sbatch(Path("/runs/x/slurm"), SlurmOptions())
     assert directives(template) == directives(rendered)
-    assert re.search(r"^srun --unbuffered .* -m launch\.slurm_task ", template, flags=re.M)
-    assert re.search(r"^srun --unbuffered .* -m submitit\.core\._submit ", rendered, flags=re.M)
+    assert re.search(r"^srun --unbuffered .* -m launch\.slurm_task ", template, flags=re.MULTILINE)
+    assert re.search(r"^srun --unbuffered .* -m submitit\.core\._submit ", rendered, flags=re.MULTILINE)
 
 
 def test_time_formats_and_impossible_layouts_are_checked_before_submitting(tmp_path, tiny_model_dir):
