@@ -1,1 +1,1 @@
-"""Launching runs: the multitune CLI, and (later) accelerate and SLURM launchers."""
+"""Launching runs: the multitune CLI, accelerate launch for multi-process strategies, SLURM jobs and sweeps."""

@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from launch import results, sweep
+from launch import results, slurm, sweep
 from recipes.errors import InputError, RunStopped
 
 
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
+    slurm.add_parser(sub)
     sweep.add_parser(sub)
     results.add_parser(sub)
     return parser
@@ -187,10 +188,14 @@ def cmd_train(args) -> int:
     import torch.distributed
 
     from trainer.loop import train
+    from trainer.preemption import Preempted
 
     try:
         train(recipe, resume=args.resume or args.force_resume, overwrite=args.overwrite,
               force_resume=args.force_resume)
+    except Preempted as stop:
+        print(f"[multitune] {stop}; continue with --resume", file=sys.stderr, flush=True)
+        return 3
     except RuntimeError as exc:  # a peer rank died or hung: say so in one line instead of gloo's/NCCL's traceback
         lost_peer = isinstance(exc, torch.distributed.DistError) or any(s in str(exc) for s in ("gloo", "NCCL"))
         if not (torch.distributed.is_initialized() and lost_peer):
@@ -223,6 +228,35 @@ def _launch(recipe, args) -> int:
         raise RunStopped(f"a training rank failed (accelerate launch exited with {code}, its report above names "
                          f"the rank); " + (f"newest complete checkpoint {kept[-1]}, continue with --resume" if kept
                                            else "no checkpoint written yet"))
+    return 0
+
+
+def cmd_slurm(args) -> int:
+    from trainer.run_files import check_output_dir
+
+    recipe = _load(args)
+    options = slurm.options_from_args(args)
+    slurm.check_options(options, recipe)
+    folder = slurm.job_folder(recipe)
+    if args.dry_run:
+        print(slurm.render_sbatch(folder, options), end="")
+        return 0
+    check_output_dir(recipe.output_path, resume=args.resume, overwrite=args.overwrite)  # refused before submitting
+    job = slurm.submit(recipe, args.recipe, args.overrides, options, args.overwrite, args.resume)
+    print(f"submitted job {job.job_id}: {options.nodes} node(s) x {options.ntasks_per_node} task(s), "
+          f"time limit {options.time}, up to {options.max_requeues} requeues")
+    print(f"follow it:  tail -f {folder}/{job.job_id}_0_log.out {folder}/{job.job_id}_0_log.err"
+          f"   (squeue -j {job.job_id}, sacct -j {job.job_id}, scancel {job.job_id})", flush=True)
+    if not args.wait:
+        return 0
+    from submitit.core.utils import UncompletedJobError
+
+    try:
+        job.results()  # every task's; waits through requeues; raises when the job failed or was cancelled
+    except UncompletedJobError as exc:  # carries the job's own error output
+        print(f"job {job.job_id} did not complete ({job.state}): {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} completed: {recipe.output_path}")
     return 0
 
 
@@ -331,7 +365,7 @@ def _method(recipe) -> str:
 COMMANDS = {
     "validate": cmd_validate, "prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
     "tiny-model": cmd_tiny_model, "infer": cmd_infer, "grid": cmd_grid, "serve": cmd_serve, "plan": cmd_plan,
-    "sweep": sweep.main, "results": results.main,
+    "sweep": sweep.main, "results": results.main, "slurm": cmd_slurm,
 }
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from trainer.checkpoint import (
 from trainer.distributed import Distributed, make_accelerator
 from trainer.memory import peak_memory_gb
 from trainer.model import count_parameters
+from trainer.preemption import Preempted, StopSignals
 from trainer.run_files import RunLog, check_output_dir, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
 from trainer.tracking import Tracker
 from trainer.workload import LossFn, Workload, workload_for
@@ -109,8 +110,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     # In a log file (SLURM, CI) a bar redrawn every step floods it: update it every 30 s there instead.
     progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
-    try:  # closed on the way out of an error too, so the error line is not glued to the bar
-        skips_in_a_row = 0
+    skips_in_a_row = 0
+    # The bar is closed on the way out of an error too, so the error line is not glued to it.
+    with progress, StopSignals() as stop:
         while state.step < total_steps:
             started = time.perf_counter()
             window: list[MicroBatch] = []
@@ -149,10 +151,11 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
                 progress.set_postfix(refresh=False, loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}",
                                      tok_s=f"{entry['tokens_per_s']:.0f}", gnorm=f"{entry['grad_norm']:.2f}")
 
+            saved = None
             if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
-                save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state,
-                                recipe.checkpoint.keep_last, accelerator.process_index, accelerator.wait_for_everyone,
-                                strategy, accelerator.num_processes)
+                saved = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state,
+                                        recipe.checkpoint.keep_last, accelerator.process_index,
+                                        accelerator.wait_for_everyone, strategy, accelerator.num_processes)
             if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
                 eval_entry = {"eval": "loss", "step": state.step,
                               "loss": eval_loss(model, eval_set, recipe, accelerator, work)}
@@ -161,8 +164,15 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
                     log.append(eval_entry)
                     tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
                                 step=state.step)
-    finally:
-        progress.close()
+
+            # SIGTERM/SIGUSR1/SIGUSR2 on any rank (preemption, time limit): every rank checkpoints this step and stops.
+            signum = stop.agreed(accelerator.device)
+            if signum:
+                saved = saved or save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state,
+                                                 recipe.checkpoint.keep_last, accelerator.process_index,
+                                                 accelerator.wait_for_everyone, strategy, accelerator.num_processes)
+                tracker.finish()
+                raise Preempted(signum, state.step, saved)
 
     # Outputs: trainable weights gathered once (collective) and saved by the main process as a PEFT adapter (written
     # atomically), final evaluation (on every rank when sharded), metrics, plot.
