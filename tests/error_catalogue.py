@@ -24,7 +24,7 @@ from data_prep.tasks.ticket_classification.generator import generate_tickets  # 
 @dataclass(frozen=True)
 class BadInput:
     id: str
-    kind: str  # recipe | data | cli
+    kind: str  # recipe | data | events | cli
     given: str  # what the user gave, as the docs show it
     args: tuple[str, ...]
     message: str  # part of the one error line (what the docs show)
@@ -43,6 +43,18 @@ def data_case(id: str, given: str, content: bytes, message: str, name: str = "ba
     """`train --overwrite` on the earlier run with this training file: refused before the earlier run is touched."""
     return BadInput(id, "data", given, ("train", "{recipe}", "--overwrite", "data.generator=null",
                                         f"data.train_file={{dir}}/{name}"), message, {name: content})
+
+
+EVENT_RECIPE = ("task=process_monitoring", "model.name_or_path=lstm", "adapter.kind=none", "process.backbone=lstm",
+                "process.columns.categorical=[org:resource]", "process.columns.continuous=[case:Amount]",
+                "data.generator=null")
+EVENT_HEADER = "case:concept:name,concept:name,time:timestamp,org:resource,case:Amount\n"
+
+
+def event_case(id: str, given: str, content: bytes, message: str, name: str = "log.csv") -> BadInput:
+    """`train --overwrite` of a process-monitoring recipe (LSTM) on this event log: refused before output_dir."""
+    return BadInput(id, "events", given, ("train", "{recipe}", "--overwrite", *EVENT_RECIPE,
+                                          f"data.train_file={{dir}}/{name}"), message, {name: content})
 
 
 def cli_case(id: str, given: str, args: tuple[str, ...], message: str, files: dict[str, bytes] | None = None):
@@ -199,6 +211,23 @@ CASES: list[BadInput] = [
     BadInput("data-all-too-long", "data", "every sample longer than `data.max_seq_len=32`",
              ("train", "{recipe}", "--overwrite", "data.max_seq_len=32"),
              "data: the train split is empty after preparation (200 rows dropped as longer than data.max_seq_len=32)"),
+    # --- event logs (process monitoring) --------------------------------------------------------------------------
+    event_case("events-missing-column", "an event log without the case id column",
+               b"case,concept:name,time:timestamp,org:resource,case:Amount\nc1,A,2024-01-01T10:00:00,r1,5\n",
+               "log.csv: missing column 'case:concept:name'"),
+    event_case("events-bad-timestamp", "an unparsable timestamp",
+               (EVENT_HEADER + "c1,A,2024-01-01T10:00:00,r1,5\nc1,B,yesterday,r2,5\n").encode(),
+               "log.csv: column 'time:timestamp' row 3: unparsable timestamp ('yesterday')"),
+    event_case("events-nan-feature", "NaN in a continuous feature",
+               (EVENT_HEADER + "c1,A,2024-01-01T10:00:00,r1,5\nc1,B,2024-01-01T11:00:00,r2,nan\n").encode(),
+               "log.csv: column 'case:Amount' row 3: not a finite number ('nan')"),
+    event_case("events-missing-activity", "an event without an activity",
+               (EVENT_HEADER + "c1,A,2024-01-01T10:00:00,r1,5\nc1,,2024-01-01T11:00:00,r2,5\n").encode(),
+               "log.csv: column 'concept:name' row 3: missing value"),
+    event_case("events-empty", "an event log with a header and no events", EVENT_HEADER.encode(),
+               "log.csv: the event log has no events"),
+    event_case("events-file-type", "an event log as `.txt`", b"whatever\n",
+               "log.txt: unsupported event log type (use .csv, .parquet, .xes or .xes.gz)", name="log.txt"),
     # --- command line -----------------------------------------------------------------------------------------------
     cli_case("cli-no-command", "`multitune` with no command", (), "the following arguments are required: command"),
     cli_case("cli-unknown-command", "`multitune trian R.yaml`", ("trian", "{recipe}"), "invalid choice: 'trian'"),
