@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         results[key] = {**result, "planner": plan}
         print("  " + (f"error: {result['error']}" if "error" in result else
                       f"{result['tokens_per_s']:,.0f} tokens/s, MFU {result.get('mfu', float('nan')):.1%}, peak "
-                      f"{result['peak_allocated_gib']:.1f} GiB allocated / {result['peak_reserved_gib']:.1f} reserved "
+                      f"{_gib(result['peak_allocated_gib'])} GiB allocated / {_gib(result['peak_reserved_gib'])} reserved "
                       f"(planner {plan['peak_gib']:.1f})"), flush=True)
     details = {"matmul_peak": peak, "machine": machine(), "gpu_gib": gpu_gib,
                "minutes": round((time.perf_counter() - started) / 60, 1),
@@ -165,7 +165,7 @@ def render(results: dict, d: dict) -> str:
         if spec.get("strategy", "single") != "single":
             note += f", {r['distributed']['wrapper']} on {r['world_size']} process (1 GPU)"
         lines.append(f"| {key} | {system} | {r['tokens_per_s']:,.0f} | {r.get('mfu', float('nan')):.1%} "
-                     f"| {r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {plan['peak_gib']:.1f} "
+                     f"| {_gib(r['peak_allocated_gib'])} | {_gib(r['peak_reserved_gib'])} | {plan['peak_gib']:.1f} "
                      f"| {note} |")
     for seq in (2048, 4096):
         mt, tr = results.get(f"8b_multitune_{seq}", {}), results.get(f"8b_trl_{seq}", {})
@@ -174,6 +174,10 @@ def render(results: dict, d: dict) -> str:
                          "(target ≥ 1.2×).")
     lines += ["", END]
     return "\n".join(lines)
+
+
+def _gib(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"  # None: no CUDA allocator (a CPU run)
 
 
 def with_section(text: str, block: str) -> str:

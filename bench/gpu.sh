@@ -3,9 +3,10 @@
 #   bash bench/gpu.sh [--only KEY ...]      → bench/gpu_results.json + the GPU section of BENCHMARKS.md
 # Needs the dev install plus flash-attn in the venv. Without internet on the GPU machine, carry wheels over first,
 # on a machine with internet and the same Python/CUDA:
-#   pip download -d wheels -c constraints.txt torch -e ".[dev]"   # + the flash-attn wheel matching torch/CUDA/Python
-#   (flash-attn publishes prebuilt wheels on its GitHub releases page; pip download cannot build one without CUDA)
-# then on the GPU machine: pip install --no-index --find-links wheels -c constraints.txt -e ".[dev]" flash-attn
+#   pip download -d wheels -c constraints.txt torch ".[dev]"   # the CUDA torch build of the pinned version
+#   + the flash-attn wheel matching torch/CUDA/Python/C++ ABI, from flash-attn's GitHub releases (pip cannot build it
+#     without CUDA); copy wheels/ over, then on the GPU machine:
+#   DS_BUILD_OPS=0 pip install --no-index --find-links wheels -c constraints.txt -e ".[dev]" wheels/flash_attn-*.whl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
