@@ -49,8 +49,11 @@ def build_random_nf4(config, device: torch.device, attn_implementation: str = "s
             quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                           compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                                           quant_storage=quant_storage, device="meta")
+            # module=: quantizing also records the state on the module, from which Linear4bit recovers it when
+            # FSDP2 has swapped the parameter for a DTensor (as from_pretrained's loading does).
             quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
-                                                 quant_type="nf4", quant_storage=quant_storage).to(device)
+                                                 quant_type="nf4", quant_storage=quant_storage,
+                                                 module=quantized).to(device)
             if linear.bias is not None:
                 quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
             parent_name, _, child = name.rpartition(".")

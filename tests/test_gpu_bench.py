@@ -43,6 +43,7 @@ def test_builder_quantizes_layer_by_layer_and_never_materialises_layers_ahead():
     q = model.get_decoder().layers[1].self_attn.q_proj
     assert q.weight.quant_state.quant_type == "nf4" and q.weight.quant_state.nested  # double quant
     assert q.compute_dtype == torch.bfloat16
+    assert q.quant_state is q.weight.quant_state  # FSDP2's DTensor swap loses the parameter's; the module's stays
     weight = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
     assert weight.shape == (64, 64) and abs(weight.std().item() - INIT_STD) < 0.15 * INIT_STD
     assert torch.all(model.get_decoder().layers[2].input_layernorm.weight == 1)
