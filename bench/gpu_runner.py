@@ -100,6 +100,7 @@ def multitune(spec: Spec) -> dict:
     storage = torch.bfloat16 if dist.sharded else torch.uint8  # FSDP/ZeRO-3 shard float storage only
     with dist.model_loading(quantized=True):
         model = build_random_nf4(config, device, spec.attn, quant_storage=storage, seed=spec.seed)
+    _reset_peak(device)  # as for TRL: from after the build, kbit preparation included
     adapter = AdapterConfig(kind="lora", r=spec.r, alpha=2 * spec.r, dropout=0.0, target_modules=LORA_TARGETS)
     model = prepare_for_training(model, True, adapter, spec.gradient_checkpointing)
     model, optimizer = dist.prepare(model, lambda m: torch.optim.AdamW(
@@ -112,7 +113,6 @@ def multitune(spec: Spec) -> dict:
     batches = stream.iterate(Position())
     model.train()
     tokens, losses = 0.0, []
-    _reset_peak(device)
     for step in range(spec.warmup + spec.steps):
         if step == spec.warmup:
             _sync(device)
@@ -214,7 +214,7 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def _memory(device: torch.device) -> dict:
-    """Peak GPU memory since the reset after the model was built (so its one transient bf16 layer is not in it),
+    """Peak GPU memory since the reset after the model was built (its one transient bf16 layer is not in it),
     allocated and reserved by the caching allocator; on CPU the process's peak RSS."""
     from trainer.memory import peak_memory_gb
 

@@ -149,3 +149,15 @@ def test_trl_runner_trains_the_same_model():
     r = trl(tiny_spec("trl"))
     assert r["linear4bit"] == 14 and r["attn"] == "sdpa"
     assert r["tokens"] > 0 and len(r["losses"]) == 3 and all(5.0 < x < 7.5 for x in r["losses"])
+
+
+@pytest.mark.slow
+def test_fsdp_path_runs_under_torchrun_as_bench_gpu_launches_it():
+    """bench.gpu's launch of a sharded run (torchrun, one process): FSDP2 really wraps the NF4 + LoRA model."""
+    from bench.gpu import measure
+
+    r = measure(tiny_spec("multitune", strategy="fsdp"), timeout_s=600)
+    assert "error" not in r, r.get("error")
+    assert r["distributed"]["wrapper"] == "FSDPLlamaForCausalLM" and r["distributed"]["fsdp_units"] == 3
+    assert r["world_size"] == 1 and r["linear4bit"] == 14
+    assert all(5.0 < x < 7.5 for x in r["losses"])
