@@ -75,7 +75,8 @@ def measure(spec: Spec, timeout_s: int = 1800) -> dict:
                         "bench.gpu_runner"]
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout_s,
+                              check=False)  # a failed run is recorded, the others still run
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s} s"}
     wall = time.perf_counter() - started
@@ -106,7 +107,8 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", nargs="*", help="run only these keys (default: all)")
+    parser.add_argument("--only", nargs="*", help="run only these keys (default: all); others keep their recorded "
+                        "figures")
     parser.add_argument("--dry-run", action="store_true", help="print runs and planner estimates; no GPU needed")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB, for --dry-run's planner verdicts")
     args = parser.parse_args(argv)
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     print("bf16 matmul peak", flush=True)
     peak = measure(Spec("matmul_peak"))
     print(f"  {peak.get('tflops', 0):.0f} TFLOP/s", flush=True)
-    results = {}
+    # --only updates those runs and keeps the others' figures (a run split over several sessions or calls).
+    results = json.loads(RESULTS.read_text())["runs"] if args.only and RESULTS.is_file() else {}
     for key, spec in selected.items():
         print(key, flush=True)
         result, plan = measure(spec), planner_estimate(spec, gpu_gib)
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         results[key] = {**result, "planner": plan}
         print("  " + (f"error: {result['error']}" if "error" in result else
                       f"{result['tokens_per_s']:,.0f} tokens/s, MFU {result.get('mfu', float('nan')):.1%}, peak "
-                      f"{_gib(result['peak_allocated_gib'])} GiB allocated / {_gib(result['peak_reserved_gib'])} reserved "
+                      f"{_gib(result['peak_allocated_gib'])} GiB allocated / "
+                      f"{_gib(result['peak_reserved_gib'])} reserved "
                       f"(planner {plan['peak_gib']:.1f})"), flush=True)
     details = {"matmul_peak": peak, "machine": machine(), "gpu_gib": gpu_gib,
                "minutes": round((time.perf_counter() - started) / 60, 1),
@@ -147,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(results: dict, d: dict) -> str:
     lines = [START, "", "## GPU benchmarks (`bench/gpu.sh`)", "",
-             f"Machine: {d['machine']}. Run {d['date']}, {d['minutes']} min. Command: `bash bench/gpu.sh`; raw "
-             f"figures in `bench/gpu_results.json`. Measured bf16 matmul peak (8192² `torch.matmul`, 50 iterations): "
-             f"**{d['matmul_peak'].get('tflops', float('nan')):.0f} TFLOP/s**, the MFU denominator. Random-init "
-             "models of the real shapes (NF4 double quant, bf16 compute, LoRA r=16 on all linear layers, AdamW), "
-             "8,192 tokens per optimizer step in packed rows of one sample mix (lengths uniform 64..row length); "
-             "timed steps after warm-up steps; peak memory after the model is built.", "",
+             (f"Machine: {d['machine']}. Run {d['date']}, {d['minutes']} min. Command: `bash bench/gpu.sh`; raw "
+              f"figures in `bench/gpu_results.json`. Measured bf16 matmul peak (8192² `torch.matmul`, 50 iterations): "
+              f"**{d['matmul_peak'].get('tflops', float('nan')):.0f} TFLOP/s**, the MFU denominator. Random-init "
+              "models of the real shapes (NF4 double quant, bf16 compute, LoRA r=16 on all linear layers, AdamW), "
+              "8,192 tokens per optimizer step in packed rows of one sample mix (lengths uniform 64..row length); "
+              "timed steps after warm-up steps; peak memory from after the model is built."), "",
              "| run | system | tokens/s | MFU | peak allocated (GiB) | peak reserved (GiB) | planner (GiB) | note |",
              "|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():

@@ -1,5 +1,6 @@
 """One GPU benchmark measurement in its own process (so peak memory is its own): `python -m bench.gpu_runner SPEC`,
-SPEC a JSON object (see `Spec`). Prints one JSON line. The same code runs on CPU at tiny shapes (tests/test_gpu_bench.py).
+SPEC a JSON object (see `Spec`). Prints one JSON line. The same code runs on CPU at tiny shapes
+(tests/test_gpu_bench.py).
 
 Systems:
 - `matmul_peak`: the card's sustained bf16 matmul rate (the MFU denominator).
@@ -106,7 +107,8 @@ def multitune(spec: Spec) -> dict:
     model, optimizer = dist.prepare(model, lambda m: torch.optim.AdamW(
         [p for p in m.parameters() if p.requires_grad], lr=spec.lr))
     backend = dist.unwrap(model).config._attn_implementation
-    mask_dtype = dist.unwrap(model).get_input_embeddings().weight.dtype  # kbit preparation made it fp32
+    # The hidden states' dtype: fp32 after kbit preparation, the storage dtype after FSDP2 (no mask under flash-attn).
+    mask_dtype = dist.unwrap(model).get_input_embeddings().weight.dtype
     data = InMemorySamples(samples(spec, config.vocab_size))
     plan = plan_micro_batches(data.lengths, spec.seq_len, spec.seq_len, True, spec.seed)
     stream = MicroBatchStream(data, plan, spec.seed, accelerator.process_index, accelerator.num_processes)
@@ -151,8 +153,8 @@ def trl(spec: Spec) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from bench.gpu_model import build_random_nf4, shipped_config
     from bench.common import WORK
+    from bench.gpu_model import build_random_nf4, shipped_config
     from trainer.tiny_model import build_tokenizer
 
     disable_progress_bars()
@@ -165,8 +167,8 @@ def trl(spec: Spec) -> dict:
     args = SFTConfig(
         output_dir=str(WORK / "gpu" / "trl"), packing=True, padding_free=True, max_length=spec.seq_len,
         per_device_train_batch_size=1, gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr,
-        lr_scheduler_type="constant", max_steps=spec.warmup + spec.steps, gradient_checkpointing=spec.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=on_gpu, use_cpu=not on_gpu, max_grad_norm=1.0,
+        lr_scheduler_type="constant", max_steps=spec.warmup + spec.steps,
+        gradient_checkpointing=spec.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=on_gpu, use_cpu=not on_gpu, max_grad_norm=1.0,
         optim="adamw_torch", save_strategy="no", report_to=[], logging_steps=1, dataloader_num_workers=0,
         seed=spec.seed, disable_tqdm=True, include_num_input_tokens_seen="non_padding")
     lora = LoraConfig(r=spec.r, lora_alpha=2 * spec.r, lora_dropout=0.0, target_modules=LORA_TARGETS,
