@@ -212,6 +212,7 @@ def _sync(device: torch.device) -> None:
 
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks cached while building layer by layer would count as reserved
         torch.cuda.reset_peak_memory_stats(device)
 
 
