@@ -81,7 +81,14 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device
             kwargs["quantization_config"] = bnb_config(config)
             kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config), use_safetensors=True, **kwargs)
-    if config.quantization == "nf4":
+    model = prepare_for_training(model, config.quantization == "nf4", adapter, gradient_checkpointing)
+    return model if config.quantization == "nf4" or not weights else model.to(device)
+
+
+def prepare_for_training(model, quantized: bool, adapter: AdapterConfig, gradient_checkpointing: bool):
+    """Loaded base model → trainable: kbit preparation (4-bit), checkpointing, no KV cache, LoRA adapter.
+    Also used by the GPU benchmarks on their layer-by-layer random NF4 models (bench/gpu_model.py)."""
+    if quantized:
         keep_4bit_weights_differentiable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
@@ -90,7 +97,7 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device
     model.config.use_cache = False
     if adapter.kind == "lora":
         model = get_peft_model(model, lora_config(adapter))
-    return model if config.quantization == "nf4" or not weights else model.to(device)
+    return model
 
 
 def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
