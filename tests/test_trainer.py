@@ -275,3 +275,25 @@ def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
         return next(p.grad for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n)
 
     torch.testing.assert_close(first_layer_grad(True), first_layer_grad(False))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_qlora_with_a_bfloat16_recipe_trains_under_packing_masks(tiny_model_dir, backend):
+    """kbit preparation upcasts norms and embeddings to fp32, so the queries are fp32 while the recipe says bf16:
+    the packing mask must work whatever the query dtype (a bf16 float mask made sdpa raise)."""
+    from recipes.schema import AdapterConfig, ModelConfig
+    from trainer.batches import MicroBatchStream, attention_mask_for
+    from trainer.model import DTYPES, load_model
+    from trainer.workload import token_loss_sum
+
+    from test_packing import ArrayDataset
+
+    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", compute_dtype="bfloat16",
+                         quantization="nf4", attn_implementation=backend)
+    model = load_model(config, AdapterConfig(r=4), torch.device("cpu"), gradient_checkpointing=False)
+    rows = [np.arange(5, 25, dtype=np.int32), np.arange(30, 42, dtype=np.int32)]
+    batch = MicroBatchStream(ArrayDataset(rows, rows), plan=[[]], seed=0).collate([np.array([0, 1])])
+    loss = token_loss_sum(model, batch, attention_mask_for(batch, DTYPES[config.dtype], backend))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

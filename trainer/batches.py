@@ -126,8 +126,10 @@ def attention_mask_for(batch: MicroBatch, dtype: torch.dtype, backend: str) -> t
     """Block-diagonal causal mask so attention never crosses samples or touches padding.
 
     flash_attention_2 takes the varlen path from restarting position ids, so it needs no mask. For sdpa and
-    eager, position ids alone do NOT isolate packed samples (measured: ~1.1 logit difference), and eager
-    silently mis-handles boolean masks, so we pass an additive float mask (0 = attend, dtype min = blocked).
+    eager, position ids alone do NOT isolate packed samples (measured: ~1.1 logit difference). sdpa gets a boolean
+    mask (True = attend): a float one must match the query dtype, which QLoRA's fp32 upcasts make differ from the
+    recipe's dtype. eager silently mis-handles boolean masks, so it gets an additive float mask (0 = attend,
+    dtype min = blocked).
     """
     if backend == "flash_attention_2":
         return None
@@ -137,6 +139,8 @@ def attention_mask_for(batch: MicroBatch, dtype: torch.dtype, backend: str) -> t
     allowed = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, None, :] >= 0)
     # Padding rows would be fully masked (NaN under softmax); let padding attend to itself, it has no targets.
     allowed |= torch.eye(length, dtype=torch.bool, device=seg.device)
+    if backend == "sdpa":
+        return allowed[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
