@@ -7,7 +7,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import pickle
 import random
 import shutil
 import tempfile
@@ -146,8 +145,7 @@ def _tokenized(chunks: Iterator[list[tuple[str, Record]]], task: Task, tokenizer
             yield chunk, _tokenize_chunk(chunk, task, tokenizer, completion_only)
         return
     context = multiprocessing.get_context("spawn")
-    setup = pickle.dumps((task, tokenizer, completion_only))
-    with context.Pool(workers, initializer=_start_worker, initargs=(setup,)) as pool:
+    with context.Pool(workers, initializer=_start_worker, initargs=(task, tokenizer, completion_only)) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append((chunk, pool.apply_async(_tokenize_in_worker, (chunk,))))
@@ -166,11 +164,11 @@ def _tokenize_chunk(chunk: list[tuple[str, Record]], task: Task, tokenizer, comp
 _WORKER: tuple | None = None
 
 
-def _start_worker(setup: bytes) -> None:
+def _start_worker(task: Task, tokenizer, completion_only: bool) -> None:
     global _WORKER
     # One process per core already: the tokenizer's own thread pool would only oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER = pickle.loads(setup)
+    _WORKER = (task, tokenizer, completion_only)
 
 
 def _tokenize_in_worker(chunk: list[tuple[str, Record]]) -> TokenizedBatch:

@@ -144,7 +144,7 @@ CASES: list[BadInput] = [
                 "distributed.accelerate_config: file not found: nope.yaml"),
     recipe_case("recipe-accelerate-mismatch", "`distributed.strategy=fsdp` with the DDP accelerate config",
                 ["distributed.strategy=fsdp", "distributed.accelerate_config=accelerate_configs/ddp.yaml"],
-                "has distributed_type MULTI_GPU, but distributed.strategy=fsdp needs FSDP"),
+                "accelerate_configs/ddp.yaml: distributed_type MULTI_GPU, but distributed.strategy=fsdp needs FSDP"),
     # --- recipe files -----------------------------------------------------------------------------------------------
     BadInput("recipe-file-missing", "recipe", "a recipe path that does not exist", ("validate", "{dir}/nope.yaml"),
              "recipe file not found"),

@@ -19,8 +19,15 @@ from transformers import AutoModel
 
 from recipes.errors import InputError
 from recipes.schema import AdapterConfig, ModelConfig, ProcessConfig
-from trainer.model import DTYPES, attention_backend, bnb_config, keep_4bit_weights_differentiable, lora_config, \
-    resolve_model_path
+from trainer.model import (
+    DTYPES,
+    attention_backend,
+    bnb_config,
+    check_adapter_folder,
+    keep_4bit_weights_differentiable,
+    lora_config,
+    resolve_model_path,
+)
 
 CONFIG_FILE = "sequence_model.json"
 WEIGHTS_FILE = "sequence_model.safetensors"  # every trainable weight outside the PEFT adapter
@@ -172,6 +179,7 @@ def load_sequence_model(folder: Path, device: torch.device) -> tuple[EventSequen
     spec = json.loads((folder / CONFIG_FILE).read_text())
     model = build_sequence_model(spec, device, with_adapter=False)
     if (folder / "adapter_config.json").is_file():
+        check_adapter_folder(folder)
         model.backbone = PeftModel.from_pretrained(model.backbone, str(folder))
     state = load_file(str(folder / WEIGHTS_FILE))
     params = dict(model.named_parameters())
