@@ -30,7 +30,7 @@ def model_dir() -> Path:
 
 
 def ticket_jsonl(rows: int, seed: int = 0) -> Path:
-    """`rows` generated support tickets as a user's JSONL file (100k distinct, repeated beyond that)."""
+    """`rows` generated support tickets as a user's JSONL file (100k distinct texts, repeated beyond that)."""
     from data_prep.tasks import get_task
 
     path = WORK / "data" / f"tickets-{rows}.jsonl"
@@ -38,11 +38,11 @@ def ticket_jsonl(rows: int, seed: int = 0) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     distinct = get_task("ticket_classification").generate(min(rows, 100_000), seed)
-    lines = [json.dumps(record) + "\n" for record in distinct]
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as handle:
-        for start in range(0, rows, len(lines)):
-            handle.writelines(lines[: rows - start])
+        for start in range(0, rows, len(distinct)):  # repeats get ids of their own (ids must be unique)
+            handle.writelines(json.dumps({**record, "id": f"{record['id']}-{start}"}) + "\n"
+                              for record in distinct[: rows - start])
     tmp.rename(path)
     return path
 

@@ -100,23 +100,28 @@ class Task(ABC):
         check = self.check_input if inputs_only else self.check_record
         if not path.is_file():
             raise InputError(f"data file not found: {path}")
-        if path.suffix == ".csv":
-            rows = self._read_csv(path, check)
-        elif path.suffix in (".jsonl", ".json"):
-            rows = self._read_jsonl(path, check)
-        else:
+        if path.suffix not in (".csv", ".jsonl", ".json"):
             raise InputError(f"{path}: unsupported data file type '{path.suffix}' (use .jsonl or .csv)")
-        first_seen: dict[str, str] = {}
+        # Hashes only (~64 bytes per row): a million rows must not cost what keeping their ids would. A repeated
+        # hash is confirmed, and its first line found, by reading the file again up to here (only on that path).
+        seen: set[int] = set()
         count = 0
-        for where, record in rows:
+        for where, record in self._rows(path, check):
             if record.get("id") is not None:
-                seen = first_seen.setdefault(str(record["id"]), where)
-                if seen != where:
-                    raise InputError(f"{where}: duplicate id {record['id']!r} (first at line {seen.rsplit(':', 1)[1]})")
+                key = hash(str(record["id"]))
+                if key in seen:
+                    first = next((w for w, r in self._rows(path, check) if str(r.get("id")) == str(record["id"])), where)
+                    if first != where:
+                        raise InputError(f"{where}: duplicate id {record['id']!r} (first at line "
+                                         f"{first.rsplit(':', 1)[1]})")
+                seen.add(key)
             count += 1
             yield record
         if count == 0:
             raise InputError(f"{path}: no records in the file (empty)")
+
+    def _rows(self, path: Path, check) -> Iterator[tuple[str, Record]]:
+        return self._read_csv(path, check) if path.suffix == ".csv" else self._read_jsonl(path, check)
 
     def _read_jsonl(self, path: Path, check) -> Iterator[tuple[str, Record]]:
         with open(path, "rb") as handle:
