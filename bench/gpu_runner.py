@@ -88,10 +88,11 @@ def matmul_peak(device: torch.device, size: int = 8192, iters: int = 50) -> dict
 def multitune(spec: Spec) -> dict:
     from bench.gpu_model import build_random_nf4, shipped_config
     from recipes.schema import AdapterConfig
-    from trainer.batches import MicroBatchStream, Position, plan_micro_batches
+    from trainer.batches import MicroBatchStream, Position, attention_mask_for, plan_micro_batches
     from trainer.distributed import Distributed, make_accelerator
     from trainer.loop import accumulate_gradients
     from trainer.model import prepare_for_training
+    from trainer.workload import token_loss_sum
 
     torch.manual_seed(spec.seed)
     accelerator = make_accelerator(spec.strategy, "bfloat16", spec.grad_accum, 1.0)
@@ -99,8 +100,8 @@ def multitune(spec: Spec) -> dict:
     device = accelerator.device
     config = shipped_config(spec.model, **spec.overrides)
     storage = torch.bfloat16 if dist.sharded else torch.uint8  # FSDP/ZeRO-3 shard float storage only
-    with dist.model_loading(quantized=True):
-        model = build_random_nf4(config, device, spec.attn, quant_storage=storage, seed=spec.seed)
+    model = dist.load_model(lambda device, weights: build_random_nf4(config, device, spec.attn, quant_storage=storage,
+                                                                     seed=spec.seed), quantized=True)
     _reset_peak(device)  # as for TRL: from after the build, kbit preparation included
     adapter = AdapterConfig(kind="lora", r=spec.r, alpha=2 * spec.r, dropout=0.0, target_modules=LORA_TARGETS)
     model = prepare_for_training(model, True, adapter, spec.gradient_checkpointing)
@@ -113,6 +114,9 @@ def multitune(spec: Spec) -> dict:
     plan = plan_micro_batches(data.lengths, spec.seq_len, spec.seq_len, True, spec.seed)
     stream = MicroBatchStream(data, plan, spec.seed, accelerator.process_index, accelerator.num_processes)
     batches = stream.iterate(Position())
+
+    def lm_loss(model, batch):
+        return token_loss_sum(model, batch, attention_mask_for(batch, mask_dtype, backend))
     model.train()
     tokens, losses = 0.0, []
     for step in range(spec.warmup + spec.steps):
@@ -120,7 +124,7 @@ def multitune(spec: Spec) -> dict:
             _sync(device)
             started, tokens = time.perf_counter(), 0.0
         window = [next(batches)[1].to(device) for _ in range(spec.grad_accum)]
-        loss_sum, targets, step_tokens = accumulate_gradients(model, window, accelerator, mask_dtype, backend, dist)
+        loss_sum, targets, step_tokens = accumulate_gradients(model, window, accelerator, lm_loss, dist)
         dist.clip_grad_norm(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
