@@ -16,17 +16,13 @@ SCHEMA = pa.schema([
 ])
 
 
-def _list_array(rows: list, dtype=np.int32) -> pa.ListArray:
+def list_column(rows: list, dtype=np.int32) -> pa.ListArray:
+    """One list-valued column (a row per sample), e.g. for `ShardWriter.write_columns`."""
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     values = np.fromiter((t for r in rows for t in r), dtype=dtype, count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-def list_column(rows: list, dtype=np.int32) -> pa.ListArray:
-    """One list-valued column (a row per sample) for `ShardWriter.write_columns`."""
-    return _list_array(rows, dtype)
 
 
 # The split's index, written last: every row's length, and each record batch's (file number, rows).
@@ -54,8 +50,8 @@ class ShardWriter:
             return
         n = len(input_ids)
         self.write_columns({
-            "input_ids": _list_array(input_ids),
-            "labels": _list_array(labels),
+            "input_ids": list_column(input_ids),
+            "labels": list_column(labels),
             "length": pa.array([len(ids) for ids in input_ids], pa.int32()),
             "prompt_length": pa.array(prompt_lengths, pa.int32()),
             "record": pa.array(records if records is not None else [None] * n, pa.string()),

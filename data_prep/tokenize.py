@@ -48,8 +48,8 @@ def tokenize_examples(tokenizer, examples: list[ChatExample], completion_only: b
     if not examples:
         return TokenizedBatch([], [], [])
     prompts, completions = split_prompts_completions(tokenizer, examples)
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
     batch = TokenizedBatch([], [], [])
     for p, c in zip(prompt_ids, completion_ids):
         batch.input_ids.append(p + c)
