@@ -1,13 +1,15 @@
 """One prep measurement in its own process (so peak RSS is its own): `python -m bench.prep_runner SYSTEM JSONL OUT`.
 
 multitune: `prepare()` exactly as `multitune prep` calls it. trl: `load_dataset("json")` + the task's chat formatting +
-SFTTrainer's own dataset preparation (tokenize with the chat template, completion mask, BFD packing), minus the
-trainer's constant set-up cost (measured on an 8-row dataset first). Prints one JSON line: seconds, rows, tokens.
+SFTTrainer's own dataset preparation (tokenize with the chat template, completion mask, BFD packing) with one process
+per core (`dataset_num_proc`; multitune's prep also uses every core), minus the trainer's constant set-up cost
+(measured on an 8-row dataset first). Prints one JSON line: seconds, rows, tokens.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +44,7 @@ def trl(jsonl: Path, out: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
     model = AutoModelForCausalLM.from_pretrained(model_dir(), use_safetensors=True)
     config = SFTConfig(output_dir=str(out / "trainer"), packing=True, max_length=MAX_LEN, completion_only_loss=True,
-                       report_to=[], use_cpu=True, dataset_num_proc=None)
+                       report_to=[], use_cpu=True, dataset_num_proc=os.cpu_count())  # all cores, as multitune
 
     def conversational(record):
         example = TASK.format(record)

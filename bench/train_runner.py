@@ -18,7 +18,7 @@ import yaml
 
 from bench.common import ENV, REPO, TARGET_MODULES, model_dir
 
-ROWS = int(os.environ.get("BENCH_TRAIN_ROWS", 800))  # `bench.run --quick` sets fewer
+ROWS = int(os.environ.get("BENCH_TRAIN_ROWS", 240))  # ~15 optimizer steps; `bench.run --quick` sets fewer
 SEED, LR, STEP_TOKENS, ROW_LEN = 0, 1e-3, 4096, 512
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -13,17 +15,25 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.shards import ShardWriter
+import numpy as np
+import pyarrow as pa
+
+from data_prep.shards import SCHEMA, ShardWriter, list_column
 from data_prep.tasks import Record, Task
 from data_prep.tokenize import IGNORE, TokenizedBatch, tokenize_examples, tokenizer_fingerprint
-from recipes.errors import InputError
+from recipes.errors import InputError, RunStopped
 from recipes.schema import DataConfig
+
+log = logging.getLogger(__name__)
 
 PREP_VERSION = "2"  # 2: shards carry an index (lengths.npy, batches.npy)
 CHUNK_ROWS = 2048
+SPLITS = ("train", "eval")
 
 
 @dataclass(frozen=True)
@@ -65,14 +75,12 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
 
     def build(tmp: Path) -> dict:
         started = time.perf_counter()
-        writers = {split: _SplitWriter(task, data, tokenizer, tmp / split, keep_records=split == "eval")
-                   for split in ("train", "eval")}
+        writers = {split: _SplitWriter(tmp / split) for split in SPLITS}
         try:
             chunks = _chunks(_labelled_records(task, data, generated), CHUNK_ROWS)
-            for chunk, batch in _tokenized(chunks, task, tokenizer, data.completion_only, data.prep_workers):
+            for encoded in _encoded(chunks, task, data, tokenizer, tmp):
                 for split, writer in writers.items():
-                    picked = [i for i, (name, _) in enumerate(chunk) if name == split]
-                    writer.add([chunk[i][1] for i in picked], batch.select(picked))
+                    writer.add(encoded[split])
         finally:
             for writer in writers.values():
                 writer.close()
@@ -126,88 +134,164 @@ def _labelled_records(task: Task, data: DataConfig, generated: list[Record] | No
         yield from ((("eval" if rng.random() < data.eval_fraction else "train"), r) for r in task.read(data.train_file))
 
 
-def _tokenized(chunks: Iterator[list[tuple[str, Record]]], task: Task, tokenizer, completion_only: bool,
-               workers: int) -> Iterator[tuple[list[tuple[str, Record]], TokenizedBatch]]:
-    """(chunk, its tokenization) in input order, so the shards are identical whatever the number of workers.
+@dataclass
+class _Encoded:
+    """One chunk's rows of one split with the overlong policy applied: a record batch ready to write (None when no
+    row is left) and what happened to the rows."""
 
-    The first chunk is tokenized here; only data longer than that starts worker processes (spawned: forking after
-    torch and the tokenizer's thread pool are loaded is unsafe), since starting them costs seconds. Chat-template
-    rendering and tokenization are ~95% of prep time and run one chunk per worker; reading, validating and writing
-    stay in this process. At most two chunks per worker are in flight, so memory does not grow with the data.
+    batch: pa.RecordBatch | None
+    counts: dict[str, int]
+
+
+def _encoded(chunks: Iterator[list[tuple[str, Record]]], task: Task, data: DataConfig, tokenizer,
+             tmp: Path) -> Iterator[dict[str, _Encoded]]:
+    """Each chunk encoded (split → `_Encoded`), in input order, so the shards are identical whatever the worker count.
+
+    The first chunk is encoded here; only data longer than that starts worker processes, since starting them costs
+    seconds. Rendering, tokenizing and building the columns (~95% of prep time) happen one chunk per worker and come
+    back as Arrow buffers; this process only reads, validates and writes, so it does no per-token Python work. At
+    most two chunks per worker are in flight, so memory does not grow with the data.
     """
-    workers = workers or os.cpu_count() or 1
+    workers = data.prep_workers or os.cpu_count() or 1
     first = next(chunks, None)
     if first is None:
         return
-    yield first, _tokenize_chunk(first, task, tokenizer, completion_only)
-    if workers == 1:
-        for chunk in chunks:
-            yield chunk, _tokenize_chunk(chunk, task, tokenizer, completion_only)
+    yield _encode_chunk(first, task, data, tokenizer)
+    second = next(chunks, None)
+    if second is None:
         return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_start_worker, initargs=(task, tokenizer, completion_only)) as pool:
-        pending: deque = deque()
+    chunks = itertools.chain([second], chunks)
+    tokenizer_folder = _tokenizer_for_workers(tokenizer, tmp / ".tokenizer") if workers > 1 else None
+    if tokenizer_folder is None:
         for chunk in chunks:
-            pending.append((chunk, pool.apply_async(_tokenize_in_worker, (chunk,))))
-            if len(pending) >= 2 * workers:
-                done, result = pending.popleft()
-                yield done, result.get()
+            yield _encode_chunk(chunk, task, data, tokenizer)
+        return
+    # Spawned, not forked: forking after torch and the tokenizer's thread pool are loaded is unsafe. Workers get the
+    # tokenizer as a folder, not as an object: a pickled tokenizer is bigger than a pipe's buffer, so starting each
+    # worker would block this process until that worker had imported transformers (measured: 20 s for 2 workers).
+    # A pool of concurrent.futures, not multiprocessing.Pool: a worker killed by the OOM killer breaks it at once
+    # instead of hanging forever.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(task, data, type(tokenizer), str(tokenizer_folder)))
+    try:
+        pending: deque = deque(pool.submit(_encode_in_worker, chunk) for chunk in itertools.islice(chunks, 2 * workers))
         while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
+            encoded = pending.popleft().result()
+            pending.extend(pool.submit(_encode_in_worker, chunk) for chunk in itertools.islice(chunks, 1))
+            yield encoded
+    except BrokenProcessPool:
+        raise RunStopped(f"data prep: a worker process died (killed for memory?); nothing was written; set "
+                         f"data.prep_workers lower (it was {workers})") from None
+    finally:
+        pool.shutdown(cancel_futures=True)
+        shutil.rmtree(tokenizer_folder, ignore_errors=True)
 
 
-def _tokenize_chunk(chunk: list[tuple[str, Record]], task: Task, tokenizer, completion_only: bool) -> TokenizedBatch:
-    return tokenize_examples(tokenizer, [task.format(record) for _, record in chunk], completion_only)
+def _tokenizer_for_workers(tokenizer, folder: Path) -> Path | None:
+    """`folder` with the tokenizer saved in it, if a worker can rebuild the same tokenizer from it: its class importable
+    by name and the reloaded tokenizer's fingerprint equal. Else None, with a warning: prep then runs in this process
+    (e.g. a tokenizer class from remote code or defined at run time)."""
+    cls = type(tokenizer)
+    try:
+        if getattr(importlib.import_module(cls.__module__), cls.__qualname__, None) is not cls:
+            raise ImportError(f"{cls.__module__}.{cls.__qualname__} cannot be imported by name")
+        tokenizer.save_pretrained(folder)
+        if tokenizer_fingerprint(cls.from_pretrained(folder)) != tokenizer_fingerprint(tokenizer):
+            raise ValueError("the tokenizer reloaded from its saved files differs")
+    except Exception as error:  # noqa: BLE001 - any failure means "not transferable"; reported, never fatal
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("data prep runs in one process: the tokenizer cannot be handed to worker processes (%s: %s)",
+                    type(error).__name__, error)
+        return None
+    return folder
+
+
+def _encode_chunk(chunk: list[tuple[str, Record]], task: Task, data: DataConfig, tokenizer) -> dict[str, _Encoded]:
+    batch = tokenize_examples(tokenizer, [task.format(record) for _, record in chunk], data.completion_only)
+    return {split: _encode_split(data, [i for i, (name, _) in enumerate(chunk) if name == split],
+                                 [record for _, record in chunk], batch, keep_records=split == "eval")
+            for split in SPLITS}
+
+
+def _encode_split(data: DataConfig, picked: list[int], records: list[Record], batch: TokenizedBatch,
+                  keep_records: bool) -> _Encoded:
+    """Rows `picked` of a tokenized chunk → shard columns, after the overlong policy (drop, or truncate and drop
+    rows left without a target). Labels are rebuilt from prompt lengths with numpy rather than copied per token."""
+    counts = {"tokens": 0, "target_tokens": 0, "dropped": 0, "truncated": 0}
+    ids, prompt_lengths, kept = [], [], []
+    for i in picked:
+        row, prompt_length = batch.input_ids[i], batch.prompt_lengths[i]
+        if len(row) > data.max_seq_len:
+            if data.overlong == "drop":
+                counts["dropped"] += 1
+                continue
+            row = row[:data.max_seq_len]
+            counts["truncated"] += 1
+            if len(row) - max(prompt_length if data.completion_only else 0, 1) <= 0:
+                counts["dropped"] += 1  # truncation removed every target token
+                continue
+        ids.append(row)
+        prompt_lengths.append(min(prompt_length, len(row)))
+        kept.append(i)
+    if not ids:
+        return _Encoded(None, counts)
+    input_ids = list_column(ids)
+    values = input_ids.values.to_numpy()
+    lengths = np.diff(input_ids.offsets.to_numpy())
+    prompt = np.asarray(prompt_lengths, dtype=np.int32)
+    starts = input_ids.offsets.to_numpy()[:-1]
+    labels = values.copy()
+    if data.completion_only:
+        position = np.arange(len(values)) - np.repeat(starts, lengths)
+        labels[position < np.repeat(prompt, lengths)] = IGNORE
+    is_target = labels != IGNORE
+    is_target[starts[lengths > 0]] = False  # a row's first token is never predicted
+    counts["tokens"] = int(lengths.sum())
+    counts["target_tokens"] = int(is_target.sum())
+    record_json = [json.dumps(records[i], ensure_ascii=False, default=str) for i in kept] if keep_records else None
+    columns = {
+        "input_ids": input_ids,
+        "labels": pa.ListArray.from_arrays(input_ids.offsets, pa.array(labels)),
+        "length": pa.array(lengths.astype(np.int32)),
+        "prompt_length": pa.array(prompt),
+        "record": pa.array(record_json if record_json is not None else [None] * len(ids), pa.string()),
+    }
+    return _Encoded(pa.record_batch([columns[field.name] for field in SCHEMA], schema=SCHEMA), counts)
 
 
 _WORKER: tuple | None = None
 
 
-def _start_worker(task: Task, tokenizer, completion_only: bool) -> None:
+def _start_worker(task: Task, data: DataConfig, tokenizer_class: type, tokenizer_folder: str) -> None:
     global _WORKER
     # One process per core already: the tokenizer's own thread pool would only oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER = (task, tokenizer, completion_only)
+    # The class itself rather than AutoTokenizer, which imports the model's config and modeling code (5 s of start-up).
+    _WORKER = (task, data, tokenizer_class.from_pretrained(tokenizer_folder))
 
 
-def _tokenize_in_worker(chunk: list[tuple[str, Record]]) -> TokenizedBatch:
-    return _tokenize_chunk(chunk, *_WORKER)
+def _encode_in_worker(chunk: list[tuple[str, Record]]) -> dict[str, _Encoded]:
+    return _encode_chunk(chunk, *_WORKER)
 
 
 class _SplitWriter:
-    """Applies the overlong policy to tokenized chunks of one split, writes shards, and counts what happened."""
+    """Writes one split's encoded chunks to shards and adds up what happened to its rows."""
 
-    def __init__(self, task: Task, data: DataConfig, tokenizer, folder: Path, keep_records: bool):
-        self.task, self.data, self.tokenizer, self.keep_records = task, data, tokenizer, keep_records
+    def __init__(self, folder: Path):
         self.writer = ShardWriter(folder)
         self.histogram: dict[int, int] = {}
         self.totals = {"rows": 0, "tokens": 0, "target_tokens": 0, "dropped": 0, "truncated": 0}
 
-    def add(self, records: list[Record], batch: TokenizedBatch) -> None:
-        if not records:
+    def add(self, encoded: _Encoded) -> None:
+        for name, count in encoded.counts.items():
+            self.totals[name] += count
+        if encoded.batch is None:
             return
-        data, totals = self.data, self.totals
-        keep_ids, keep_labels, keep_prompt, keep_json = [], [], [], []
-        for ids, labels, prompt_len, record in zip(batch.input_ids, batch.labels, batch.prompt_lengths, records):
-            if len(ids) > data.max_seq_len:
-                if data.overlong == "drop":
-                    totals["dropped"] += 1
-                    continue
-                ids, labels = ids[:data.max_seq_len], labels[:data.max_seq_len]
-                totals["truncated"] += 1
-                if all(label == IGNORE for label in labels[1:]):
-                    totals["dropped"] += 1  # truncation removed every target token
-                    continue
-            keep_ids.append(ids)
-            keep_labels.append(labels)
-            keep_prompt.append(min(prompt_len, len(ids)))
-            keep_json.append(json.dumps(record, ensure_ascii=False, default=str))
-            totals["tokens"] += len(ids)
-            totals["target_tokens"] += sum(label != IGNORE for label in labels[1:])
-            bucket = 1 << max(len(ids) - 1, 0).bit_length()
-            self.histogram[bucket] = self.histogram.get(bucket, 0) + 1
-        self.writer.write(keep_ids, keep_labels, keep_prompt, keep_json if self.keep_records else None)
+        self.writer.write_batch(encoded.batch)
+        lengths = encoded.batch.column("length").to_numpy()
+        buckets = np.left_shift(1, np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64))
+        for bucket, count in zip(*np.unique(buckets, return_counts=True)):
+            self.histogram[int(bucket)] = self.histogram.get(int(bucket), 0) + int(count)
 
     def close(self) -> None:
         self.writer.close()

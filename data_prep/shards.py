@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ def list_column(rows: list, dtype=np.int32) -> pa.ListArray:
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter((t for r in rows for t in r), dtype=dtype, count=int(offsets[-1]))
+    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
@@ -45,21 +46,11 @@ class ShardWriter:
         self._batches: list[tuple[int, int]] = []  # (file number, rows)
         folder.mkdir(parents=True, exist_ok=True)
 
-    def write(self, input_ids, labels, prompt_lengths, records: list[str] | None) -> None:
-        if not input_ids:
-            return
-        n = len(input_ids)
-        self.write_columns({
-            "input_ids": list_column(input_ids),
-            "labels": list_column(labels),
-            "length": pa.array([len(ids) for ids in input_ids], pa.int32()),
-            "prompt_length": pa.array(prompt_lengths, pa.int32()),
-            "record": pa.array(records if records is not None else [None] * n, pa.string()),
-        })
-
     def write_columns(self, columns: dict[str, pa.Array]) -> None:
         """Append one batch given as arrays by column name (every column of the writer's schema)."""
-        batch = pa.record_batch([columns[field.name] for field in self.schema], schema=self.schema)
+        self.write_batch(pa.record_batch([columns[field.name] for field in self.schema], schema=self.schema))
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
         if not batch.num_rows:
             return
         if self._writer is None or self._rows_in_file >= self.rows_per_shard:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -10,11 +13,21 @@ import pytest
 from data_prep.prepare import prepare
 from data_prep.shards import ShardedDataset
 from data_prep.tasks import get_task
-from data_prep.tokenize import IGNORE, tokenize_examples
-from recipes.errors import InputError
+from data_prep.tokenize import IGNORE, token_ids, tokenize_examples
+from recipes.errors import InputError, RunStopped
 from recipes.schema import DataConfig, GeneratorSpec
 
 TASK = get_task("ticket_classification")
+
+
+class KillsItsWorker(type(TASK)):
+    """The ticket task, except that formatting the row titled KILL inside a prep worker process kills that process
+    with SIGKILL, as the kernel's OOM killer does."""
+
+    def format(self, record):
+        if record.get("title") == "KILL" and multiprocessing.parent_process() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().format(record)
 
 
 def test_generator_is_deterministic_and_varied():
@@ -47,6 +60,33 @@ def test_completion_only_labels_decode_to_exactly_the_answer(tokenizer):
 def test_full_sequence_labels_when_not_completion_only(tokenizer):
     batch = tokenize_examples(tokenizer, [TASK.format(TASK.generate(1, 0)[0])], completion_only=False)
     assert batch.labels[0] == batch.input_ids[0]
+
+
+TRICKY_TEXTS = ["", " leading space", "trailing space ", "  two\n\nlines\ttab", "ünïcödé — “quotes” 日本語 🙂",
+                "a literal </s> and <s> in the text", "[INST] not a turn [/INST]", "x" * 3000, "12345 67.89 0xDEADBEEF"]
+
+
+def byte_level_bpe():
+    """A GPT-2/Qwen-style byte-level BPE tokenizer (the other common family), trained here in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = [json.dumps(r) for r in TASK.generate(300, seed=0)] + TRICKY_TEXTS
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|end|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>")
+
+
+def test_fast_token_ids_equal_the_tokenizers_own_call(tokenizer):
+    """Prep's `token_ids` (the Rust backend's encode_batch_fast) must give exactly what `tokenizer(...)` gives, for a
+    SentencePiece-style (Mistral) and a byte-level BPE tokenizer, special-token text included."""
+    texts = TRICKY_TEXTS + [json.dumps(r) for r in TASK.generate(50, seed=9)]
+    for tok in (tokenizer, byte_level_bpe()):
+        assert token_ids(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    assert token_ids(tokenizer, ["a </s> b"])[0].count(tokenizer.eos_token_id) == 1  # special text is the token
 
 
 def data_config(tmp_path, **kw) -> DataConfig:
@@ -185,3 +225,38 @@ def test_a_bad_row_in_a_later_chunk_names_its_line_and_writes_nothing(tmp_path, 
     with pytest.raises(InputError, match=rf"tickets.jsonl:{len(rows)}: malformed JSON"):
         prepare(TASK, DataConfig(train_file=str(path), cache_dir=str(tmp_path / "c"), prep_workers=2), tokenizer)
     assert not list((tmp_path / "c").iterdir())
+
+
+def test_a_killed_prep_worker_stops_prep_in_one_line_and_writes_nothing(tmp_path, tokenizer):
+    """multiprocessing.Pool waits forever for a killed worker's result; prep must fail at once instead."""
+    from data_prep.prepare import CHUNK_ROWS
+
+    rows = TASK.generate(2 * CHUNK_ROWS + 10, seed=6)
+    rows[-1]["title"] = "KILL"  # in the last chunk, so a worker formats it
+    path = write_jsonl(tmp_path / "tickets.jsonl", rows)
+    config = DataConfig(train_file=str(path), cache_dir=str(tmp_path / "c"), max_seq_len=512, prep_workers=2)
+    with pytest.raises(RunStopped, match=r"worker process died .*data.prep_workers lower \(it was 2\)"):
+        prepare(KillsItsWorker(), config, tokenizer)
+    assert not list((tmp_path / "c").iterdir())
+    assert len(prepare(TASK, config, tokenizer).manifest["splits"]) == 2  # the same data in one piece is fine
+
+
+def test_a_tokenizer_workers_cannot_rebuild_is_used_in_one_process(tmp_path, tokenizer, caplog):
+    """Workers rebuild the tokenizer from its saved files and its class's import path; a class defined at run time
+    (as remote code is) cannot be imported there, so prep warns and stays in this process, with the same shards."""
+    from data_prep.prepare import CHUNK_ROWS
+
+    class RunTimeTokenizer(type(tokenizer)):
+        pass
+
+    local = RunTimeTokenizer.from_pretrained(tokenizer.name_or_path)
+    path = write_jsonl(tmp_path / "tickets.jsonl", TASK.generate(CHUNK_ROWS + 10, seed=7))
+    folders = {}
+    for name, tok in (("local", local), ("normal", tokenizer)):
+        config = DataConfig(train_file=str(path), cache_dir=str(tmp_path / name), max_seq_len=512, prep_workers=2)
+        folders[name] = prepare(TASK, config, tok).folder
+    assert "data prep runs in one process" in caplog.text and "RunTimeTokenizer cannot be imported" in caplog.text
+    for split in ("train", "eval"):
+        a, b = ShardedDataset(folders["local"] / split), ShardedDataset(folders["normal"] / split)
+        assert len(a) == len(b) and all(np.array_equal(a.tokens(i), b.tokens(i)) for i in range(len(a)))
+    assert not list(folders["normal"].glob(".tokenizer*"))  # the hand-over folder is not left in the cache

@@ -4,14 +4,16 @@ scored by generation and by option log-likelihood, also during training at every
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from data_prep.tasks.base import ChatExample, Record, Task
 from data_prep.tasks.medical_qa.generator import LETTERS, generate_items
 from data_prep.tasks.text_metrics import text_scores
 from data_prep.tokenize import IGNORE, tokenize_examples
 from recipes.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where it is used: prep's worker processes never load it (2 s of start-up)
+    import torch
 
 QA_SYSTEM = "You are a careful medical assistant. Answer the question in one or two sentences."
 MC_SYSTEM = "You are a careful medical assistant. Answer the multiple-choice question with the letter of the best option only."
@@ -85,18 +87,20 @@ class MedicalMCQ(Task):
         letter = parse_letter(text)
         return {"valid": letter is not None, "letter": letter, "problems": [] if letter else ["no option letter"]}
 
-    @torch.no_grad()
     def model_metrics(self, model, tokenizer, records: list[Record], device) -> dict[str, float]:
         """accuracy_loglik: the option whose letter, as the answer turn, has the highest log-likelihood."""
+        import torch
+
         was_training = model.training
         model.eval()
         correct = 0
         try:
-            for record in records:
-                messages = self.prompt_messages(record)
-                letters = [letter for letter, _ in options_of(record)]
-                scores = answer_log_likelihoods(model, tokenizer, messages, letters, device)
-                correct += letters[int(torch.argmax(scores))] == str(record["answer_letter"]).strip().upper()
+            with torch.no_grad():
+                for record in records:
+                    messages = self.prompt_messages(record)
+                    letters = [letter for letter, _ in options_of(record)]
+                    scores = answer_log_likelihoods(model, tokenizer, messages, letters, device)
+                    correct += letters[int(torch.argmax(scores))] == str(record["answer_letter"]).strip().upper()
         finally:
             model.train(was_training)
         return {"accuracy_loglik": correct / max(len(records), 1)}
@@ -130,6 +134,8 @@ def parse_letter(text: str) -> str | None:
 
 def answer_log_likelihoods(model, tokenizer, messages, answers: list[str], device) -> torch.Tensor:
     """Summed log-probability of each candidate answer turn (template end-of-turn included) after the prompt."""
+    import torch
+
     batch = tokenize_examples(tokenizer, [ChatExample(messages, a) for a in answers], completion_only=True)
     width = max(len(ids) for ids in batch.input_ids)
     pad = tokenizer.pad_token_id
