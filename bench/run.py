@@ -48,8 +48,9 @@ def train() -> dict:
     for system in ("multitune", "trl_packed", "trl_unpacked"):
         folder = WORK / "train" / system
         shutil.rmtree(folder, ignore_errors=True)
-        measured = run_measured([python(), "-m", "bench.train_runner", system, str(folder)])
-        result = json.loads(measured.stdout.strip().splitlines()[-1])
+        run = subprocess.run([python(), "-m", "bench.train_runner", system, str(folder)], cwd=REPO, env=ENV,
+                             capture_output=True, text=True, check=True)
+        result = json.loads(run.stdout.strip().splitlines()[-1])
         out[system] = {**result, "target_tokens_per_s": result["target_tokens"] / result["seconds"],
                        "tokens_per_s": result["tokens"] / result["seconds"]}
         print(f"  train {system}: {out[system]['target_tokens_per_s']:,.0f} target tokens/s "

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from launch import results, slurm, sweep
-from recipes.errors import InputError, RunStopped
+from recipes.errors import InputError, RunStopped, is_disk_full
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -135,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # Checkpoints and the prep cache are written to temporary names and renamed when complete, so what is
+        # there is whole; a checkpoint that did not fit is reported by the checkpoint code itself, with what was kept.
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: no space left on the device{where} ({exc}); free some space and run the command again",
+              file=sys.stderr)
         return 1
 
 

@@ -200,6 +200,15 @@ def test_disk_full_during_save_is_one_line_and_keeps_the_previous_checkpoint(tmp
     assert logged_steps(disk / "run") == [1, 2, 3, 4]
 
 
+def test_disk_full_during_prep_is_one_line_and_leaves_no_partial_cache(tmp_path, tiny_model_dir, small_disk, capsys):
+    disk = small_disk(128)  # the recipe's 200 tickets take ~0.5 MB of shards
+    path = write_recipe(tmp_path / "r.yaml", small_recipe(tmp_path, tiny_model_dir, disk / "cache"))
+    code, stderr = run_main(capsys, "prep", path)
+    line = error_line(stderr)
+    assert code == 1 and "error: no space left on the device" in line, stderr
+    assert list((disk / "cache").iterdir()) == []  # the temporary build folder is gone: no half cache to hit later
+
+
 # --- NaN / inf --------------------------------------------------------------------------------------------------
 
 # An enormous learning rate: step 1 is finite, Adam's first update (~lr per weight) overflows the next forward.

@@ -14,7 +14,6 @@ killed at any moment leaves only complete `step-N` folders (plus dot-folders the
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pickle
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from recipes.errors import InputError, RunStopped
+from recipes.errors import InputError, RunStopped, is_disk_full
 from trainer.faults import kill_point
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -120,9 +119,7 @@ def _retire(path: Path) -> None:
 
 def _save_failure(error: Exception, folder: Path, step: int) -> Exception:
     """A full disk becomes one clear line; anything else stays what it was (a bug to see in full)."""
-    message = str(error)
-    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) \
-        or "No space left" in message or "os error 28" in message or "File too large" in message
+    full = is_disk_full(error)
     if not full:
         try:  # torch.save reports a short write only as an internal error ("unexpected pos ...")
             full = shutil.disk_usage(folder).free < 1 << 20
