@@ -196,6 +196,7 @@ def cmd_train(args) -> int:
         return _launch(recipe, args)  # not yet inside a launched rank: start this machine's ranks
     import torch.distributed
 
+    from trainer.distributed import leave_process_group
     from trainer.loop import train
     from trainer.preemption import Preempted
 
@@ -213,8 +214,7 @@ def cmd_train(args) -> int:
                          f"({' '.join(str(exc).split())[:160]}): a rank died, or hung longer than "
                          f"distributed.timeout_s={recipe.distributed.timeout_s}") from None
     finally:
-        if torch.distributed.is_initialized():  # a launched rank: leave the group cleanly
-            torch.distributed.destroy_process_group()
+        leave_process_group()  # a launched rank: leave the group cleanly
     return 0
 
 

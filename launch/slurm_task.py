@@ -47,8 +47,7 @@ def run_task(recipe_path: str, overrides: list[str], overwrite: bool, max_requeu
     from trainer.checkpoint import list_checkpoints
 
     quiet_library_noise()
-    import torch.distributed
-
+    from trainer.distributed import leave_process_group
     from trainer.loop import train
     from trainer.preemption import Preempted
 
@@ -70,8 +69,7 @@ def run_task(recipe_path: str, overrides: list[str], overwrite: bool, max_requeu
         # An exit, not a return: under submitit a return would record the job as finished.
         raise SystemExit(_after_preemption(stop.signum, restarts, max_requeues)) from None
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_process_group()
     return 0
 
 

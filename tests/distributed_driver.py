@@ -110,6 +110,7 @@ def _everyone(value) -> list:
 
 def main(paths: list[str]) -> None:
     from recipes.loader import load_recipe
+    from trainer.distributed import leave_process_group
     from trainer.loop import train
 
     coverage = "--coverage" in paths
@@ -127,7 +128,7 @@ def main(paths: list[str]) -> None:
         AcceleratorState._reset_state()
         if coverage:
             sample_coverage(recipe)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -208,6 +208,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
         print(summary_table(metrics, task.headline_metrics), flush=True)
     tracker.finish()
     accelerator.wait_for_everyone()
+    accelerator.free_memory()  # the accelerator's references to the wrapped model and optimizer: a caller may go on
     return metrics
 
 
