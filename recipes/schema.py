@@ -81,7 +81,7 @@ class DataConfig(Section):
     packing: bool = True
     completion_only: bool = True
     cache_dir: str = "cache/prep"
-    prep_workers: int = Field(0, ge=0)  # 0: one per CPU core; not in the cache key (the shards are identical)
+    prep_workers: int = Field(0, ge=0)  # 0: one per CPU core, at most 8; not in the cache key (shards identical)
     task_options: TaskOptions = TaskOptions()
 
     @model_validator(mode="after")
