@@ -211,9 +211,10 @@ def _tokenizer_for_workers(tokenizer, folder: Path) -> Path | None:
 
 
 def _encode_chunk(chunk: list[tuple[str, Record]], task: Task, data: DataConfig, tokenizer) -> dict[str, _Encoded]:
-    batch = tokenize_examples(tokenizer, [task.format(record) for _, record in chunk], data.completion_only)
-    return {split: _encode_split(data, [i for i, (name, _) in enumerate(chunk) if name == split],
-                                 [record for _, record in chunk], batch, keep_records=split == "eval")
+    records = [record for _, record in chunk]
+    batch = tokenize_examples(tokenizer, [task.format(record) for record in records], data.completion_only)
+    return {split: _encode_split(data, [i for i, (name, _) in enumerate(chunk) if name == split], records, batch,
+                                 keep_records=split == "eval")
             for split in SPLITS}
 
 

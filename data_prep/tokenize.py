@@ -22,10 +22,6 @@ class TokenizedBatch:
     labels: list[list[int]]
     prompt_lengths: list[int]
 
-    def select(self, rows: list[int]) -> TokenizedBatch:
-        return TokenizedBatch([self.input_ids[i] for i in rows], [self.labels[i] for i in rows],
-                              [self.prompt_lengths[i] for i in rows])
-
 
 def split_prompts_completions(tokenizer, examples: list[ChatExample]) -> tuple[list[str], list[str]]:
     """Render with the model's own chat template; a completion is what the template adds for the answer.
