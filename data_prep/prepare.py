@@ -31,7 +31,7 @@ from recipes.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-PREP_VERSION = "2"  # 2: shards carry an index (lengths.npy, batches.npy)
+PREP_VERSION = "3"  # 2: shards carry an index (lengths.npy, batches.npy); 3: labels in the manifest
 CHUNK_ROWS = 2048
 SPLITS = ("train", "eval")
 # Reading and validating cost this process ~70 µs a row and a worker ~450 (measured, support tickets): past ~6
@@ -49,6 +49,12 @@ class PreparedData:
     def split(self, name: str) -> Path:
         return self.folder / name
 
+    @property
+    def labels(self) -> dict | None:
+        """The task's label sets the shards were built with (declared, the generator's, or collected from the
+        training split); None for tasks without closed label sets."""
+        return self.manifest.get("labels")
+
 
 def cache_key(task: Task, data: DataConfig, tokenizer, generated: list[Record] | None = None) -> str:
     """Hash of everything that changes the shards: inputs' content, tokenizer + template, formatter, prep settings.
@@ -61,7 +67,7 @@ def cache_key(task: Task, data: DataConfig, tokenizer, generated: list[Record] |
     else:
         source = {"train_file": _file_sha256(data.train_file),
                   "eval_file": _file_sha256(data.eval_file) if data.eval_file else None,
-                  "eval_fraction": data.eval_fraction}
+                  "eval_fraction": data.eval_fraction, "columns": data.columns, "csv_delimiter": data.csv_delimiter}
     key = {
         "prep_version": PREP_VERSION, "task": task.name, "formatter_version": task.formatter_version,
         "source": source, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_len": data.max_seq_len,
@@ -72,16 +78,29 @@ def cache_key(task: Task, data: DataConfig, tokenizer, generated: list[Record] |
 
 
 def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
+    """Shards of the recipe's data (a cache hit when the content hash exists). Tasks with closed label sets get them
+    first: declared in the recipe, the generator's taxonomy, or collected in a first reading pass over the training
+    split; they are part of the prompt, recorded in the manifest (`PreparedData.labels`). Raises InputError for bad
+    rows (file:line) and for a split left empty (naming why)."""
     generated = None
     if data.generator is not None:  # cheap (milliseconds per thousand records) and needed for the key
         generated = task.generate(data.generator.n_train + data.generator.n_eval, data.generator.seed)
     key = cache_key(task, data, tokenizer, generated)
+    folder = Path(data.cache_dir) / key[:20]
+    if (folder / "manifest.json").is_file():  # a hit needs no first pass over the data for its labels
+        return build_cached(Path(data.cache_dir), key, None)
+    if task.needs_labels():
+        labels = task.generator_labels() if generated is not None else None
+        if labels is None:
+            labels = task.collect_labels(r for split, r in _labelled_records(task, data, generated) if split == "train")
+        task = task.with_labels(labels)
 
     def build(tmp: Path) -> dict:
         started = time.perf_counter()
         writers = {split: _SplitWriter(tmp / split) for split in SPLITS}
+        unseen = _UnseenLabels(task)
         try:
-            chunks = _chunks(_labelled_records(task, data, generated), CHUNK_ROWS)
+            chunks = _chunks(unseen.counted(_labelled_records(task, data, generated)), CHUNK_ROWS)
             for encoded in _encoded(chunks, task, data, tokenizer, tmp):
                 for split, writer in writers.items():
                     writer.add(encoded[split])
@@ -91,23 +110,64 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
         splits = {split: writer.stats() for split, writer in writers.items()}
         for split, stats in splits.items():
             if stats["rows"] == 0:
-                raise InputError(f"data: the {split} split is empty after preparation ({stats['dropped']} rows "
-                                 f"dropped as longer than data.max_seq_len={data.max_seq_len})")
+                raise InputError(_empty_split_message(split, stats, data))
+        unseen.warn()
         return {
             "task": task.name, "formatter_version": task.formatter_version,
             "max_seq_len": data.max_seq_len, "overlong": data.overlong, "completion_only": data.completion_only,
+            "labels": task.labels, "unseen_labels": unseen.counts,
             "splits": splits, "seconds": round(time.perf_counter() - started, 3),
         }
 
     return build_cached(Path(data.cache_dir), key, build)
 
 
+def _empty_split_message(split: str, stats: dict, data: DataConfig) -> str:
+    if stats["dropped"]:
+        return (f"data: the {split} split is empty after preparation ({stats['dropped']} rows dropped as longer than "
+                f"data.max_seq_len={data.max_seq_len})")
+    if split == "eval" and data.eval_file is not None:
+        return f"data: the eval split is empty: data.eval_file {data.eval_file} has no rows"
+    if data.train_file is not None and data.eval_file is None:
+        return (f"data: the {split} split is empty: {data.train_file} has too few rows to hold out "
+                f"data.eval_fraction={data.eval_fraction} and keep rows to train on; add rows or give data.eval_file")
+    return f"data: the {split} split is empty"
+
+
+class _UnseenLabels:
+    """Counts eval rows whose labels the task never saw in training (collected label sets only: declared ones
+    refuse such rows), and says so in one warning line."""
+
+    def __init__(self, task: Task):
+        self.task, self.counts = task, {}
+
+    def counted(self, rows: Iterator[tuple[str, Record]]) -> Iterator[tuple[str, Record]]:
+        for split, record in rows:
+            if split == "eval":
+                for field, value in self.task.unseen_labels(record):
+                    self.counts.setdefault(field, {}).setdefault(value, 0)
+                    self.counts[field][value] += 1
+            yield split, record
+
+    def warn(self) -> None:
+        if self.counts:
+            log.warning("data: %s", describe_unseen(self.counts, "eval rows"))
+
+
+def describe_unseen(counts: dict[str, dict[str, int]], rows: str) -> str:
+    """One line: `3 eval rows have labels never seen in training: category 'Drucker' (2), urgency 'Sofort' (1)`."""
+    total = sum(n for values in counts.values() for n in values.values())
+    named = ", ".join(f"{field} {value!r} ({n})" for field, values in counts.items() for value, n in values.items())
+    return f"{total} {rows} have labels never seen in training (counted, scored as they are): {named}"
+
+
 def build_cached(cache_dir: Path, key: str, build) -> PreparedData:
     """The folder for content hash `key`: reused when complete, else `build(tmp)` writes the splits and returns the
-    manifest, and the folder is renamed into place (a crash never leaves a folder that looks complete)."""
+    manifest, and the folder is renamed into place (a crash never leaves a folder that looks complete). `build`
+    may be None only when the folder is known to be complete."""
     folder = cache_dir / key[:20]
     manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
+    if manifest_path.is_file() or build is None:
         return PreparedData(folder, json.loads(manifest_path.read_text()), cache_hit=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -126,16 +186,29 @@ def build_cached(cache_dir: Path, key: str, build) -> PreparedData:
 
 
 def _labelled_records(task: Task, data: DataConfig, generated: list[Record] | None) -> Iterator[tuple[str, Record]]:
-    """(split, record) pairs in one streaming pass: user files are never held in memory whole."""
+    """(split, record) pairs in one streaming pass: user files are never held in memory whole. The held-out split is
+    a seeded draw of data.eval_fraction; should it draw no row at all (a file of a few dozen rows), the last row is
+    held out, so a small file never gets an empty eval split silently."""
     if generated is not None:
         for index, record in enumerate(generated):
             yield ("train" if index < data.generator.n_train else "eval"), record
-    elif data.eval_file is not None:
-        yield from (("train", r) for r in task.read(data.train_file))
-        yield from (("eval", r) for r in task.read(data.eval_file))
-    else:
-        rng = random.Random(0)  # seeded hold-out, stable across runs
-        yield from ((("eval" if rng.random() < data.eval_fraction else "train"), r) for r in task.read(data.train_file))
+        return
+    read = {"columns": data.columns, "delimiter": data.csv_delimiter}
+    if data.eval_file is not None:
+        yield from (("train", r) for r in task.read(data.train_file, **read))
+        yield from (("eval", r) for r in task.read(data.eval_file, **read))
+        return
+    rng = random.Random(0)  # seeded hold-out, stable across runs
+    held_out = 0
+    previous = None
+    for record in task.read(data.train_file, **read):
+        if previous is not None:
+            yield previous
+        split = "eval" if rng.random() < data.eval_fraction else "train"
+        held_out += split == "eval"
+        previous = (split, record)
+    if previous is not None:
+        yield ("eval" if held_out == 0 else previous[0]), previous[1]
 
 
 @dataclass

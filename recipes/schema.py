@@ -61,14 +61,27 @@ class GeneratorSpec(Section):
 
 
 class TaskOptions(Section):
-    """Options of the generic `chat_jsonl` task: train on your own chat or prompt/completion JSONL, no code."""
+    """Options of a task (`data.task_options`); each task takes only the keys it reads and refuses the others."""
 
+    # chat_jsonl: rows of chat `messages` or `prompt`/`completion`.
     messages_field: str = "messages"      # a list of {role, content}; the last (assistant) turn is the answer
     prompt_field: str = "prompt"          # used when a row has no messages_field
     completion_field: str = "completion"
-    system_prompt: str | None = None      # prepended when a row brings no system message
-    # The answer is a JSON object: score these keys (parse rate, per-field accuracy); empty = free text (ROUGE/BLEU).
+    # chat_jsonl: prepended when a row brings no system message. ticket_classification, it_ticket_extraction: the
+    # instruction that opens the system prompt (the task appends the answer keys and label sets).
+    system_prompt: str | None = None
+    # chat_jsonl: the answer is a JSON object: score these keys (parse rate, per-field accuracy); empty = free text.
     json_fields: list[str] = []
+    # ticket_classification: {category: {<category>: [<subcategory>, ...]}, urgency: [...]};
+    # it_ticket_extraction: {<field>: [<value>, ...]} for closed-set fields. Declared label sets refuse rows
+    # outside them; without this key they are collected from the training split.
+    labels: dict[str, list[str] | dict[str, list[str]]] | None = None
+    # it_ticket_extraction: the answer's fields (default: category, subcategory, assignment_group, priority, impact,
+    # affected_service, configuration_item).
+    fields: list[str] = []
+    # it_ticket_extraction: fields scored per class (accuracy, macro-F1, confusion matrix); default: the fields
+    # with few distinct values in training (see docs/recipes.md), plus those given labels.
+    closed_fields: list[str] | None = None
 
 
 class DataConfig(Section):
@@ -83,6 +96,10 @@ class DataConfig(Section):
     cache_dir: str = "cache/prep"
     prep_workers: int = Field(0, ge=0)  # 0: one per CPU core, at most 8; not in the cache key (shards identical)
     task_options: TaskOptions = TaskOptions()
+    # The user's column names: task field → column (`{description: Beschreibung}`); the file stays as exported.
+    columns: dict[str, str] = {}
+    # CSV separator; default: sniffed among `,` `;` and tab (`.tsv`: tab).
+    csv_delimiter: Literal[",", ";", "\t", "|"] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -199,6 +216,8 @@ class Recipe(Section):
             raise ValueError("process.skpm_log replaces data.train_file / data.generator: give only one source")
         if (self.task == "process_monitoring") != (self.process is not None):
             raise ValueError("task: process_monitoring goes with a `process` section (and only it)")
+        if self.process is not None and self.data.columns:
+            raise ValueError("data.columns: process_monitoring names its event-log columns in process.columns")
         if m.quantization == "nf4" and self.adapter.kind == "none":
             raise ValueError("model.quantization=nf4 needs adapter.kind=lora: 4-bit weights cannot be fully fine-tuned")
         if m.quantization == "nf4" and self.distributed.strategy in SHARDED and m.quant_storage != m.dtype:

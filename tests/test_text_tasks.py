@@ -158,13 +158,14 @@ def test_user_files_are_validated_with_file_and_line(tmp_path):
     assert list(TASKS["it_ticket_extraction"].read(tickets, inputs_only=True))[0]["short_description"] == "VPN down"
 
 
-def test_task_options_belong_to_chat_jsonl_only(tmp_path, tiny_model_dir):
+def test_a_task_refuses_options_it_does_not_take(tmp_path, tiny_model_dir):
     from conftest import recipe_dict
     from recipes.loader import validate_recipe
 
     recipe = validate_recipe(recipe_dict(tmp_path, tiny_model_dir, task="it_ticket_extraction",
                                          data={"task_options": {"json_fields": ["a"]}}))
-    with pytest.raises(InputError, match="data.task_options: task it_ticket_extraction takes no options"):
+    with pytest.raises(InputError, match="data.task_options.json_fields: task it_ticket_extraction does not take "
+                                         r"this option \(it takes closed_fields, fields, labels, system_prompt\)"):
         task_for(recipe)
     chat = task_for(validate_recipe(recipe_dict(tmp_path, tiny_model_dir, task="chat_jsonl",
                                                 data={"task_options": {"json_fields": ["a"]}})))

@@ -60,7 +60,9 @@ class TextWorkload:
 
     def prepare(self) -> PreparedData:
         self.tokenizer = load_tokenizer(self.recipe.model)
-        return prepare(self.task, self.recipe.data, self.tokenizer)
+        prepared = prepare(self.task, self.recipe.data, self.tokenizer)
+        self.task = self.task.with_labels(prepared.labels)  # the label sets the shards' prompts were built with
+        return prepared
 
     def stream(self, dataset, plan, seed, rank, world_size) -> MicroBatchStream:
         return MicroBatchStream(dataset, plan, seed, rank, world_size, self.tokenizer.pad_token_id)

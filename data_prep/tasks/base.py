@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_prep.readers import MAX_LINE_BYTES, FieldError, Record, read_rows
 from recipes.errors import InputError
 
-Record = dict[str, Any]
-
-# One row of a data file longer than this is refused: no sample a model trains on is 8 MiB of text, and reading
-# such a line (a file without line breaks, a binary file) would only hold its whole size in memory.
-MAX_LINE_BYTES = 8 << 20
+__all__ = ["MAX_LINE_BYTES", "ChatExample", "FieldError", "Record", "Task"]
 
 
 @dataclass(frozen=True)
@@ -54,11 +49,58 @@ class Task(ABC):
     def score(self, outputs: list[str], records: list[Record]) -> dict[str, float]:
         """Metrics for generated `outputs` against the records they answer."""
 
+    # Keys of `data.task_options` this task reads; any other key set to a non-default value is refused.
+    option_keys: frozenset[str] = frozenset()
+    # Rows of the shape {"input": {...fields}, "output": {...answer fields}} are flattened into one record.
+    instruction_rows: bool = False
+
     def with_options(self, options) -> Task:
-        """This task configured by the recipe's `data.task_options`; only option-taking tasks accept non-defaults."""
-        if options != type(options)():
-            raise InputError(f"data.task_options: task {self.name} takes no options (they are for chat_jsonl)")
+        """This task configured by the recipe's `data.task_options`. Raises InputError naming a key it does not take."""
+        defaults = type(options)()
+        for key in type(options).model_fields:
+            if getattr(options, key) != getattr(defaults, key) and key not in self.option_keys:
+                takes = f"it takes {', '.join(sorted(self.option_keys))}" if self.option_keys else "it takes none"
+                raise InputError(f"data.task_options.{key}: task {self.name} does not take this option ({takes})")
+        return self._configured(options) if self.option_keys else self
+
+    def _configured(self, options) -> Task:
+        """A copy of this task with `options` applied (tasks with `option_keys` override this)."""
         return self
+
+    # --- Labels: the closed label sets of a task's answer fields (None: the task has none) --------------------------
+    @property
+    def labels(self) -> dict | None:
+        """The label sets the prompt and the per-class metrics use, as JSON (recorded in the manifest and adapter)."""
+        return None
+
+    def needs_labels(self) -> bool:
+        """True when the label sets must still be collected from the training split (not declared in the recipe)."""
+        return False
+
+    def generator_labels(self) -> dict | None:
+        """The label sets of the task's own synthetic generator (its taxonomy), or None to collect them."""
+        return None
+
+    def collect_labels(self, records: Iterable[Record]) -> dict:
+        """The label sets seen in `records` (the training split), in the form `with_labels` takes."""
+        return {}
+
+    def with_labels(self, labels: dict | None) -> Task:
+        """A copy with these label sets (from the manifest or an adapter folder); rows outside them are counted by
+        `unseen_labels`, not refused (only declared label sets refuse rows)."""
+        return self
+
+    def unseen_labels(self, record: Record) -> list[tuple[str, str]]:
+        """(field, value) pairs of `record` outside the label sets: an eval or infer row with a label never trained."""
+        return []
+
+    def system_prompt(self) -> str | None:
+        """The system message every prompt of this task starts with (what `serve` defaults to), or None."""
+        return None
+
+    def class_reports(self, outputs: list[str], records: list[Record]) -> dict:
+        """Per closed-set field: a `json_metrics.ClassReport` (per-class precision/recall/F1, confusion matrix)."""
+        return {}
 
     def prompt_messages(self, record: Record) -> list[dict[str, str]]:
         """The prompt alone; tasks that can answer unlabelled rows (`multitune infer`) build it without labels."""
@@ -88,78 +130,49 @@ class Task(ABC):
         for field in fields:
             value = record.get(field)
             if value is None or (isinstance(value, str) and not value.strip()):
-                raise InputError(f"{where}: missing field '{field}'")
+                raise FieldError(where, field)
 
-    def read(self, path: str | Path, inputs_only: bool = False) -> Iterator[Record]:
-        """Records from a user's JSONL or CSV file, each validated; errors name file:line. A file without any
-        record, or two records with the same `id`, is an error too.
+    def read(self, path: str | Path, inputs_only: bool = False, columns: Mapping[str, str] | None = None,
+             delimiter: str | None = None) -> Iterator[Record]:
+        """Records from a user's data file (data_prep/readers.py: CSV, JSONL, JSON array, Parquet), each validated;
+        errors name file:line and, through `columns` (task field → the user's column), the user's column. A file
+        without any record, or two records with the same `id`, is an error too.
 
         `inputs_only`: rows to answer, not to train on, so only `input_fields` are required.
         """
-        path = Path(path)
         check = self.check_input if inputs_only else self.check_record
-        if not path.is_file():
-            raise InputError(f"data file not found: {path}")
-        if path.suffix not in (".csv", ".jsonl", ".json"):
-            raise InputError(f"{path}: unsupported data file type '{path.suffix}' (use .jsonl or .csv)")
+        columns = dict(columns or {})
+
+        def rows() -> Iterator[tuple[str, Record]]:
+            for where, record in read_rows(path, columns, delimiter, self.instruction_rows):
+                try:
+                    check(record, where)
+                except FieldError as error:
+                    raise InputError(error.render(columns)) from None
+                yield where, record
+
         # Hashes only (~64 bytes per row): a million rows must not cost what keeping their ids would. A repeated
         # hash is confirmed, and its first line found, by reading the file again up to here (only on that path).
         seen: set[int] = set()
         count = 0
-        for where, record in self._rows(path, check):
+        for where, record in rows():
             if record.get("id") is not None:
                 key = hash(str(record["id"]))
                 if key in seen:
-                    first = next((w for w, r in self._rows(path, check) if str(r.get("id")) == str(record["id"])), where)
+                    first = next((w for w, r in rows() if str(r.get("id")) == str(record["id"])), where)
                     if first != where:
-                        raise InputError(f"{where}: duplicate id {record['id']!r} (first at line "
-                                         f"{first.rsplit(':', 1)[1]})")
+                        raise InputError(f"{where}: duplicate id {record['id']!r} (first at "
+                                         f"{_line_of(first)})")
                 seen.add(key)
             count += 1
             yield record
         if count == 0:
             raise InputError(f"{path}: no records in the file (empty)")
 
-    def _rows(self, path: Path, check) -> Iterator[tuple[str, Record]]:
-        return self._read_csv(path, check) if path.suffix == ".csv" else self._read_jsonl(path, check)
 
-    def _read_jsonl(self, path: Path, check) -> Iterator[tuple[str, Record]]:
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), start=1):
-                where = f"{path}:{number}"
-                if len(raw) > MAX_LINE_BYTES:
-                    raise InputError(f"{where}: line longer than {MAX_LINE_BYTES >> 20} MiB (a binary file, or "
-                                     f"records without line breaks?)")
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    raise InputError(f"{where}: not valid UTF-8") from None
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    detail = exc.msg if exc.msg.endswith(" at") else f"{exc.msg} at"
-                    raise InputError(f"{where}: malformed JSON ({detail} column {exc.colno})") from None
-                if not isinstance(record, dict):
-                    raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                check(record, where)
-                yield where, record
-
-    def _read_csv(self, path: Path, check) -> Iterator[tuple[str, Record]]:
-        csv.field_size_limit(MAX_LINE_BYTES)
-        reader = None
-        try:
-            with open(path, newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle, strict=True)
-                for row in reader:
-                    where = f"{path}:{reader.line_num}"
-                    if None in row:
-                        raise InputError(f"{where}: more values than the {len(reader.fieldnames)} header columns")
-                    check(row, where)
-                    yield where, row
-        except UnicodeDecodeError:
-            raise InputError(f"{path}: not valid UTF-8") from None
-        except csv.Error as exc:
-            line = reader.line_num + 1 if reader is not None else 1  # the line being read when it failed
-            raise InputError(f"{path}:{line}: malformed CSV ({exc})") from None
+def _line_of(where: str) -> str:
+    """`file:12` → `line 12`; `file[3]` → `item 3`; `file:row 4` → `row 4`."""
+    if where.endswith("]"):
+        return "item " + where[where.rindex("[") + 1:-1]
+    tail = where.rsplit(":", 1)[1]
+    return tail if tail.startswith("row") else f"line {tail}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -59,30 +60,86 @@ def schema_problems(value: dict[str, Any] | None, fields: tuple[str, ...]) -> li
     return problems
 
 
-def macro_f1(predictions: list[Any], references: list[Any]) -> float:
-    """Unweighted mean of per-class F1 over every class seen in references or predictions (as sklearn's macro)."""
-    predicted = [_normalise(p) for p in predictions]
+@dataclass(frozen=True)
+class ClassReport:
+    """One closed-set field scored per class. `classes`: every label in the references or the predictions (as first
+    spelt); `precision`/`recall`/`f1`/`support`: per class, in that order; `confusion[i][j]`: rows whose reference is
+    classes[i] and prediction classes[j], with a last column for rows without an answer (unparsable output or a
+    missing key). Labels compare case- and space-insensitively, as the accuracy does."""
+
+    field: str
+    classes: list[str]
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+    support: list[int]
+    confusion: list[list[int]]
+    accuracy: float
+    macro_f1: float
+
+
+NO_ANSWER = "(no answer)"
+# A field with at most this many distinct reference values (and at most one per two rows) is a closed set: scored
+# per class. A host name or free text has about one value per row.
+CLOSED_SET_MAX = 50
+
+
+def closed_set_fields(references: list[dict[str, Any]], fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The `fields` whose reference values form a closed set (see CLOSED_SET_MAX)."""
+    limit = min(CLOSED_SET_MAX, len(references) // 2)
+    return tuple(f for f in fields if len({_normalise(r.get(f)) for r in references if r}) <= limit)
+
+
+def class_report(field: str, predictions: list[Any], references: list[Any]) -> ClassReport:
+    """Per-class precision, recall, F1 and support plus the confusion matrix of one field (sklearn.metrics).
+    `predictions` hold None where the output had no value for the field. Macro-F1 is the unweighted mean over
+    `classes`, as sklearn's macro average over the labels seen in references or predictions."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     expected = [_normalise(r) for r in references]
-    classes = (set(predicted) | set(expected)) - {_MISSING}
-    if not classes:
-        return 0.0
-    total = 0.0
-    for label in classes:
-        tp = sum(p == label and r == label for p, r in zip(predicted, expected))
-        fp = sum(p == label and r != label for p, r in zip(predicted, expected))
-        fn = sum(p != label and r == label for p, r in zip(predicted, expected))
-        total += 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return total / len(classes)
+    predicted = [_normalise(p) for p in predictions]
+    spelling: dict[str, str] = {}
+    for key, value in [*zip(expected, references), *zip(predicted, predictions)]:
+        if key != _MISSING:
+            spelling.setdefault(key, " ".join(str(value).split()))
+    keys = sorted(spelling, key=lambda k: spelling[k].casefold())
+    if not keys:
+        return ClassReport(field, [], [], [], [], [], [], 0.0, 0.0)
+    precision, recall, f1, support = precision_recall_fscore_support(expected, predicted, labels=keys,
+                                                                     zero_division=0)
+    matrix = confusion_matrix(expected, predicted, labels=[*keys, _MISSING])[:-1]
+    return ClassReport(
+        field, [spelling[k] for k in keys], [float(x) for x in precision], [float(x) for x in recall],
+        [float(x) for x in f1], [int(x) for x in support], matrix.tolist(),
+        accuracy=sum(p == r for p, r in zip(predicted, expected)) / max(len(expected), 1),
+        macro_f1=float(sum(f1) / len(keys)))
+
+
+def class_reports(outputs: list[str], references: list[dict[str, Any]], fields: tuple[str, ...]) -> dict[str, ClassReport]:
+    """`class_report` of each of `fields` for JSON-object outputs against reference records."""
+    parsed = [parse_json_object(text) for text in outputs]
+    return {field: class_report(field, [p.get(field) if p else None for p in parsed], [r[field] for r in references])
+            for field in fields}
+
+
+def macro_f1(predictions: list[Any], references: list[Any]) -> float:
+    """Unweighted mean of per-class F1 over every class seen in references or predictions (sklearn's macro)."""
+    return class_report("", predictions, references).macro_f1
 
 
 def score_extraction(outputs: list[str], references: list[dict[str, Any]], fields: tuple[str, ...],
                      f1_fields: tuple[str, ...]) -> dict[str, float]:
-    """score_json_fields plus `schema_valid` (share of outputs that are exactly the answer schema) and
-    `<field>_f1` (macro F1) for the categorical `f1_fields`."""
+    """score_json_fields plus `schema_valid` (share of outputs that are exactly the answer schema), `<field>_f1`
+    (macro F1) for the closed-set `f1_fields`, and `<field>_exact` (verbatim match) for the free-form others, whose
+    `<field>` accuracy is the normalised (case- and space-insensitive) match."""
     metrics = score_json_fields(outputs, references, fields)
     parsed = [parse_json_object(text) for text in outputs]
     metrics["schema_valid"] = sum(not schema_problems(p, fields) for p in parsed) / max(len(outputs), 1)
-    for field in f1_fields:
-        metrics[f"{field}_f1"] = macro_f1([p.get(field) if p else None for p in parsed],
-                                          [r[field] for r in references])
+    for field in fields:
+        predictions = [p.get(field) if p else None for p in parsed]
+        if field in f1_fields:
+            metrics[f"{field}_f1"] = class_report(field, predictions, [r[field] for r in references]).macro_f1
+        else:
+            metrics[f"{field}_exact"] = sum(p is not None and str(p) == str(r[field])
+                                            for p, r in zip(predictions, references)) / max(len(outputs), 1)
     return metrics

@@ -7,7 +7,8 @@ import json
 import random
 
 from data_prep.tasks.base import ChatExample, Record, Task
-from data_prep.tasks.json_metrics import parse_json_object, schema_problems, score_json_fields
+from data_prep.tasks.json_metrics import (class_reports, closed_set_fields, parse_json_object, schema_problems,
+                                         score_json_fields)
 from data_prep.tasks.text_metrics import text_scores
 from recipes.errors import InputError
 from recipes.schema import TaskOptions
@@ -16,14 +17,18 @@ from recipes.schema import TaskOptions
 class ChatJsonl(Task):
     name = "chat_jsonl"
     formatter_version = "1"
+    option_keys = frozenset({"messages_field", "prompt_field", "completion_field", "system_prompt", "json_fields"})
 
     def __init__(self, options: TaskOptions = TaskOptions()):
         self.options = options
         fields = tuple(options.json_fields)
         self.headline_metrics = ("parse_rate", "exact_match", *fields) if fields else ("rougeL", "bleu")
 
-    def with_options(self, options: TaskOptions) -> ChatJsonl:
+    def _configured(self, options: TaskOptions) -> ChatJsonl:
         return ChatJsonl(options)
+
+    def system_prompt(self) -> str | None:
+        return self.options.system_prompt
 
     def generate(self, n: int, seed: int) -> list[Record]:
         """A demo dataset (order e-mails → JSON) in prompt/completion form, for the debug recipe and tests."""
@@ -52,8 +57,17 @@ class ChatJsonl(Task):
         answers = [self._split(r, "row", need_answer=True)[1] for r in records]
         fields = tuple(self.options.json_fields)
         if fields:
-            return score_json_fields(outputs, [_as_strings(parse_json_object(a)) for a in answers], fields)
+            references = [_as_strings(parse_json_object(a)) for a in answers]
+            metrics = score_json_fields(outputs, references, fields)
+            for field, report in class_reports(outputs, references, closed_set_fields(references, fields)).items():
+                metrics[f"{field}_f1"] = report.macro_f1
+            return metrics
         return text_scores(outputs, answers)
+
+    def class_reports(self, outputs: list[str], records: list[Record]) -> dict:
+        fields = tuple(self.options.json_fields)
+        references = [_as_strings(parse_json_object(self._split(r, "row", need_answer=True)[1])) for r in records]
+        return class_reports(outputs, references, closed_set_fields(references, fields)) if fields else {}
 
     def parse_output(self, text: str) -> dict:
         fields = tuple(self.options.json_fields)
@@ -115,5 +129,6 @@ def generate_orders(n: int, seed: int) -> list[Record]:
         product, city, quantity = rng.choice(PRODUCTS), rng.choice(CITIES), rng.randint(1, 40)
         text = rng.choice(PHRASES).format(q=quantity, p=product, c=city)
         rows.append({"prompt": f"Extract product, quantity and city as JSON.\n\n{text}",
-                     "completion": json.dumps({"product": product, "quantity": quantity, "city": city})})
+                     "completion": json.dumps({"product": product, "quantity": quantity, "city": city},
+                                              ensure_ascii=False)})
     return rows
