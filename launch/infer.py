@@ -3,27 +3,43 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from recipes.errors import InputError
 
+log = logging.getLogger(__name__)
+
 
 def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: Path, batch_size: int | None = None,
                   max_new_tokens: int | None = None) -> dict[str, int]:
     """Write `{"row", "input", "output", "valid", ...parsed}` per input row, in input order; invalid outputs are
-    flagged (`valid: false` plus `problems`), never dropped. Returns counts of rows and valid rows."""
+    flagged (`valid: false` plus `problems`), never dropped. Prompts are built as in training: the task's label sets
+    come from the adapter folder (or, for the base model, from the recipe's prepared data), the input file is read
+    through `data.columns`. Returns counts of rows and valid rows."""
+    from data_prep.prepare import describe_unseen, prepare
     from data_prep.tasks import task_for
     from trainer.evaluate import generate_answers, load_for_eval
+    from trainer.merge import adapter_info
+    from trainer.model import load_tokenizer
 
     task = task_for(recipe)
-    if not task.input_fields:
-        raise InputError(f"task {task.name} does not declare the input fields `multitune infer` needs")
-    rows = list(task.read(input_path, inputs_only=True))  # validated before any model is loaded
-    if not rows:
-        raise InputError(f"--input {input_path}: no rows")
+    data = recipe.data
+    rows = list(task.read(input_path, inputs_only=True, columns=data.columns, delimiter=data.csv_delimiter))
     if output_path.exists() and output_path.resolve() == input_path.resolve():
         raise InputError(f"--output {output_path}: would overwrite the input file")
+    labels = adapter_info(adapter).get("labels") if adapter is not None else None
+    if labels is None and task.needs_labels():
+        labels = prepare(task, data, load_tokenizer(recipe.model)).labels
+    task = task.with_labels(labels)
+    unseen: dict[str, dict[str, int]] = {}
+    for row in rows:
+        for field, value in task.unseen_labels(row):
+            unseen.setdefault(field, {}).setdefault(value, 0)
+            unseen[field][value] += 1
+    if unseen:
+        log.warning("--input %s: %s", input_path, describe_unseen(unseen, "rows"))
     model, tokenizer, device = load_for_eval(recipe, adapter)
     prompts = [tokenizer.apply_chat_template(task.prompt_messages(row), add_generation_prompt=True,
                                              tokenize=True)["input_ids"] for row in rows]
@@ -36,6 +52,7 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
         for index, (row, text) in enumerate(zip(rows, outputs)):
             parsed = task.parse_output(text)
             valid += bool(parsed["valid"])
-            handle.write(json.dumps({"row": index, "input": row, "output": text, **parsed}) + "\n")
+            handle.write(json.dumps({"row": index, "input": row, "output": text, **parsed}, ensure_ascii=False,
+                                    default=str) + "\n")
     os.replace(tmp, output_path)
     return {"rows": len(rows), "valid": valid, "invalid": len(rows) - valid}

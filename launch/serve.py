@@ -32,10 +32,13 @@ class Completion:
 
 
 class ChatModel:
-    """The model loaded once; `complete` runs one request at a time (one model, one lock)."""
+    """The model loaded once; `complete` runs one request at a time (one model, one lock). `system_prompt`: the
+    system message an adapter was trained with, put first in requests that bring none (as Ollama's SYSTEM does), so
+    a client sending only the user turn gets the prompt training saw."""
 
-    def __init__(self, model, tokenizer, name: str, device: torch.device):
+    def __init__(self, model, tokenizer, name: str, device: torch.device, system_prompt: str | None = None):
         self.model, self.tokenizer, self.name, self.device = model.eval(), tokenizer, name, device
+        self.system_prompt = system_prompt
         self.lock = threading.Lock()
         self.context = getattr(model.config, "max_position_embeddings", None)
         # The template's end-of-turn token can differ from the tokenizer's eos (e.g. <|im_end|> vs <|endoftext|>).
@@ -49,6 +52,8 @@ class ChatModel:
 
     @torch.no_grad()
     def _complete(self, messages, max_tokens, temperature, top_p, stop, seed) -> Completion:
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
         if self.context and len(prompt) + max_tokens > self.context:
             raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
@@ -196,7 +201,10 @@ def load_chat_model(model_path: str, adapter: Path | None, dtype: str, name: str
     if name is None:  # runs/<name>/adapter → "<name>"
         name = (adapter.resolve().parent.name if adapter.name == "adapter" else adapter.name) if adapter \
             else Path(model_path).name or model_path
-    return ChatModel(model, tokenizer, name, device)
+    info_file = adapter / "multitune.json" if adapter is not None else None
+    system_prompt = json.loads(info_file.read_text()).get("system_prompt") if info_file and info_file.is_file() \
+        else None
+    return ChatModel(model, tokenizer, name, device, system_prompt)
 
 
 def serve(chat: ChatModel, host: str, port: int) -> None:
@@ -204,6 +212,9 @@ def serve(chat: ChatModel, host: str, port: int) -> None:
     server = ThreadingHTTPServer((host, port), make_handler(chat))
     server.daemon_threads = True
     print(f"serving {chat.name} on http://{host}:{server.server_port}/v1", flush=True)
+    if chat.system_prompt:
+        print(f"requests without a system message get the adapter's trained one ({len(chat.system_prompt)} "
+              "characters, from multitune.json)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from trainer.endpoint import EndpointClient
 from trainer.judge import Judge
 from trainer.model import check_adapter_folder, load_model, load_tokenizer
 from trainer.retrieval import Retriever
-from trainer.run_files import write_atomic
+from trainer.run_files import write_atomic, write_class_reports
 
 
 @torch.no_grad()
@@ -75,8 +75,11 @@ def eval_records(dataset: ShardedDataset, config: EvalConfig) -> list[dict]:
 
 
 def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, config: EvalConfig,
-                        device: torch.device, judge: Judge | None = None) -> tuple[dict[str, float], list[dict]]:
-    """Task metrics plus timing; also returns (prompt record, output) examples for inspection."""
+                        device: torch.device, judge: Judge | None = None,
+                        reports: Path | None = None) -> tuple[dict[str, float], list[dict]]:
+    """Task metrics plus timing; also returns (prompt record, output) examples for inspection. With `reports` (a
+    path prefix), the per-class tables and confusion matrices of closed-set fields are written there
+    (`run_files.write_class_reports`)."""
     records = eval_records(dataset, config)
     count = len(records)
     prompts = [dataset.tokens(i)[: dataset.prompt_length(i)].tolist() for i in range(count)]
@@ -87,11 +90,13 @@ def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, c
     metrics["answer_nll"] = answer_nll(model, dataset, count, device)
     metrics["samples"] = count
     metrics["seconds"] = round(time.perf_counter() - started, 2)
+    if reports is not None:
+        write_class_reports(task.class_reports(outputs, records), reports)
     return metrics, _judged_examples(metrics, judge, task, outputs, records)
 
 
 def evaluate_records(model, tokenizer, records: list[dict], task: Task, config: EvalConfig, device: torch.device,
-                     judge: Judge | None = None) -> tuple[dict[str, float], list[dict]]:
+                     judge: Judge | None = None, reports: Path | None = None) -> tuple[dict[str, float], list[dict]]:
     """Generation eval of records that are not in the shards (e.g. with retrieved context): prompts from the task's
     formatter through the chat template, as `multitune infer` builds them."""
     prompts = [tokenizer.apply_chat_template(task.format(r).messages, add_generation_prompt=True,
@@ -102,11 +107,13 @@ def evaluate_records(model, tokenizer, records: list[dict], task: Task, config: 
     metrics.update(task.model_metrics(model, tokenizer, records, device))
     metrics["samples"] = len(records)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
+    if reports is not None:
+        write_class_reports(task.class_reports(outputs, records), reports)
     return metrics, _judged_examples(metrics, judge, task, outputs, records)
 
 
 def evaluate_endpoint(client: EndpointClient, records: list[dict], task: Task, config: EvalConfig,
-                      judge: Judge | None = None) -> tuple[dict[str, float], list[dict]]:
+                      judge: Judge | None = None, reports: Path | None = None) -> tuple[dict[str, float], list[dict]]:
     """Eval records (prompts from the task's formatter) answered by an OpenAI-compatible endpoint, scored by the
     task; metrics that need the weights (answer_nll, log-likelihoods) stay empty."""
     started = time.perf_counter()
@@ -115,6 +122,8 @@ def evaluate_endpoint(client: EndpointClient, records: list[dict], task: Task, c
     metrics = task.score(outputs, records)
     metrics["samples"] = len(records)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
+    if reports is not None:
+        write_class_reports(task.class_reports(outputs, records), reports)
     return metrics, _judged_examples(metrics, judge, task, outputs, records)
 
 
@@ -154,7 +163,13 @@ def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = T
         raise InputError(f"--retrieval-docs: task {task.name} does not show retrieved passages in its prompt "
                          "(medical_qa and medical_mcq do)")
     out_dir = recipe.output_path / "eval"
-    eval_set = ShardedDataset(prepare(task, recipe.data, load_tokenizer(recipe.model)).split("eval"))
+    prepared = prepare(task, recipe.data, load_tokenizer(recipe.model))
+    task = task.with_labels(prepared.labels)  # the prompts training saw
+    eval_set = ShardedDataset(prepared.split("eval"))
+
+    def reports(label: str) -> Path:
+        return out_dir / "per_class" / label.replace("/", "_")
+
     records = eval_records(eval_set, recipe.eval)
     rag_records = retriever.augment(records, top_k) if retriever is not None else None
     if judge is not None:
@@ -171,17 +186,21 @@ def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = T
 
     endpoint_results = []
     if endpoint is not None:  # first: a wrong URL or key fails in seconds, not after the local evaluations
-        endpoint_results.append(evaluate_endpoint(endpoint, records, task, recipe.eval, judge))
+        name = endpoint.spec.model
+        endpoint_results.append(evaluate_endpoint(endpoint, records, task, recipe.eval, judge, reports(name)))
         if rag_records is not None:
-            endpoint_results.append(evaluate_endpoint(endpoint, rag_records, task, recipe.eval, judge))
+            endpoint_results.append(evaluate_endpoint(endpoint, rag_records, task, recipe.eval, judge,
+                                                      reports(f"{name}+rag")))
     for adapter in ([None] if include_base else []) + list(adapters):
         model, tokenizer, device = load_for_eval(recipe, adapter)
         source = {"model": recipe.model.name_or_path, "adapter": str(adapter) if adapter else None}
         label = _label(adapter, results)
-        save_column(label, *evaluate_generation(model, tokenizer, eval_set, task, recipe.eval, device, judge), source)
+        save_column(label, *evaluate_generation(model, tokenizer, eval_set, task, recipe.eval, device, judge,
+                                                reports(label)), source)
         if rag_records is not None:
             save_column(f"{label}+rag", *evaluate_records(model, tokenizer, rag_records, task, recipe.eval, device,
-                                                          judge), {**source, "retrieval_top_k": top_k})
+                                                          judge, reports(f"{label}+rag")),
+                        {**source, "retrieval_top_k": top_k})
         del model
     source = {"endpoint": endpoint.spec.base_url, "model": endpoint.spec.model} if endpoint else {}
     for result, suffix in zip(endpoint_results, ("", "+rag")):

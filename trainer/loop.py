@@ -95,7 +95,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     else:
         state = TrainState(data_hash=data_hash, recipe=fingerprint)
         if recipe.eval.before_training and (main or dist.sharded):  # sharded: every rank takes part in forward
-            before, _ = work.evaluate(dist.unwrap(model), eval_set, accelerator.device)
+            before, _ = work.evaluate(dist.unwrap(model), eval_set, accelerator.device,
+                                      reports=run_dir / "per_class" / "before" if main else None)
             if main:
                 log.append({"eval": "before", "step": 0, **before})
                 tracker.log({f"eval_before/{k}": v for k, v in before.items()}, step=0)
@@ -183,7 +184,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     if main:
         adapter_dir = work.save(unwrapped, weights, run_dir, data_hash)
     if main or dist.sharded:
-        after, examples = work.evaluate(unwrapped, eval_set, accelerator.device)
+        after, examples = work.evaluate(unwrapped, eval_set, accelerator.device,
+                                        reports=run_dir / "per_class" / "after" if main else None)
     if main:
         log.append({"eval": "after", "step": state.step, **after})
         tracker.log({f"eval/{k}": v for k, v in after.items()}, step=state.step)
@@ -199,6 +201,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
             "train_seconds": round(state.elapsed_s, 2), "trainable_params": trainable, "total_params": total,
             "data_hash": data_hash, "adapter": str(adapter_dir), "distributed": dist_info, "examples": examples,
         }
+        if (run_dir / "per_class").is_dir():
+            metrics["per_class"] = str(run_dir / "per_class")
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         tracker.summary({f"final/{k}": metrics[k] for k in ("tokens_per_s", "final_loss", "train_seconds", "steps")})
         write_atomic(adapter_dir / "README.md", model_card(dump_recipe(recipe), recipe.model.name_or_path, task.name,

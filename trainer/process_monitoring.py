@@ -218,7 +218,8 @@ model, spec = load_sequence_model(Path("path/to/adapter"), torch.device("cpu"))
     def loss_sum(self, model, batch: EventBatch) -> torch.Tensor:
         return multitask_loss_sum(model, batch, self.recipe.process.loss_weights, self.mask_dtype)
 
-    def evaluate(self, model, dataset: ShardedDataset, device: torch.device) -> tuple[dict, list[dict]]:
+    def evaluate(self, model, dataset: ShardedDataset, device: torch.device,
+                 reports: Path | None = None) -> tuple[dict, list[dict]]:
         cfg = self.recipe
         metrics = evaluate_events(model, dataset, self.manifest, cfg.eval.max_samples, cfg.train.micro_batch_tokens,
                                   cfg.data.max_seq_len, device, self.mask_dtype)

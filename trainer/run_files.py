@@ -12,7 +12,7 @@ from recipes.errors import InputError
 
 # What makes a folder "a run": a lone recipe.resolved.yaml (a start that failed early) does not count.
 RUN_FILES = ("log.jsonl", "metrics.json", "adapter", "checkpoints")
-WRITTEN = (*RUN_FILES, "recipe.resolved.yaml", "loss.png", "eval", "tracking.json", "wandb", "mlflow.db",
+WRITTEN = (*RUN_FILES, "recipe.resolved.yaml", "loss.png", "eval", "per_class", "tracking.json", "wandb", "mlflow.db",
            "mlartifacts")
 
 
@@ -98,6 +98,63 @@ def plot_loss(entries: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def write_class_reports(reports: dict, prefix: Path) -> list[Path]:
+    """Per closed-set field (`json_metrics.ClassReport`): `<prefix>_<field>_report.csv` (class, precision, recall,
+    f1, support; then macro avg and accuracy), `<prefix>_<field>_confusion.csv` (rows: reference, columns:
+    prediction, last column: no answer) and `<prefix>_<field>_confusion.png`. Returns the files written."""
+    import csv
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from data_prep.tasks.json_metrics import NO_ANSWER
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for field, report in reports.items():
+        if not report.classes:
+            continue
+        base = prefix.with_name(f"{prefix.name}_{field}")
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        for row in zip(report.classes, report.precision, report.recall, report.f1, report.support):
+            writer.writerow([row[0], *(f"{v:.4f}" for v in row[1:4]), row[4]])
+        writer.writerow(["macro avg", f"{sum(report.precision) / len(report.classes):.4f}",
+                         f"{sum(report.recall) / len(report.classes):.4f}", f"{report.macro_f1:.4f}",
+                         sum(report.support)])
+        writer.writerow(["accuracy", "", "", f"{report.accuracy:.4f}", sum(report.support)])
+        write_atomic(base.with_name(base.name + "_report.csv"), table.getvalue())
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(["reference \\ prediction", *report.classes, NO_ANSWER])
+        writer.writerows([label, *counts] for label, counts in zip(report.classes, report.confusion))
+        write_atomic(base.with_name(base.name + "_confusion.csv"), table.getvalue())
+        size = max(4.0, 0.45 * len(report.classes) + 2.5)
+        fig, ax = plt.subplots(figsize=(size + 1, size))
+        ax.imshow(report.confusion, cmap="Blues", aspect="auto")
+        ax.set_xticks(range(len(report.classes) + 1), [*report.classes, NO_ANSWER], rotation=60, ha="right")
+        ax.set_yticks(range(len(report.classes)), report.classes)
+        for i, counts in enumerate(report.confusion):
+            for j, count in enumerate(counts):
+                if count:
+                    ax.text(j, i, str(count), ha="center", va="center", fontsize=8)
+        ax.set_xlabel("prediction")
+        ax.set_ylabel("reference")
+        ax.set_title(f"{field}: accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}")
+        fig.tight_layout()
+        png = base.with_name(base.name + "_confusion.png")
+        tmp = png.with_name(f".{png.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, png)
+        written += [base.with_name(base.name + suffix) for suffix in ("_report.csv", "_confusion.csv", "_confusion.png")]
+    return written
+
+
 def summary_table(metrics: dict[str, Any], fields: tuple[str, ...]) -> str:
     """The before-vs-after table printed at the end of a run."""
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
@@ -110,6 +167,8 @@ def summary_table(metrics: dict[str, Any], fields: tuple[str, ...]) -> str:
     lines.append(f"tokens/s            {metrics['tokens_per_s']:.0f}")
     lines.append(f"packing efficiency  {metrics['packing_efficiency']:.1%}")
     lines.append(f"adapter             {metrics['adapter']}")
+    if metrics.get("per_class"):
+        lines.append(f"per-class tables    {metrics['per_class']}")
     return "\n".join(lines)
 
 

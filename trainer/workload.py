@@ -41,7 +41,9 @@ class Workload(Protocol):
         """The trainable model on `device`; weights=False: on the meta device where the model allows it."""
     def loss_sum(self, model, batch) -> torch.Tensor:
         """Loss summed over the batch's targets (the loop normalises by the step's target count)."""
-    def evaluate(self, model, dataset: ShardedDataset, device: torch.device) -> tuple[dict, list[dict]]: ...
+    def evaluate(self, model, dataset: ShardedDataset, device: torch.device,
+                 reports: Path | None = None) -> tuple[dict, list[dict]]:
+        """Task metrics and examples; with `reports` (a path prefix), per-class tables are written there."""
     def step_metrics(self, model, dataset: ShardedDataset, device: torch.device) -> dict: ...
     def save(self, model, weights: dict[str, torch.Tensor], run_dir: Path, data_hash: str) -> Path: ...
     def write_reports(self, run_dir: Path, after: dict) -> None: ...
@@ -75,14 +77,15 @@ class TextWorkload:
     def loss_sum(self, model, batch) -> torch.Tensor:
         return token_loss_sum(model, batch, attention_mask_for(batch, self.mask_dtype, self.backend))
 
-    def evaluate(self, model, dataset, device):
-        return evaluate_generation(model, self.tokenizer, dataset, self.task, self.recipe.eval, device)
+    def evaluate(self, model, dataset, device, reports=None):
+        return evaluate_generation(model, self.tokenizer, dataset, self.task, self.recipe.eval, device,
+                                   reports=reports)
 
     def step_metrics(self, model, dataset, device) -> dict:
         return self.task.model_metrics(model, self.tokenizer, eval_records(dataset, self.recipe.eval), device)
 
     def save(self, model, weights, run_dir, data_hash) -> Path:
-        return save_adapter(model, weights, self.tokenizer, self.recipe, run_dir, data_hash)
+        return save_adapter(model, weights, self.tokenizer, self.recipe, self.task, run_dir, data_hash)
 
     def write_reports(self, run_dir: Path, after: dict) -> None:
         """Text tasks report through metrics.json and loss.png only."""
@@ -108,7 +111,7 @@ def token_loss_sum(model, batch: MicroBatch, attention_mask: torch.Tensor | None
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Recipe, run_dir: Path,
+def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Recipe, task: Task, run_dir: Path,
                  data_hash: str) -> Path:
     """PEFT adapter (from the gathered trainable `weights`) + tokenizer + multitune.json (how the base was loaded)
     + model card, renamed into place. Full fine-tuning (every weight trainable) saves the whole model."""
@@ -119,7 +122,9 @@ def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Rec
     tokenizer.save_pretrained(tmp)
     info = {"base_model": recipe.model.name_or_path, "task": recipe.task, "data_hash": data_hash,
             "quantization": recipe.model.quantization, "dtype": recipe.model.dtype,
-            "double_quant": recipe.model.double_quant, "compute_dtype": recipe.model.compute_dtype}
+            "double_quant": recipe.model.double_quant, "compute_dtype": recipe.model.compute_dtype,
+            # What `infer` and `serve` need to build exactly the prompts training saw.
+            "labels": task.labels, "system_prompt": task.system_prompt()}
     (tmp / "multitune.json").write_text(json.dumps(info, indent=2))
     if final.exists():
         shutil.rmtree(final)
