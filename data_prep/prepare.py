@@ -92,7 +92,17 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
     if task.needs_labels():
         labels = task.generator_labels() if generated is not None else None
         if labels is None:
-            labels = task.collect_labels(r for split, r in _labelled_records(task, data, generated) if split == "train")
+            seen = {"train": 0, "eval": 0}
+
+            def train_records() -> Iterator[Record]:
+                for split, record in _labelled_records(task, data, generated):
+                    seen[split] += 1
+                    if split == "train":
+                        yield record
+
+            labels = task.collect_labels(train_records())
+            if not seen["train"]:
+                raise InputError(_empty_split_message("train", {"dropped": 0}, data))
         task = task.with_labels(labels)
 
     def build(tmp: Path) -> dict:

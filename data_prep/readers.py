@@ -40,13 +40,15 @@ class FieldError(InputError):
 
 
 def read_rows(path: str | Path, columns: Mapping[str, str] | None = None, delimiter: str | None = None,
-              instruction_rows: bool = False) -> Iterator[tuple[str, Record]]:
+              instruction_rows: bool = False, needed: tuple[str, ...] | None = None) -> Iterator[tuple[str, Record]]:
     """(where, row) for every row of a data file, streamed (a JSON array is the one format read whole).
 
     `where` is `file:line` (CSV, JSONL), `file[item]` (JSON array, 0-based) or `file:row N` (Parquet, 1-based).
     `columns` maps a task field to the user's column (`{"description": "Beschreibung"}`); `delimiter` forces the
     CSV separator (else sniffed from the first lines); `instruction_rows` flattens `{"input": {...}, "output":
-    {...}}` rows into one record. Raises InputError naming the file (and line) for anything unreadable.
+    {...}}` rows into one record. A mapped column missing from a CSV or Parquet header is an error when its field
+    is in `needed` (default: every mapped field). Raises InputError naming the file (and line) for anything
+    unreadable.
     """
     path = Path(path)
     if not path.is_file():
@@ -56,10 +58,11 @@ def read_rows(path: str | Path, columns: Mapping[str, str] | None = None, delimi
         raise InputError(f"{path}: unsupported data file type '{path.suffix}' (use .csv, .tsv, .jsonl, .json or "
                          ".parquet)")
     columns = dict(columns or {})
+    checked = {f: c for f, c in columns.items() if needed is None or f in needed}
     if suffix in (".csv", ".tsv"):
-        rows = _csv_rows(path, delimiter or ("\t" if suffix == ".tsv" else None), columns)
+        rows = _csv_rows(path, delimiter or ("\t" if suffix == ".tsv" else None), checked)
     elif suffix == ".parquet":
-        rows = _parquet_rows(path, columns)
+        rows = _parquet_rows(path, checked)
     elif suffix == ".json" and _starts_with_array(path):
         rows = _json_array_rows(path)
     else:  # .jsonl, or a .json file of one object per line

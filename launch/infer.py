@@ -41,8 +41,7 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
     if unseen:
         log.warning("--input %s: %s", input_path, describe_unseen(unseen, "rows"))
     model, tokenizer, device = load_for_eval(recipe, adapter)
-    prompts = [tokenizer.apply_chat_template(task.prompt_messages(row), add_generation_prompt=True,
-                                             tokenize=True)["input_ids"] for row in rows]
+    prompts = prompt_ids(task, tokenizer, rows)
     outputs = generate_answers(model, tokenizer, prompts, max_new_tokens or recipe.eval.max_new_tokens,
                                batch_size or recipe.eval.batch_size, device)
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,3 +55,10 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
                                     default=str) + "\n")
     os.replace(tmp, output_path)
     return {"rows": len(rows), "valid": valid, "invalid": len(rows) - valid}
+
+
+def prompt_ids(task, tokenizer, rows: list[dict]) -> list[list[int]]:
+    """Token ids of each row's prompt through the chat template, ending with the generation prompt: the ids training
+    masked as prompt for a labelled row."""
+    return [tokenizer.apply_chat_template(task.prompt_messages(row), add_generation_prompt=True,
+                                          tokenize=True)["input_ids"] for row in rows]

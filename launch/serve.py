@@ -50,11 +50,15 @@ class ChatModel:
         with self.lock:  # one generation at a time; the Rust tokenizer is not safe to share across threads either
             return self._complete(messages, max_tokens, temperature, top_p, stop, seed)
 
-    @torch.no_grad()
-    def _complete(self, messages, max_tokens, temperature, top_p, stop, seed) -> Completion:
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The request's prompt as token ids, with the trained system prompt first when the request has none."""
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+
+    @torch.no_grad()
+    def _complete(self, messages, max_tokens, temperature, top_p, stop, seed) -> Completion:
+        prompt = self.prompt_ids(messages)
         if self.context and len(prompt) + max_tokens > self.context:
             raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                f"context of {self.context} tokens", param="messages")

@@ -144,7 +144,8 @@ class Task(ABC):
         columns = dict(columns or {})
 
         def rows() -> Iterator[tuple[str, Record]]:
-            for where, record in read_rows(path, columns, delimiter, self.instruction_rows):
+            needed = self.input_fields if inputs_only else None
+            for where, record in read_rows(path, columns, delimiter, self.instruction_rows, needed):
                 try:
                     check(record, where)
                 except FieldError as error:

@@ -90,36 +90,42 @@ def closed_set_fields(references: list[dict[str, Any]], fields: tuple[str, ...])
     return tuple(f for f in fields if len({_normalise(r.get(f)) for r in references if r}) <= limit)
 
 
-def class_report(field: str, predictions: list[Any], references: list[Any]) -> ClassReport:
+def class_report(field: str, predictions: list[Any], references: list[Any], known: list[str] = ()) -> ClassReport:
     """Per-class precision, recall, F1 and support plus the confusion matrix of one field (sklearn.metrics).
-    `predictions` hold None where the output had no value for the field. Macro-F1 is the unweighted mean over
-    `classes`, as sklearn's macro average over the labels seen in references or predictions."""
+    `predictions` hold None where the output had no value for the field. `known`: the field's trained labels, listed
+    first and in that order even when absent from this eval (rows of zeros); other labels follow, sorted. Macro-F1 is
+    the unweighted mean over the labels seen in references or predictions, as sklearn's macro average."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     expected = [_normalise(r) for r in references]
     predicted = [_normalise(p) for p in predictions]
-    spelling: dict[str, str] = {}
+    spelling: dict[str, str] = {_normalise(label): label for label in known}
     for key, value in [*zip(expected, references), *zip(predicted, predictions)]:
         if key != _MISSING:
             spelling.setdefault(key, " ".join(str(value).split()))
-    keys = sorted(spelling, key=lambda k: spelling[k].casefold())
+    known_keys = list(dict.fromkeys(_normalise(label) for label in known))
+    keys = known_keys + sorted((k for k in spelling if k not in known_keys), key=lambda k: spelling[k].casefold())
     if not keys:
         return ClassReport(field, [], [], [], [], [], [], 0.0, 0.0)
     precision, recall, f1, support = precision_recall_fscore_support(expected, predicted, labels=keys,
                                                                      zero_division=0)
     matrix = confusion_matrix(expected, predicted, labels=[*keys, _MISSING])[:-1]
+    present = set(expected) | (set(predicted) - {_MISSING})
+    scored = [score for key, score in zip(keys, f1) if key in present]
     return ClassReport(
         field, [spelling[k] for k in keys], [float(x) for x in precision], [float(x) for x in recall],
         [float(x) for x in f1], [int(x) for x in support], matrix.tolist(),
         accuracy=sum(p == r for p, r in zip(predicted, expected)) / max(len(expected), 1),
-        macro_f1=float(sum(f1) / len(keys)))
+        macro_f1=float(sum(scored) / len(scored)) if scored else 0.0)
 
 
-def class_reports(outputs: list[str], references: list[dict[str, Any]], fields: tuple[str, ...]) -> dict[str, ClassReport]:
-    """`class_report` of each of `fields` for JSON-object outputs against reference records."""
+def class_reports(outputs: list[str], references: list[dict[str, Any]], fields: tuple[str, ...],
+                  known: dict[str, list[str]] | None = None) -> dict[str, ClassReport]:
+    """`class_report` of each of `fields` for JSON-object outputs against reference records; `known`: trained
+    labels per field."""
     parsed = [parse_json_object(text) for text in outputs]
-    return {field: class_report(field, [p.get(field) if p else None for p in parsed], [r[field] for r in references])
-            for field in fields}
+    return {field: class_report(field, [p.get(field) if p else None for p in parsed], [r[field] for r in references],
+                                (known or {}).get(field, ())) for field in fields}
 
 
 def macro_f1(predictions: list[Any], references: list[Any]) -> float:

@@ -137,7 +137,7 @@ class ITTicketExtraction(Task):
         return score_extraction(outputs, records, self.fields, self._closed_fields(records))
 
     def class_reports(self, outputs: list[str], records: list[Record]) -> dict:
-        return class_reports(outputs, records, self._closed_fields(records))
+        return class_reports(outputs, records, self._closed_fields(records), self.values)
 
     def _closed_fields(self, records: list[Record]) -> tuple[str, ...]:
         if self.closed is not None:

@@ -149,7 +149,10 @@ class TicketClassification(Task):
         return metrics
 
     def class_reports(self, outputs: list[str], records: list[Record]) -> dict:
-        return class_reports(outputs, records, FIELDS)
+        categories = self.taxonomy.categories
+        known = {"category": list(categories), "urgency": self.taxonomy.urgencies,
+                 "subcategory": list(dict.fromkeys(sub for subs in categories.values() for sub in subs))}
+        return class_reports(outputs, records, FIELDS, known)
 
     def parse_output(self, text: str) -> dict:
         fields = parse_json_object(text)
