@@ -150,27 +150,26 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Record]]:
 
 
 def sniff_delimiter(path: Path) -> str:
-    """The separator of a CSV file among `,` `;` and tab: the one that splits the header into more than one column
-    and every one of the first lines into the header's count (the csv module parses, so quoted separators and
-    newlines count right). Excel writes `;` where the decimal mark is a comma. Raises InputError when none or
-    several fit."""
+    """The separator of a CSV file among `,` `;` and tab: the one that splits every one of the first lines into the
+    header's count of columns (more than one; the csv module parses, so quoted separators and line breaks count
+    right). Excel writes `;` where the decimal mark is a comma. When no separator fits every line (a malformed row
+    further down), the one that splits the header widest is taken and the row's own error follows. Raises
+    InputError when two fit equally well."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
         sample = [line for _, line in zip(range(_SNIFF_LINES), handle)]
-    fitting = []
+    fitting, widths = [], {}
     for candidate in DELIMITERS:
         rows = [row for row in csv.reader(sample, delimiter=candidate) if row]
         if len(sample) == _SNIFF_LINES and len(rows) > 1:
             rows = rows[:-1]  # the sample may end inside a quoted field
-        if rows and len(rows[0]) > 1 and all(len(row) == len(rows[0]) for row in rows):
+        widths[candidate] = len(rows[0]) if rows else 0
+        if widths[candidate] > 1 and all(len(row) == widths[candidate] for row in rows):
             fitting.append(candidate)
+    if not fitting:
+        widest = max(widths.values(), default=0)
+        fitting = [d for d, width in widths.items() if width == widest and width > 1] or [","]
     if len(fitting) == 1:
         return fitting[0]
-    if not fitting:
-        header = sample[0].rstrip("\r\n") if sample else ""
-        if header and not any(d in header for d in DELIMITERS):
-            return ","  # a single column
-        raise InputError(f"{path}: cannot tell the CSV separator: no one of ',', ';' or tab splits the first lines "
-                         "into the header's columns; set data.csv_delimiter")
     names = " and ".join(repr(d) for d in fitting)
     raise InputError(f"{path}: ambiguous CSV separator: both {names} split every line into the same columns; set "
                      "data.csv_delimiter")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.tasks import get_task  # noqa: E402
 from data_prep.tasks.base import MAX_LINE_BYTES  # noqa: E402
 from data_prep.tasks.ticket_classification.generator import generate_tickets  # noqa: E402
 
@@ -39,15 +40,29 @@ def recipe_file_case(id: str, given: str, content: bytes, message: str) -> BadIn
     return BadInput(id, "recipe", given, ("validate", "{dir}/bad.yaml"), message, {"bad.yaml": content})
 
 
-def data_case(id: str, given: str, content: bytes, message: str, name: str = "bad.jsonl") -> BadInput:
+def data_case(id: str, given: str, content: bytes, message: str, name: str = "bad.jsonl",
+              extra: tuple[str, ...] = ()) -> BadInput:
     """`train --overwrite` on the earlier run with this training file: refused before the earlier run is touched."""
     return BadInput(id, "data", given, ("train", "{recipe}", "--overwrite", "data.generator=null",
-                                        f"data.train_file={{dir}}/{name}"), message, {name: content})
+                                        f"data.train_file={{dir}}/{name}", *extra), message, {name: content})
 
 
-EVENT_RECIPE = ("task=process_monitoring", "model.name_or_path=lstm", "adapter.kind=none", "process.backbone=lstm",
-                "process.columns.categorical=[org:resource]", "process.columns.continuous=[case:Amount]",
-                "data.generator=null")
+def declared_case(id: str, given: str, content: bytes, message: str, name: str = "bad.jsonl",
+                  extra: tuple[str, ...] = ()) -> BadInput:
+    """`data_case` with the generator's taxonomy declared in the recipe (`data.task_options.labels`)."""
+    return data_case(id, given, content, message, name, (*extra, f"data.task_options.labels={DECLARED}"))
+
+
+# The synthetic taxonomy, declared as a team would in its recipe (flow-style YAML on the command line).
+DECLARED = json.dumps(get_task("ticket_classification").generator_labels())
+GERMAN_COLUMNS = ("data.columns={title: Betreff, description: Text, category: Kategorie, subcategory: "
+                  "Unterkategorie, urgency: Dringlichkeit}",)
+
+
+EVENT_RECIPE_BASE = ("task=process_monitoring", "model.name_or_path=lstm", "adapter.kind=none",
+                     "process.backbone=lstm")
+EVENT_RECIPE = (*EVENT_RECIPE_BASE, "process.columns.categorical=[org:resource]",
+                "process.columns.continuous=[case:Amount]", "data.generator=null")
 EVENT_HEADER = "case:concept:name,concept:name,time:timestamp,org:resource,case:Amount\n"
 
 
@@ -116,9 +131,16 @@ CASES: list[BadInput] = [
                 "model.tiny.arch: Input should be 'llama' or 'qwen2' (got 'gpt2')"),
     recipe_case("recipe-unknown-task", "`task=poetry`", ["task=poetry"],
                 "unknown task 'poetry' (known: chat_jsonl, it_ticket_extraction"),
-    recipe_case("recipe-task-options", "`data.task_options.json_fields=[a]` on a task without options",
+    recipe_case("recipe-task-options", "`data.task_options.json_fields=[a]` on a task that does not read it",
                 ["data.task_options.json_fields=[a]"],
-                "data.task_options: task ticket_classification takes no options"),
+                "data.task_options.json_fields: task ticket_classification does not take this option (it takes "
+                "labels, system_prompt)"),
+    recipe_case("recipe-labels-shape", "`data.task_options.labels` with `category` as a plain list",
+                ["data.task_options.labels={category: [a, b], urgency: [hoch]}"],
+                "data.task_options.labels.category: must map each category to a non-empty list of its subcategories"),
+    recipe_case("recipe-columns-events", "`data.columns` on process monitoring (its columns are `process.columns`)",
+                [*EVENT_RECIPE_BASE, "data.columns={case: Fall}"],
+                "data.columns: process_monitoring names its event-log columns in process.columns"),
     # --- recipes: impossible combinations -----------------------------------------------------------------------
     recipe_case("combo-4bit-full", "`model.quantization=nf4` with `adapter.kind=none`",
                 ["model.quantization=nf4", "adapter.kind=none"],
@@ -171,13 +193,30 @@ CASES: list[BadInput] = [
               "bad.jsonl:2: missing field 'description'"),
     data_case("data-blank-field", "a row whose `title` is blank", jsonl(ticket(title="  ")),
               "bad.jsonl:1: missing field 'title'"),
-    data_case("data-label-category", "`category: sales` (not in the taxonomy)", jsonl(ticket(category="sales")),
-              "bad.jsonl:1: field 'category' must be one of"),
-    data_case("data-label-subcategory", "`subcategory` of another category",
-              jsonl(ticket(category="billing", subcategory="bug")),
-              "bad.jsonl:1: field 'subcategory' must be one of refund|invoice"),
-    data_case("data-label-urgency", "`urgency: asap`", jsonl(ticket(urgency="asap")),
-              "bad.jsonl:1: field 'urgency' must be one of"),
+    declared_case("data-label-category", "`category: sales`, outside the declared taxonomy",
+                  jsonl(ticket(category="sales")), "bad.jsonl:1: field 'category' must be one of"),
+    declared_case("data-label-subcategory", "`subcategory` of another category than declared",
+                  jsonl(ticket(category="billing", subcategory="bug")),
+                  "bad.jsonl:1: field 'subcategory' must be one of refund|invoice"),
+    declared_case("data-label-urgency", "`urgency: asap`, not a declared urgency", jsonl(ticket(urgency="asap")),
+                  "bad.jsonl:1: field 'urgency' must be one of"),
+    declared_case("data-label-mapped", "a declared taxonomy broken in an Excel CSV with `data.columns`",
+                  "\ufeffBetreff;Text;Kategorie;Unterkategorie;Dringlichkeit\r\nDrucker;leer;Hardware;Toner;"
+                  "hoch\r\n".encode(),
+                  "bad.csv:2: field 'category' (column 'Kategorie') must be one of billing|account|technical|"
+                  "shipping|product|unrelated (got 'Hardware')", name="bad.csv", extra=GERMAN_COLUMNS),
+    data_case("data-column-missing", "`data.columns` naming a column the CSV does not have",
+              "Betreff;Beschreibung\r\nx;y\r\n".encode(),
+              "data.columns.description: column 'Text' is not in", name="bad.csv", extra=GERMAN_COLUMNS),
+    data_case("data-csv-ambiguous", "a CSV that `,` and `;` both split evenly (say which: `data.csv_delimiter`)",
+              b"title;description,category;subcategory\nt;d,billing;refund\n",
+              "bad.csv: ambiguous CSV separator: both ',' and ';' split every line into the same columns; set "
+              "data.csv_delimiter", name="bad.csv"),
+    data_case("data-json-not-objects", "a `.json` array of strings", b'["a ticket", "another"]\n',
+              "bad.json[0]: expected a JSON object, got str", name="bad.json"),
+    data_case("data-instruction-output", "an instruction row whose `output` is plain text",
+              jsonl({"input": {"title": "t", "description": "d"}, "output": "billing"}),
+              "bad.jsonl:1: field 'output' is neither an object nor JSON text of one"),
     data_case("data-empty", "an empty file", b"", "bad.jsonl: no records in the file (empty)"),
     data_case("data-blank-lines", "a file of blank lines", b"\n  \n\n", "bad.jsonl: no records in the file (empty)"),
     data_case("data-latin1", "a JSONL file in Latin-1", jsonl(TICKETS[0]) + '{"title": "caf\xe9"}\n'.encode("latin-1"),
@@ -187,8 +226,9 @@ CASES: list[BadInput] = [
               f"bad.jsonl:2: line longer than {MAX_LINE_BYTES >> 20} MiB"),
     data_case("data-duplicate-id", "two rows with the same `id`", jsonl(ticket(), TICKETS[1], ticket()),
               "bad.jsonl:3: duplicate id 'T-x' (first at line 1)"),
-    data_case("data-extension", "`tickets.txt` (not JSONL or CSV)", jsonl(TICKETS[0]),
-              "tickets.txt: unsupported data file type '.txt' (use .jsonl or .csv)", name="tickets.txt"),
+    data_case("data-extension", "`tickets.txt` (not CSV, JSONL, JSON or Parquet)", jsonl(TICKETS[0]),
+              "tickets.txt: unsupported data file type '.txt' (use .csv, .tsv, .jsonl, .json or .parquet)",
+              name="tickets.txt"),
     BadInput("data-missing-file", "data", "`data.train_file` that does not exist",
              ("train", "{recipe}", "--overwrite", "data.generator=null", "data.train_file={dir}/nowhere.jsonl"),
              "data file not found"),
@@ -203,7 +243,7 @@ CASES: list[BadInput] = [
               "bad.csv:2: malformed CSV (',' expected after '\"')", name="bad.csv"),
     data_case("data-csv-latin1", "a CSV in Latin-1",
               csv_rows("caf\xe9,d,billing,refund,low").decode().encode("latin-1"),
-              "bad.csv: not valid UTF-8", name="bad.csv"),
+              "bad.csv: not valid UTF-8 (from Excel, save as 'CSV UTF-8')", name="bad.csv"),
     BadInput("data-eval-file", "data", "a malformed row in `data.eval_file`",
              ("train", "{recipe}", "--overwrite", "data.generator=null", "data.train_file={dir}/train.jsonl",
               "data.eval_file={dir}/eval.jsonl"), "eval.jsonl:1: malformed JSON",
