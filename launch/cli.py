@@ -187,6 +187,10 @@ def cmd_prep(args) -> int:
     for name, stats in splits.items():
         print(f"  {name}: {stats['rows']} rows, {stats['tokens']} tokens ({stats['target_tokens']} targets), "
               f"dropped {stats['dropped']}, truncated {stats['truncated']}")
+    if prepared.labels:
+        import json
+
+        print(f"  labels: {json.dumps(prepared.labels, ensure_ascii=False)}")
     return 0
 
 

@@ -235,3 +235,19 @@ def test_a_german_excel_export_trains_evaluates_infers_and_serves_with_one_promp
     assert list(results) == ["base", "run"] and "category_f1" in results["run"]
     assert (run / "eval" / "per_class" / "run_urgency_confusion.csv").is_file()
     assert (run / "eval" / "per_class" / "base_urgency_report.csv").is_file()
+
+
+def test_chat_jsonl_rows_are_answered_by_infer_one_line_each(tmp_path, tiny_model_dir):
+    from launch.infer import run_inference
+
+    recipe = validate_recipe(recipe_dict(tmp_path, tiny_model_dir, task="chat_jsonl", data={
+        "generator": {"n_train": 20, "n_eval": 4, "seed": 0},
+        "task_options": {"json_fields": ["product", "quantity", "city"], "system_prompt": "Antworte mit JSON."}}))
+    new = tmp_path / "neu.jsonl"
+    rows = [{"prompt": "Bitte 3 Headsets nach Graz schicken."}, {"messages": [{"role": "user", "content": "2 Docks"}]}]
+    new.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    counts = run_inference(recipe, None, new, out, max_new_tokens=4)
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert counts["rows"] == 2 and [w["input"] for w in written] == rows
+    assert all(w["valid"] is False and w["problems"] for w in written)  # 4 tokens of a random model: flagged
