@@ -86,32 +86,15 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
     if data.generator is not None:  # cheap (milliseconds per thousand records) and needed for the key
         generated = task.generate(data.generator.n_train + data.generator.n_eval, data.generator.seed)
     key = cache_key(task, data, tokenizer, generated)
-    folder = Path(data.cache_dir) / key[:20]
-    if (folder / "manifest.json").is_file():  # a hit needs no first pass over the data for its labels
-        return build_cached(Path(data.cache_dir), key, None)
-    if task.needs_labels():
-        labels = task.generator_labels() if generated is not None else None
-        if labels is None:
-            seen = {"train": 0, "eval": 0}
-
-            def train_records() -> Iterator[Record]:
-                for split, record in _labelled_records(task, data, generated):
-                    seen[split] += 1
-                    if split == "train":
-                        yield record
-
-            labels = task.collect_labels(train_records())
-            if not seen["train"]:
-                raise InputError(_empty_split_message("train", {"dropped": 0}, data))
-        task = task.with_labels(labels)
 
     def build(tmp: Path) -> dict:
         started = time.perf_counter()
+        labelled = _with_labels(task, data, generated)
         writers = {split: _SplitWriter(tmp / split) for split in SPLITS}
-        unseen = _UnseenLabels(task)
+        unseen = _UnseenLabels(labelled)
         try:
-            chunks = _chunks(unseen.counted(_labelled_records(task, data, generated)), CHUNK_ROWS)
-            for encoded in _encoded(chunks, task, data, tokenizer, tmp):
+            chunks = _chunks(unseen.counted(_labelled_records(labelled, data, generated)), CHUNK_ROWS)
+            for encoded in _encoded(chunks, labelled, data, tokenizer, tmp):
                 for split, writer in writers.items():
                     writer.add(encoded[split])
         finally:
@@ -125,11 +108,33 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
         return {
             "task": task.name, "formatter_version": task.formatter_version,
             "max_seq_len": data.max_seq_len, "overlong": data.overlong, "completion_only": data.completion_only,
-            "labels": task.labels, "unseen_labels": unseen.counts,
+            "labels": labelled.labels, "unseen_labels": unseen.counts,
             "splits": splits, "seconds": round(time.perf_counter() - started, 3),
         }
 
     return build_cached(Path(data.cache_dir), key, build)
+
+
+def _with_labels(task: Task, data: DataConfig, generated: list[Record] | None) -> Task:
+    """The task with its label sets: as configured (declared), the generator's taxonomy, or collected in a first
+    reading pass over the training split (rows validated there already, so a bad row fails before anything is
+    written)."""
+    if not task.needs_labels():
+        return task
+    labels = task.generator_labels() if generated is not None else None
+    if labels is None:
+        seen = {"train": 0, "eval": 0}
+
+        def train_records() -> Iterator[Record]:
+            for split, record in _labelled_records(task, data, generated):
+                seen[split] += 1
+                if split == "train":
+                    yield record
+
+        labels = task.collect_labels(train_records())
+        if not seen["train"]:
+            raise InputError(_empty_split_message("train", {"dropped": 0}, data))
+    return task.with_labels(labels)
 
 
 def _empty_split_message(split: str, stats: dict, data: DataConfig) -> str:
@@ -173,11 +178,10 @@ def describe_unseen(counts: dict[str, dict[str, int]], rows: str) -> str:
 
 def build_cached(cache_dir: Path, key: str, build) -> PreparedData:
     """The folder for content hash `key`: reused when complete, else `build(tmp)` writes the splits and returns the
-    manifest, and the folder is renamed into place (a crash never leaves a folder that looks complete). `build`
-    may be None only when the folder is known to be complete."""
+    manifest, and the folder is renamed into place (a crash never leaves a folder that looks complete)."""
     folder = cache_dir / key[:20]
     manifest_path = folder / "manifest.json"
-    if manifest_path.is_file() or build is None:
+    if manifest_path.is_file():
         return PreparedData(folder, json.loads(manifest_path.read_text()), cache_hit=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -143,7 +143,7 @@ def test_eval_endpoint_column_matches_base_and_judge_scores_every_column(server,
         assert all(isinstance(e["judge"]["reply"], str) for e in result["examples"])
     assert "judge_parse_rate" in table
     assert "| judge_parse_rate" in capsys.readouterr().out
-    assert not any("sk-test-secret" in f.read_text() for f in eval_dir.iterdir())  # the key is never stored
+    assert not any(b"sk-test-secret" in f.read_bytes() for f in eval_dir.rglob("*") if f.is_file())  # never stored
 
 
 def _free_port() -> int:
