@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="memory per GPU (24 for a 24 GB card)")
     p.add_argument("--target-fraction", type=float, default=1.0, metavar="F",
                    help="share of positions with a loss target (logits are computed only there; default 1)")
+    p.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs per machine (default: all on one, up to 8)")
+    p.add_argument("--cpu-mem", type=float, metavar="GIB", help="CPU RAM per machine: also check the host side fits")
     p = sub.add_parser("tiny-model", help="build a random-init tiny causal LM with a real tokenizer")
     p.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     p.add_argument("--out", required=True)
@@ -352,7 +354,8 @@ def cmd_merge(args) -> int:
 def cmd_plan(args) -> int:
     from launch.plan import plan_recipe
 
-    plan, report = plan_recipe(_load(args), args.gpus, args.gpu_mem, args.target_fraction)
+    plan, report = plan_recipe(_load(args), args.gpus, args.gpu_mem, args.target_fraction, args.gpus_per_node,
+                               args.cpu_mem)
     print(report)
     return 0 if plan.fits else 1
 

@@ -21,6 +21,7 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BLOCK = 64          # bitsandbytes 4-bit block size: one absmax per 64 weights
 DOUBLE_QUANT_BLOCK = 256  # double quant: the 8-bit absmax values are themselves quantized in blocks of 256
 CUDA_CONTEXT = 0.75 * GIB  # CUDA context + cuBLAS/NCCL workspaces, measured 0.5-1 GB on recent drivers
+PROCESS_RAM = 3 * GIB     # host memory of one training rank before any model: Python, torch, CUDA libraries
 FRAGMENTATION = 1.10    # caching-allocator slack over the bytes actually allocated
 SHARDS_WEIGHTS = {"fsdp", "zero3"}
 SHARDS_STATE = {"fsdp", "zero2", "zero3"}
@@ -68,6 +69,9 @@ class Plan:
     setup: Setup
     items: list[tuple[str, float, str]]  # (component, bytes per GPU, how it was computed)
     gpu_bytes: float
+    host: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)  # CPU RAM per node, by component
+    host_peak: float = 0.0
+    cpu_bytes: float | None = None  # CPU RAM per node, when given (--cpu-mem)
 
     @property
     def peak(self) -> float:
@@ -75,7 +79,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.peak <= self.gpu_bytes
+        return self.peak <= self.gpu_bytes and (self.cpu_bytes is None or self.host_peak <= self.cpu_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------- shapes
@@ -183,19 +187,20 @@ def estimate(recipe: Recipe, shape: ModelShape, setup: Setup, gpu_gib: float) ->
             f"{shape.other_params / 1e9:.2f}B x {other_b} B" + where)
     else:
         add("weights", shape.total_params * model_b / w_div, f"{shape.total_params / 1e9:.2f}B x {model_b} B" + where)
-    # Trainable parameters, their gradients and optimizer state.
+    # Trainable parameters, their gradients and optimizer state. FSDP2's CPUOffloadPolicy keeps every shard in CPU
+    # RAM, trainable ones included: gradients are reduced to CPU and the optimizer steps there.
+    fsdp_offload = strategy == "fsdp" and setup.offload_params
+    trainable, train_b = trainable_params(recipe, shape, strategy)
     if lora:
-        trainable = shape.layers * sum(a.r * (i + o) for _, i, o in lora_targets(shape, a.target_modules))
-        train_b = model_b if deepspeed else 4  # peft keeps adapters in fp32; DeepSpeed bf16 casts the module
-        add("LoRA parameters", trainable * train_b / weight_shard,
+        add("LoRA parameters", 0.0 if fsdp_offload else trainable * train_b / weight_shard,
             f"{trainable / 1e6:.1f}M = r x (in + out) per target x {shape.layers} layers, {train_b} B" +
-            _per(weight_shard))
-    else:
-        trainable, train_b = shape.total_params, model_b
-    add("gradients (trainable only)", trainable * train_b / state_shard, f"{train_b} B/param" + _per(state_shard))
+            (" (offloaded to CPU)" if fsdp_offload else _per(weight_shard)))
+    add("gradients (trainable only)", 0.0 if fsdp_offload else trainable * train_b / state_shard,
+        f"{train_b} B/param" + (" (reduced to CPU)" if fsdp_offload else _per(state_shard)))
     opt_per_param, opt_how = _optimizer_bytes(t.optimizer, train_b, deepspeed)
-    opt = 0.0 if setup.offload_optimizer else trainable * opt_per_param / state_shard
-    add("optimizer states", opt, ("offloaded to CPU" if setup.offload_optimizer else opt_how + _per(state_shard)))
+    offloaded = setup.offload_optimizer or fsdp_offload
+    opt = 0.0 if offloaded else trainable * opt_per_param / state_shard
+    add("optimizer states", opt, ("offloaded to CPU" if offloaded else opt_how + _per(state_shard)))
     # Parameters gathered whole while in use; from here on, allocations come and go every step.
     first_dynamic = len(items)
     layer_bytes = _layer_bytes(shape, m, model_b)
@@ -218,8 +223,11 @@ def estimate(recipe: Recipe, shape: ModelShape, setup: Setup, gpu_gib: float) ->
     add("activations" + (" (checkpointed)" if setup.gradient_checkpointing else ""), acts, how)
     kept = tokens * setup.target_fraction
     logit_b = other_b if qlora else model_b
-    add("logits + loss", kept * shape.vocab * (logit_b + 8),
-        f"{kept:.0f} positions x vocab {shape.vocab} x ({logit_b} B logits + 4 B fp32 log-softmax + 4 B grad)")
+    if recipe.task == "process_monitoring":  # heads over the last hidden states: no LM head, no vocabulary logits
+        add("logits + loss", 0.0, "process monitoring: activity/time heads, no vocabulary logits")
+    else:
+        add("logits + loss", kept * shape.vocab * (logit_b + 8),
+            f"{kept:.0f} positions x vocab {shape.vocab} x ({logit_b} B logits + 4 B fp32 log-softmax + 4 B grad)")
     if qlora:
         add("dequantized weight (transient)", max(i * o for _, i, o in shape.linear_shapes) * BYTES[m.compute_dtype],
             "bitsandbytes dequantizes one linear weight at a time")
@@ -228,6 +236,62 @@ def estimate(recipe: Recipe, shape: ModelShape, setup: Setup, gpu_gib: float) ->
         f"{FRAGMENTATION - 1:.0%} of the per-step allocations above (gathers, activations, logits)")
     add("CUDA context + workspaces", CUDA_CONTEXT, "fixed")
     return Plan(setup, items, gpu_gib * GIB)
+
+
+def trainable_params(recipe: Recipe, shape: ModelShape, strategy: str) -> tuple[int, int]:
+    """(trainable parameters, their bytes each): LoRA's r x (in + out) per target and layer, fp32 as peft keeps
+    them (the model dtype under DeepSpeed, which casts the module); full fine-tuning trains every weight."""
+    if recipe.adapter.kind != "lora":
+        return shape.total_params, BYTES[recipe.model.dtype]
+    a = recipe.adapter
+    trainable = shape.layers * sum(a.r * (i + o) for _, i, o in lora_targets(shape, a.target_modules))
+    return trainable, BYTES[recipe.model.dtype] if strategy in ("zero2", "zero3") else 4
+
+
+def host_memory(recipe: Recipe, shape: ModelShape, setup: Setup, gpus_per_node: int) -> tuple[list, float]:
+    """CPU RAM per node: (items of (component, bytes, how), peak bytes). Steady state: what offload keeps in RAM for
+    this node's ranks (parameter shards, gradients and optimizer states under FSDP2 offload; parameters and/or
+    optimizer states under ZeRO-3 offload) plus each rank's process. Loading: what ranks hold before sharding
+    (docs/memory.md, *CPU RAM while loading*): QLoRA quantizes the whole model on every rank; FSDP2 full/LoRA
+    reads it on rank 0 only; ZeRO-3 partitions while loading. The peak is the larger of the two."""
+    m, n = recipe.model, setup.gpus
+    ranks = min(gpus_per_node, n)
+    share = ranks / n  # this node's part of what is sharded over all ranks
+    qlora = m.quantization == "nf4"
+    model_b = BYTES[m.dtype]
+    if qlora:
+        q = shape.linear_in_layers
+        consts = q / NF4_BLOCK * (1 + 4 / DOUBLE_QUANT_BLOCK) if m.double_quant else q / NF4_BLOCK * 4
+        model_bytes = q * 0.5 + consts + shape.other_params * model_b
+    else:
+        model_bytes = shape.total_params * model_b
+    trainable, train_b = trainable_params(recipe, shape, setup.strategy)
+    opt_per_param, _ = _optimizer_bytes(recipe.train.optimizer, train_b, setup.strategy in ("zero2", "zero3"))
+    items: list[tuple[str, float, str]] = []
+    if setup.offload_params:
+        items.append(("offloaded parameter shards", model_bytes * share,
+                      f"the model's {model_bytes / GIB:.1f} GiB x {ranks}/{n} ranks on this node"))
+    if setup.strategy == "fsdp" and setup.offload_params:
+        items.append(("offloaded trainable state", trainable * (2 * train_b + opt_per_param) * share,
+                      f"{trainable / 1e6:.1f}M trainable x ({train_b} B param + {train_b} B grad + "
+                      f"{opt_per_param:g} B optimizer) x {ranks}/{n}"))
+    elif setup.offload_optimizer:
+        items.append(("offloaded optimizer states", trainable * opt_per_param * share,
+                      f"{trainable / 1e6:.1f}M trainable x {opt_per_param:g} B x {ranks}/{n}"))
+    items.append(("rank processes", ranks * PROCESS_RAM, f"{ranks} x {PROCESS_RAM / GIB:g} GiB (Python, torch, "
+                                                        "CUDA libraries; assumed)"))
+    steady = sum(b for _, b, _ in items)
+    if qlora:
+        loading, how = ranks * model_bytes, f"{ranks} ranks x the 4-bit model ({model_bytes / GIB:.1f} GiB) each"
+    elif setup.strategy == "fsdp":
+        loading, how = model_bytes + (ranks - 1) * model_bytes / n, "rank 0 reads the model, the others their shard"
+    elif setup.strategy == "zero3":
+        loading, how = model_bytes * share, "zero.Init: each rank 1/N while loading"
+    else:
+        loading, how = ranks * model_bytes, f"{ranks} ranks x the model ({model_bytes / GIB:.1f} GiB) each"
+    loading += ranks * PROCESS_RAM
+    items.append(("while loading (before sharding)", loading, how + " + processes"))
+    return items, max(steady, loading)
 
 
 def layer_activation_bytes(shape: ModelShape, recipe: Recipe, act_b: int, lora_b: int) -> float:
@@ -273,11 +337,14 @@ def _per(shards: int) -> str:
 
 # ---------------------------------------------------------------------------------------------------- recommend
 def offload_flags(recipe: Recipe) -> tuple[bool, bool]:
-    """(optimizer offloaded, parameters offloaded) from the recipe's accelerate config (DeepSpeed only)."""
-    from recipes.accelerate_config import deepspeed_settings
+    """(optimizer offloaded, parameters offloaded) from the recipe and its accelerate config: DeepSpeed's
+    offload devices, or FSDP2's parameter offload (which takes gradients and optimizer states along)."""
+    from recipes.accelerate_config import deepspeed_settings, fsdp_offload_params
 
     settings = deepspeed_settings(recipe)
-    return (settings.offload_optimizer, settings.offload_param) if settings else (False, False)
+    if settings:
+        return settings.offload_optimizer, settings.offload_param
+    return False, fsdp_offload_params(recipe)
 
 
 def recommend(recipe: Recipe, shape: ModelShape, setup: Setup, gpu_gib: float) -> tuple[Setup, Plan] | None:
@@ -293,6 +360,9 @@ def recommend(recipe: Recipe, shape: ModelShape, setup: Setup, gpu_gib: float) -
         tokens.append(tokens[-1] // 2)
     candidates = [dataclasses.replace(setup, strategy=s, gradient_checkpointing=gc, micro_batch_tokens=tok)
                   for s in strategies for gc in (setup.gradient_checkpointing, True) for tok in tokens]
+    if "fsdp" in strategies:  # FSDP2 with CPU offload before leaving FSDP (fsdp_qlora_offload.yaml)
+        candidates += [dataclasses.replace(setup, strategy="fsdp", gradient_checkpointing=True, micro_batch_tokens=tok,
+                                           offload_params=True) for tok in tokens]
     if setup.gpus > 1 or setup.strategy == "single":
         candidates += [dataclasses.replace(setup, strategy="zero3" if setup.gpus > 1 else setup.strategy,
                                            gradient_checkpointing=True, micro_batch_tokens=tok,
@@ -326,8 +396,17 @@ def render(recipe: Recipe, shape: ModelShape, plan: Plan, advice: tuple[Setup, P
     lines.append(f"  (gradient checkpointing {'on' if other.gradient_checkpointing else 'off'}: "
                  f"{alt.peak / GIB:.2f} GiB)")
     lines.append("")
+    lines.append(f"{'CPU RAM per node':<36} {'GiB':>8}  how")
+    lines += [f"  {name:<34} {b / GIB:8.2f}  {how}" for name, b, how in plan.host]
+    of = f" of {plan.cpu_bytes / GIB:g} GiB" if plan.cpu_bytes is not None else " (give --cpu-mem to check it)"
+    lines.append(f"  {'peak':<34} {plan.host_peak / GIB:8.2f}{of}")
+    lines.append("")
+    cpu_short = plan.cpu_bytes is not None and plan.host_peak > plan.cpu_bytes
     if plan.fits:
         lines.append(f"verdict: FITS ({(plan.gpu_bytes - plan.peak) / GIB:.1f} GiB headroom per GPU)")
+    elif cpu_short and plan.peak <= plan.gpu_bytes:
+        lines.append(f"verdict: DOES NOT FIT in CPU RAM (short by {(plan.host_peak - plan.cpu_bytes) / GIB:.1f} GiB "
+                     "per node; the GPUs would hold it)")
     else:
         lines.append(f"verdict: DOES NOT FIT (short by {(plan.peak - plan.gpu_bytes) / GIB:.1f} GiB per GPU)")
         if advice is None:
@@ -336,6 +415,8 @@ def render(recipe: Recipe, shape: ModelShape, plan: Plan, advice: tuple[Setup, P
             a, p = advice
             offload = " with zero3_offload.yaml (optimizer" + (" + parameters" if a.offload_params else "") + \
                 " in CPU RAM)" if a.offload_optimizer else ""
+            if a.strategy == "fsdp" and a.offload_params:
+                offload = " distributed.offload_params=true (FSDP2 CPU offload: fsdp_qlora_offload.yaml)"
             lines.append(f"recommendation: distributed.strategy={a.strategy}{offload} "
                          f"train.micro_batch_tokens={a.micro_batch_tokens} "
                          f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()} "
@@ -343,12 +424,16 @@ def render(recipe: Recipe, shape: ModelShape, plan: Plan, advice: tuple[Setup, P
     return "\n".join(lines)
 
 
-def plan_recipe(recipe: Recipe, gpus: int, gpu_gib: float, target_fraction: float = 1.0) -> tuple[Plan, str]:
-    """The estimate for the recipe as written on `gpus` x `gpu_gib`, and the printed report."""
+def plan_recipe(recipe: Recipe, gpus: int, gpu_gib: float, target_fraction: float = 1.0,
+                gpus_per_node: int | None = None, cpu_gib: float | None = None) -> tuple[Plan, str]:
+    """The estimate for the recipe as written on `gpus` x `gpu_gib` (`gpus_per_node` per machine, default all on
+    one up to 8), with CPU RAM per node beside it (checked against `cpu_gib` when given), and the printed report."""
     if gpus < 1 or gpu_gib <= 0:
         raise InputError("--gpus must be at least 1 and --gpu-mem positive")
     if not 0 < target_fraction <= 1:
         raise InputError("--target-fraction must be in (0, 1]")
+    if (gpus_per_node is not None and gpus_per_node < 1) or (cpu_gib is not None and cpu_gib <= 0):
+        raise InputError("--gpus-per-node must be at least 1 and --cpu-mem positive")
     strategy = recipe.distributed.strategy
     if gpus > 1 and strategy == "single":
         strategy = "ddp"
@@ -357,5 +442,7 @@ def plan_recipe(recipe: Recipe, gpus: int, gpu_gib: float, target_fraction: floa
                   offload_opt, offload_params, target_fraction)
     shape = recipe_shape(recipe)
     plan = estimate(recipe, shape, setup, gpu_gib)
-    advice = None if plan.fits else recommend(recipe, shape, setup, gpu_gib)
+    plan.host, plan.host_peak = host_memory(recipe, shape, setup, gpus_per_node or min(gpus, 8))
+    plan.cpu_bytes = cpu_gib * GIB if cpu_gib is not None else None
+    advice = None if plan.peak <= plan.gpu_bytes else recommend(recipe, shape, setup, gpu_gib)
     return plan, render(recipe, shape, plan, advice)

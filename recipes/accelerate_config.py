@@ -24,8 +24,8 @@ FSDP2_SETTINGS = {
     "fsdp_state_dict_type": ({"SHARDED_STATE_DICT"}, "resume checkpoints are always written sharded, per rank; "
                                                      "the adapter is gathered once at the end"),
     "fsdp_cpu_ram_efficient_loading": ({True, False}, ""),
-    "fsdp_offload_params": ({False}, "the FSDP2 path does not offload parameters; for CPU offload use "
-                                     "distributed.strategy=zero3 with accelerate_configs/zero3_offload.yaml"),
+    # torch's CPUOffloadPolicy: sharded parameters, gradients and optimizer states in CPU RAM (trainer/distributed.py).
+    "fsdp_offload_params": ({True, False}, ""),
     "fsdp_activation_checkpointing": ({False}, "use train.gradient_checkpointing instead"),
 }
 FSDP1_ONLY = {
@@ -147,3 +147,14 @@ def deepspeed_settings(recipe) -> DeepSpeedSettings | None:
     return DeepSpeedSettings(zero_stage=stage, offload_optimizer=str(ds.get("offload_optimizer_device")) == "cpu",
                              offload_param=str(ds.get("offload_param_device")) == "cpu",
                              zero3_init=stage == 3 and bool(ds.get("zero3_init_flag", True)))
+
+
+def fsdp_offload_params(recipe) -> bool:
+    """FSDP2 parameter offload (torch's CPUOffloadPolicy): the recipe's `distributed.offload_params`, or
+    `fsdp_offload_params: true` in its accelerate config."""
+    if recipe.distributed.strategy != "fsdp":
+        return False
+    if recipe.distributed.offload_params:
+        return True
+    fsdp = yaml.safe_load(resolve_accelerate_config(recipe).read_text()).get("fsdp_config") or {}
+    return bool(fsdp.get("fsdp_offload_params", False))

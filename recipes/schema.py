@@ -189,6 +189,9 @@ SHARDED: frozenset[str] = frozenset({"fsdp", "zero3"})
 class DistributedConfig(Section):
     strategy: Strategy = "single"
     accelerate_config: str | None = None
+    # FSDP2: keep sharded parameters, gradients and optimizer states in CPU RAM (torch's CPUOffloadPolicy); also
+    # turned on by `fsdp_offload_params: true` in the accelerate config. ZeRO-3 offloads through its config.
+    offload_params: bool = False
     # A collective waiting longer than this for the other ranks fails (exit code non-zero) instead of hanging.
     timeout_s: PositiveInt = 600
 
@@ -225,6 +228,10 @@ class Recipe(Section):
                 f"model.quant_storage={m.quant_storage} cannot be sharded by {self.distributed.strategy}: "
                 f"set model.quant_storage={m.dtype} (equal to model.dtype)"
             )
+        if self.distributed.offload_params and self.distributed.strategy != "fsdp":
+            raise ValueError(
+                f"distributed.offload_params is FSDP2's CPU offload; under distributed.strategy="
+                f"{self.distributed.strategy} use accelerate_configs/zero3_offload.yaml with strategy=zero3")
         if self.train.nonfinite == "skip" and self.distributed.strategy in ("zero2", "zero3"):
             raise ValueError(
                 f"train.nonfinite=skip cannot be honoured under distributed.strategy={self.distributed.strategy}: "

@@ -25,7 +25,8 @@ METHODS = {  # model/adapter overrides; sharded QLoRA stores 4-bit weights in th
 LAUNCHES = {  # one `accelerate launch` per strategy family -> (accelerate config of each recipe, strategy, method)
     # DeepSpeed stages and offload come from each recipe's own accelerate config, so one launch runs all three.
     "ddp.yaml": [("ddp.yaml", "ddp", "lora"), ("ddp.yaml", "ddp", "qlora")],
-    "fsdp.yaml": [("fsdp.yaml", "fsdp", "lora"), ("fsdp.yaml", "fsdp", "qlora"), ("fsdp.yaml", "fsdp", "full")],
+    "fsdp.yaml": [("fsdp.yaml", "fsdp", "lora"), ("fsdp.yaml", "fsdp", "qlora"), ("fsdp.yaml", "fsdp", "full"),
+                  ("fsdp_qlora_offload.yaml", "fsdp", "qlora")],
     "zero3.yaml": [("zero2.yaml", "zero2", "lora"), ("zero2.yaml", "zero2", "qlora"), ("zero3.yaml", "zero3", "lora"),
                    ("zero3.yaml", "zero3", "qlora"), ("zero3.yaml", "zero3", "full"),
                    ("zero3_offload.yaml", "zero3", "lora")],
@@ -78,6 +79,11 @@ def test_strategy_shards_learns_saves_and_resumes(tmp_path, tiny_model_dir, laun
         elif strategy == "fsdp":  # FSDP2 puts every parameter in a sharded DTensor: each rank holds half
             assert info["wrapper"].startswith("FSDP") and info["fsdp_units"] >= 3, info
             assert info["local_param_fraction"] == pytest.approx(0.5, abs=0.01), info
+            # CPUOffloadPolicy on every unit (torch's own), shards in CPU RAM after the last step; without the
+            # policy no unit offloads (on this CPU-only machine both keep their shards on the CPU device).
+            offloaded = "offload" in config
+            assert info["offloaded_units"] == (info["fsdp_units"] if offloaded else 0), info
+            assert info["param_devices"] == ["cpu"], info
         else:
             assert info["wrapper"] == "DeepSpeedEngine" and info["zero_stage"] == int(strategy[-1]), info
             expected = 0.5 if strategy == "zero3" else 1.0  # ZeRO-3 partitions parameters, ZeRO-2 only states

@@ -28,12 +28,56 @@ def test_shipped_configs_give_published_parameter_counts(hub_id, billions):
 
 
 def test_70b_qlora_does_not_fit_2x24gb_fsdp_without_offload_but_fits_one_80gb(capsys):
-    assert main(["plan", str(FSDP_70B), "--gpus", "2", "--gpu-mem", "24"]) == 1
+    assert main(["plan", str(FSDP_70B), "--gpus", "2", "--gpu-mem", "24",
+                 "distributed.accelerate_config=accelerate_configs/fsdp_qlora.yaml"]) == 1
     out = capsys.readouterr().out
-    assert "DOES NOT FIT" in out and "recommendation: distributed.strategy=zero3 with zero3_offload.yaml" in out
+    assert "DOES NOT FIT" in out and "recommendation: distributed.strategy=fsdp distributed.offload_params=true" in out
     assert main(["plan", str(FSDP_70B), "--gpus", "1", "--gpu-mem", "80", "distributed.strategy=single",
                  "distributed.accelerate_config=null"]) == 0
     assert "verdict: FITS" in capsys.readouterr().out
+
+
+def test_fsdp_offload_moves_the_model_and_trainable_state_to_cpu_ram(capsys):
+    """The shipped 2x24 GB recipe (FSDP2 + CPUOffloadPolicy): on the GPU only gathered units, activations and logits;
+    in CPU RAM the 4-bit shards, LoRA weights with their gradients and AdamW states, and the loading peak."""
+    plan, report = plan_recipe(load_recipe(FSDP_70B), 2, 24)
+    items = dict((n, b) for n, b, _ in plan.items)
+    assert plan.fits and plan.setup.offload_params
+    for offloaded in ("weights: NF4 linear layers", "LoRA parameters", "gradients (trainable only)",
+                      "optimizer states"):
+        assert items[offloaded] == 0.0, offloaded
+    host = dict((n, b) for n, b, _ in plan.host)
+    gib = 1024**3
+    assert 35 < host["offloaded parameter shards"] / gib < 38  # 68.45B x 0.5 B + constants + 2.1B bf16
+    assert host["offloaded trainable state"] == pytest.approx(103.5e6 * 16, rel=0.01)  # fp32 param + grad + 2 states
+    assert plan.host_peak == host["while loading (before sharding)"]  # every rank quantizes the whole model (today)
+    assert "CPU RAM per node" in report and "--cpu-mem" in report
+    short, _ = plan_recipe(load_recipe(FSDP_70B), 2, 24, cpu_gib=64)
+    assert not short.fits
+    assert main(["plan", str(FSDP_70B), "--gpus", "2", "--gpu-mem", "24", "--cpu-mem", "64"]) == 1
+    assert "DOES NOT FIT in CPU RAM" in capsys.readouterr().out
+
+
+REAL_SIZE = sorted(p for p in (REPO / "recipes").glob("*/*.yaml") if p.parent.name not in ("debug", "sweeps"))
+
+
+@pytest.mark.parametrize("path", REAL_SIZE, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_real_size_recipe_fits_the_hardware_it_states(path):
+    """Each recipe states its hardware in a `# plan: NxGgb -> FITS ...` line (and in its name, when the name has
+    one), and the planner agrees. LSTM process-monitoring recipes have no LLM to plan."""
+    import re
+
+    recipe = load_recipe(path)
+    if recipe.process is not None and recipe.process.backbone != "causal_lm":
+        pytest.skip("an LSTM/GRU backbone: megabytes, nothing to plan")
+    stated = re.search(r"^# plan: (\d+)x(\d+)gb -> FITS, ([\d.]+) GiB per GPU", path.read_text(), re.M)
+    assert stated, f"{path.name}: no '# plan: NxGgb -> FITS, X GiB per GPU' line"
+    in_name = re.search(r"(\d+)x(\d+)gb", path.stem)
+    assert in_name is None or in_name.groups() == stated.groups()[:2], path.name
+    gpus, gib, claimed = int(stated[1]), float(stated[2]), float(stated[3])
+    plan, report = plan_recipe(recipe, gpus, gib)
+    assert plan.fits, report
+    assert abs(plan.peak / 1024**3 - claimed) < 0.1, (claimed, report)  # the comment says what the planner says
 
 
 def test_sharding_divides_what_each_strategy_shards():

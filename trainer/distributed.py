@@ -75,6 +75,8 @@ def make_accelerator(strategy: str, dtype: str, grad_accum: int, max_grad_norm: 
 class Distributed:
     strategy: str
     accelerator: Accelerator
+    # FSDP2 only: sharded parameters (and so their gradients and optimizer states) live in CPU RAM between uses.
+    offload_params: bool = False
     load_info: dict = field(default_factory=dict)  # how this rank built its model: init kind, bytes it held
 
     @property
@@ -106,7 +108,9 @@ class Distributed:
         """
         rank0 = self.accelerator.process_index == 0
         device = self.accelerator.device
-        if self.broadcasts_weights(quantized):  # fully_shard moves each unit to the device, one at a time
+        # fully_shard moves each unit to the device, one at a time; offloaded shards stay in CPU RAM: either way the
+        # whole model is never on the accelerator.
+        if self.broadcasts_weights(quantized) or self.offload_params:
             device = torch.device("cpu")
         with self._model_loading(quantized):
             from transformers.integrations import is_deepspeed_zero3_enabled
@@ -130,7 +134,8 @@ class Distributed:
         """Wrap the model for the strategy and build its optimizer (after sharding, for FSDP2)."""
         if self.strategy == "fsdp":
             quantized = any(type(p).__name__ == "Params4bit" for p in model.parameters())
-            model = shard_fsdp2(model, self.accelerator.num_processes, self.broadcasts_weights(quantized))
+            model = shard_fsdp2(model, self.accelerator.num_processes, self.broadcasts_weights(quantized),
+                                self.offload_params)
             return model, build_optimizer(model)
         return self.accelerator.prepare(model, build_optimizer(model))
 
@@ -164,6 +169,8 @@ class Distributed:
                 "wrapper": type(inner).__name__, "local_param_fraction": round(local / max(total, 1), 4)}
         if self.strategy == "fsdp":
             info["fsdp_units"] = sum(1 for m in self.unwrap(model).modules() if type(m).__name__.startswith("FSDP"))
+            info["offloaded_units"] = sum(_offloads_to_cpu(m) for m in self.unwrap(model).modules())
+            info["param_devices"] = sorted({str(_local(p).device) for p in params})
         if self.deepspeed:
             info["zero_stage"] = model.zero_optimization_stage()
             info["offload"] = bool(model.zero_cpu_offload())
@@ -185,7 +192,7 @@ class Distributed:
         return {n: p.detach().cpu() for n, p in named}
 
 
-def shard_fsdp2(model, world_size: int, from_rank0: bool = False):
+def shard_fsdp2(model, world_size: int, from_rank0: bool = False, offload: bool = False):
     """FSDP2: one unit per transformer layer (the model's `_no_split_modules`) plus the root; parameters become
     sharded DTensors. The root is the transformers model, not a PEFT wrapper, so `generate` (which bypasses the
     PEFT forward) still gathers the root's weights.
@@ -194,30 +201,50 @@ def shard_fsdp2(model, world_size: int, from_rank0: bool = False):
     their shards, then torch's supported FSDP2 path sends rank 0's full state dict one tensor at a time, each
     rank keeping its slice; buffers (not sharded, some not in the state dict, e.g. rotary inv_freq) are sent
     whole.
+
+    offload: torch's CPUOffloadPolicy on every unit: sharded parameters live in CPU RAM (pinned on a GPU machine),
+    each unit is copied to the device for its forward and backward, gradients are reduced to CPU and the optimizer
+    steps there (it is built after sharding, on the parameters' device).
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device, (world_size,))
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer_classes = set(getattr(inner, "_no_split_modules", None) or [])
     _uniform_float_dtype(model)
     full_state = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}
     for module in inner.modules():
         if type(module).__name__ in layer_classes:
-            fully_shard(module, mesh=mesh)
-    fully_shard(inner, mesh=mesh)
+            fully_shard(module, mesh=mesh, offload_policy=policy)
+    fully_shard(inner, mesh=mesh, offload_policy=policy)
     if from_rank0:
         if dist.get_rank() != 0:
-            model.to_empty(device=device)
+            model.to_empty(device="cpu" if offload else device)
         set_model_state_dict(model, full_state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
     return model
+
+
+def _offloads_to_cpu(module) -> bool:
+    """Whether `module` is an FSDP2 unit whose shards live in CPU RAM. torch has no public accessor for a unit's
+    offload policy: this reads `_get_fsdp_state()._fsdp_param_group` (checked against torch 2.13)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    if not isinstance(module, FSDPModule):  # not hasattr: PEFT wrappers forward attribute lookups to the model
+        return False
+    group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+    return group is not None and isinstance(group.offload_policy, CPUOffloadPolicy)
+
+
+def _local(p):
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _uniform_float_dtype(model) -> None:
@@ -293,4 +320,4 @@ def _full_numel(p) -> int:
 def _local_numel(p) -> int:
     if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition
         return p.ds_tensor.numel()
-    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return _local(p).numel()

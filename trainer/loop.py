@@ -16,7 +16,7 @@ from transformers import get_scheduler
 
 from data_prep.shards import ShardedDataset
 from data_prep.tasks import task_for
-from recipes.accelerate_config import deepspeed_settings
+from recipes.accelerate_config import deepspeed_settings, fsdp_offload_params
 from recipes.errors import RunStopped
 from recipes.loader import dump_recipe
 from recipes.schema import Recipe, TrainConfig
@@ -44,7 +44,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     strategy = recipe.distributed.strategy
     accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm,
                                    deepspeed_settings(recipe), recipe.distributed.timeout_s)
-    dist = Distributed(strategy, accelerator)
+    dist = Distributed(strategy, accelerator, offload_params=fsdp_offload_params(recipe))
     main = accelerator.is_main_process
     run_dir = recipe.output_path
     check_output_dir(run_dir, resume=resume, overwrite=overwrite)
