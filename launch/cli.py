@@ -186,7 +186,8 @@ def cmd_prep(args) -> int:
     print(f"{'cache hit' if prepared.cache_hit else 'prepared'}: {prepared.folder}")
     for name, stats in splits.items():
         print(f"  {name}: {stats['rows']} rows, {stats['tokens']} tokens ({stats['target_tokens']} targets), "
-              f"dropped {stats['dropped']}, truncated {stats['truncated']}")
+              f"dropped {stats['dropped']}, truncated {stats['truncated']} "
+              f"({stats.get('truncated_tokens', 0)} prompt tokens cut)")
     return 0
 
 
