@@ -13,6 +13,7 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
                   max_new_tokens: int | None = None) -> dict[str, int]:
     """Write `{"row", "input", "output", "valid", ...parsed}` per input row, in input order; invalid outputs are
     flagged (`valid: false` plus `problems`), never dropped. Returns counts of rows and valid rows."""
+    from data_prep.chat_encoding import chat_encoder
     from data_prep.tasks import task_for
     from trainer.evaluate import generate_answers, load_for_eval
 
@@ -25,8 +26,7 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
     if output_path.exists() and output_path.resolve() == input_path.resolve():
         raise InputError(f"--output {output_path}: would overwrite the input file")
     model, tokenizer, device = load_for_eval(recipe, adapter)
-    prompts = [tokenizer.apply_chat_template(task.prompt_messages(row), add_generation_prompt=True,
-                                             tokenize=True)["input_ids"] for row in rows]
+    prompts = chat_encoder(tokenizer).encode_prompts([task.prompt_messages(row) for row in rows])
     outputs = generate_answers(model, tokenizer, prompts, max_new_tokens or recipe.eval.max_new_tokens,
                                batch_size or recipe.eval.batch_size, device)
     output_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from recipes.errors import InputError
+from trainer.adapter_base import check_base
 from trainer.model import DTYPES, check_adapter_folder
 
 
@@ -73,6 +74,7 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None, onto: s
         raise InputError(f"--onto must be dequantized or original (got {onto!r})")
     info = adapter_info(adapter_dir)
     base = base or info["base_model"]
+    check_base(adapter_dir, base, "--base PATH")
     if out.exists():
         raise InputError(f"--out {out} already exists; choose a new folder")
     model = load_base_for_merge(info, base, onto)
