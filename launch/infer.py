@@ -23,6 +23,8 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
     rows = list(task.read(input_path, inputs_only=True))  # validated before any model is loaded
     if not rows:
         raise InputError(f"--input {input_path}: no rows")
+    if output_path.is_dir():
+        raise InputError(f"--output {output_path}: is a folder; give the path of a .jsonl file to write")
     if output_path.exists() and output_path.resolve() == input_path.resolve():
         raise InputError(f"--output {output_path}: would overwrite the input file")
     model, tokenizer, device = load_for_eval(recipe, adapter)

@@ -48,11 +48,24 @@ def record_base(adapter_dir: Path, name_or_path: str) -> dict:
     return {"base_model": base, "base_fingerprint": config_fingerprint(base)}
 
 
+def adapter_record(adapter_dir: Path) -> dict:
+    """multitune.json of an adapter folder ({} for an adapter saved elsewhere); InputError when it is not JSON."""
+    info_file = adapter_dir / "multitune.json"
+    if not info_file.is_file():
+        return {}
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{info_file}: cannot be read ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(info, dict):
+        raise InputError(f"{info_file}: expected a JSON object, got {type(info).__name__}")
+    return info
+
+
 def check_base(adapter_dir: Path, base: str, how_to_point: str) -> None:
     """InputError, in one line, when `base` is missing, or is not the model `adapter_dir` was trained on (its config
     fingerprint differs from the recorded one); `how_to_point` says how to give another base (a flag)."""
-    info_file = adapter_dir / "multitune.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info = adapter_record(adapter_dir)
     expected = info.get("base_model", base)
     try:
         check_model_path(base, "base model")

@@ -164,6 +164,9 @@ def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = T
     if retriever is not None and not task.accepts_context:
         raise InputError(f"--retrieval-docs: task {task.name} does not show retrieved passages in its prompt "
                          "(medical_qa and medical_mcq do)")
+    for adapter in adapters:  # a wrong adapter fails before any work
+        check_adapter_folder(adapter)
+        check_base(adapter, recipe.model.name_or_path, "model.name_or_path=PATH")
     out_dir = recipe.output_path / "eval"
     eval_set = ShardedDataset(prepare(task, recipe.data, load_tokenizer(recipe.model)).split("eval"))
     records = eval_records(eval_set, recipe.eval)
