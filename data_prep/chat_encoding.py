@@ -138,7 +138,8 @@ class ChatEncoder:
                              add_generation_prompt=False)
         completions = []
         for prompt, full in zip(prompts, fulls):
-            if full.pieces[:len(prompt.pieces) - 1] != prompt.pieces[:-1] or not _starts(full, prompt):
+            whole = max(len(prompt.pieces) - 1, 0)  # pieces that must be equal; the last may be cut short
+            if full.pieces[:whole] != prompt.pieces[:whole] or not _starts(full, prompt):
                 raise InputError(PREFIX_ERROR)
             completions.append(_Rendered(_rest(full, prompt)))
         return prompts, completions
