@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="multitune", description="Fine-tune LLMs from validated YAML recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check a recipe (schema, combinations, task) without running anything")
+    p = sub.add_parser("validate", help="check a recipe (schema, combinations, task, one example through the "
+                                           "chat template) without training")
     _recipe_args(p)
     p = sub.add_parser("prep", help="tokenize the recipe's data into Arrow shards (cached by content hash)")
     _recipe_args(p)
