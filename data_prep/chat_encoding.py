@@ -64,8 +64,6 @@ class ChatEncoder:
         if backend is None:
             raise InputError(f"tokenizer {type(tokenizer).__name__} is not a fast (Rust `tokenizers`) tokenizer; "
                              "multitune needs one to keep pasted control strings as text")
-        from tokenizers import Tokenizer
-
         spec = json.loads(backend.to_str())
         template = tokenizer.chat_template or ""
         # Markers: special added tokens, and added tokens the template spells out (e.g. a non-special <|im_start|>).
@@ -114,7 +112,7 @@ class ChatEncoder:
             excess = len(ids) + len(completion_ids) - max_length
             if excess <= 0:
                 return EncodedChat(ids, completion_ids), original - len(ids)
-            users = [i for i, m in enumerate(messages) if m.get("role") == "user" and contents[i]]
+            users = [i for i, m in enumerate(messages) if m.get("role") == "user" and contents[i] and i in spans]
             if not users:
                 return None
             index = users[-1]

@@ -26,7 +26,7 @@ import pyarrow as pa
 from data_prep.shards import SCHEMA, ShardWriter, list_column
 from data_prep.tasks import Record, Task
 from data_prep.chat_encoding import chat_encoder
-from data_prep.tokenize import IGNORE, TokenizedBatch, add_row, tokenize_examples, tokenizer_fingerprint
+from data_prep.tokenize import IGNORE, TokenizedBatch, labelled, tokenize_examples, tokenizer_fingerprint
 from recipes.errors import InputError, RunStopped
 from recipes.schema import DataConfig
 
@@ -233,9 +233,8 @@ def _truncate(tokenizer, example, data: DataConfig, batch: TokenizedBatch, i: in
     if result is None:
         return None
     encoded, removed = result
-    row = TokenizedBatch([], [], [])
-    add_row(row, encoded.prompt_ids, encoded.completion_ids, data.completion_only)
-    batch.input_ids[i], batch.labels[i], batch.prompt_lengths[i] = row.input_ids[0], row.labels[0], row.prompt_lengths[0]
+    batch.input_ids[i], batch.labels[i] = labelled(encoded.prompt_ids, encoded.completion_ids, data.completion_only)
+    batch.prompt_lengths[i] = len(encoded.prompt_ids)
     return removed
 
 

@@ -30,14 +30,16 @@ def tokenize_examples(tokenizer, examples: list[ChatExample], completion_only: b
         return batch
     encoded = chat_encoder(tokenizer).encode_examples([ex.messages for ex in examples], [ex.answer for ex in examples])
     for row in encoded:
-        add_row(batch, row.prompt_ids, row.completion_ids, completion_only)
+        ids, labels = labelled(row.prompt_ids, row.completion_ids, completion_only)
+        batch.input_ids.append(ids)
+        batch.labels.append(labels)
+        batch.prompt_lengths.append(len(row.prompt_ids))
     return batch
 
 
-def add_row(batch: TokenizedBatch, prompt: list[int], completion: list[int], completion_only: bool) -> None:
-    batch.input_ids.append(prompt + completion)
-    batch.labels.append(([IGNORE] * len(prompt) if completion_only else list(prompt)) + completion)
-    batch.prompt_lengths.append(len(prompt))
+def labelled(prompt: list[int], completion: list[int], completion_only: bool) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one row: the prompt's labels are IGNORE for completion-only loss."""
+    return prompt + completion, ([IGNORE] * len(prompt) if completion_only else list(prompt)) + completion
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -78,8 +78,11 @@ def csv_rows(*lines: str) -> bytes:
 
 # An adapter folder whose base has moved away since training (multitune.json records where it was).
 MOVED_BASE = "/nonexistent/models/tiny"
-ADAPTER_FILES = {"adapter_config.json": json.dumps({"peft_type": "LORA", "base_model_name_or_path": MOVED_BASE}).encode(),
-                 "adapter_model.safetensors": b"never read", "multitune.json": json.dumps({"base_model": MOVED_BASE}).encode()}
+ADAPTER_FILES = {
+    "adapter_config.json": json.dumps({"peft_type": "LORA", "base_model_name_or_path": MOVED_BASE}).encode(),
+    "adapter_model.safetensors": b"never read",
+    "multitune.json": json.dumps({"base_model": MOVED_BASE}).encode(),
+}
 
 
 def adapter(folder: str, **replace: bytes) -> dict[str, bytes]:
@@ -307,7 +310,8 @@ CASES: list[BadInput] = [
              {"rows.jsonl": b'{"description": "disk full"}\n'}),
     cli_case("cli-infer-no-weights", "`infer` with a model folder holding a tokenizer but no weights",
              ("infer", "{recipe}", "task=rca_generation", "--input", "{dir}/rows.jsonl", "--output", "{dir}/o.jsonl"),
-             "error: multitune infer: ValueError: Unrecognized model in", {"rows.jsonl": b'{"description": "disk full"}\n'}),
+             "error: multitune infer: ValueError: Unrecognized model in",
+             {"rows.jsonl": b'{"description": "disk full"}\n'}),
     cli_case("cli-eval-adapter-moved-base", "`eval --adapter` whose recorded base is not the recipe's model",
              ("eval", "{recipe}", "--no-base", "--adapter", "{dir}/adapter", "model.name_or_path=/nonexistent/m"),
              "its base model /nonexistent/m is not there (the adapter was trained on /nonexistent/models/tiny); "
