@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chat_models import build_model, chatml_tokenizer, no_system_tokenizer
+from chat_models import CHATML_TEMPLATE, build_model, chatml_tokenizer, no_system_tokenizer
 from conftest import recipe_dict, write_recipe
 from data_prep.chat_encoding import chat_encoder, stop_token_ids
 from data_prep.prepare import prepare
@@ -240,3 +240,23 @@ def test_adapter_finds_its_base_from_anywhere_and_says_when_it_moved(tmp_path, t
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and all("is not the base it was trained on" in e and base in e for e in errors)
     assert not (elsewhere / "merged3").exists()
+
+
+def test_serve_answers_a_conversation_its_template_refuses_with_400(tmp_path):
+    """Item 6, serve: a request the chat template refuses (here: two user turns in a row) is the client's mistake, an
+    OpenAI-style 400 naming `messages`, not a server error."""
+    from transformers import AutoModelForCausalLM
+
+    from launch.serve import ChatModel, RequestError
+
+    tokenizer = chatml_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"
+                               "['role'] %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+                               "{% endfor %}" + CHATML_TEMPLATE)
+    model = AutoModelForCausalLM.from_pretrained(build_model(tokenizer, tmp_path / "m"))
+    chat = ChatModel(model, tokenizer, "m", torch.device("cpu"))
+    assert chat.complete([{"role": "user", "content": "hi"}], 2, 0.0, 1.0, [], None).prompt_tokens > 0
+    with pytest.raises(RequestError) as refused:
+        chat.complete([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], 2, 0.0, 1.0, [], None)
+    assert (refused.value.status, refused.value.param) == (400, "messages")
+    assert "Conversation roles must alternate" in str(refused.value)
