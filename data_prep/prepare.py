@@ -25,13 +25,16 @@ import pyarrow as pa
 
 from data_prep.shards import SCHEMA, ShardWriter, list_column
 from data_prep.tasks import Record, Task
-from data_prep.tokenize import IGNORE, TokenizedBatch, tokenize_examples, tokenizer_fingerprint
+from data_prep.chat_encoding import chat_encoder
+from data_prep.tokenize import IGNORE, TokenizedBatch, labelled, tokenize_examples, tokenizer_fingerprint
 from recipes.errors import InputError, RunStopped
 from recipes.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-PREP_VERSION = "3"  # 2: shards carry an index (lengths.npy, batches.npy); 3: labels in the manifest
+# 2: shards carry an index (lengths.npy, batches.npy); 3: control strings in data are text, truncation cuts
+# the prompt, labels in the manifest
+PREP_VERSION = "3"
 CHUNK_ROWS = 2048
 SPLITS = ("train", "eval")
 # Reading and validating cost this process ~70 µs a row and a worker ~450 (measured, support tickets): past ~6
@@ -299,31 +302,46 @@ def _tokenizer_for_workers(tokenizer, folder: Path) -> Path | None:
 
 def _encode_chunk(chunk: list[tuple[str, Record]], task: Task, data: DataConfig, tokenizer) -> dict[str, _Encoded]:
     records = [record for _, record in chunk]
-    batch = tokenize_examples(tokenizer, [task.format(record) for record in records], data.completion_only)
-    return {split: _encode_split(data, [i for i, (name, _) in enumerate(chunk) if name == split], records, batch,
+    examples = [task.format(record) for record in records]
+    batch = tokenize_examples(tokenizer, examples, data.completion_only)
+    cut = [0] * len(records)  # prompt tokens cut per row by truncation; None: dropped
+    for i, row in enumerate(batch.input_ids):
+        if len(row) > data.max_seq_len:
+            cut[i] = None if data.overlong == "drop" else _truncate(tokenizer, examples[i], data, batch, i)
+    return {split: _encode_split(data, [i for i, (name, _) in enumerate(chunk) if name == split], records, batch, cut,
                                  keep_records=split == "eval")
             for split in SPLITS}
 
 
+def _truncate(tokenizer, example, data: DataConfig, batch: TokenizedBatch, i: int) -> int | None:
+    """Row `i` of `batch` replaced by the example with its user text cut to fit `data.max_seq_len` (system prompt,
+    template markers and the whole answer with its end-of-turn kept); the prompt tokens cut, or None when the
+    answer alone does not fit."""
+    result = chat_encoder(tokenizer).encode_truncated(example.messages, example.answer, data.max_seq_len)
+    if result is None:
+        return None
+    encoded, removed = result
+    batch.input_ids[i], batch.labels[i] = labelled(encoded.prompt_ids, encoded.completion_ids, data.completion_only)
+    batch.prompt_lengths[i] = len(encoded.prompt_ids)
+    return removed
+
+
 def _encode_split(data: DataConfig, picked: list[int], records: list[Record], batch: TokenizedBatch,
-                  keep_records: bool) -> _Encoded:
-    """Rows `picked` of a tokenized chunk → shard columns, after the overlong policy (drop, or truncate and drop
-    rows left without a target). Labels are rebuilt from prompt lengths with numpy rather than copied per token."""
-    counts = {"tokens": 0, "target_tokens": 0, "dropped": 0, "truncated": 0}
+                  cut: list[int | None], keep_records: bool) -> _Encoded:
+    """Rows `picked` of a tokenized chunk → shard columns, without the rows the overlong policy dropped (`cut[i]` is
+    None) and counting the truncated ones. Labels are rebuilt from prompt lengths with numpy rather than copied per
+    token."""
+    counts = {"tokens": 0, "target_tokens": 0, "dropped": 0, "truncated": 0, "truncated_tokens": 0}
     ids, prompt_lengths, kept = [], [], []
     for i in picked:
-        row, prompt_length = batch.input_ids[i], batch.prompt_lengths[i]
-        if len(row) > data.max_seq_len:
-            if data.overlong == "drop":
-                counts["dropped"] += 1
-                continue
-            row = row[:data.max_seq_len]
+        if cut[i] is None:
+            counts["dropped"] += 1
+            continue
+        if cut[i]:
             counts["truncated"] += 1
-            if len(row) - max(prompt_length if data.completion_only else 0, 1) <= 0:
-                counts["dropped"] += 1  # truncation removed every target token
-                continue
-        ids.append(row)
-        prompt_lengths.append(min(prompt_length, len(row)))
+            counts["truncated_tokens"] += cut[i]
+        ids.append(batch.input_ids[i])
+        prompt_lengths.append(batch.prompt_lengths[i])
         kept.append(i)
     if not ids:
         return _Encoded(None, counts)
@@ -372,7 +390,8 @@ class _SplitWriter:
     def __init__(self, folder: Path):
         self.writer = ShardWriter(folder)
         self.histogram: dict[int, int] = {}
-        self.totals = {"rows": 0, "tokens": 0, "target_tokens": 0, "dropped": 0, "truncated": 0}
+        self.totals = {"rows": 0, "tokens": 0, "target_tokens": 0, "dropped": 0, "truncated": 0,
+                       "truncated_tokens": 0}
 
     def add(self, encoded: _Encoded) -> None:
         for name, count in encoded.counts.items():

@@ -14,6 +14,10 @@ from recipes.errors import InputError, RunStopped, is_disk_full
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+# Commands that read models, adapters and files a user points at: an OSError, ValueError or template error from
+# there is about that input (a folder without config.json, a malformed adapter_config.json, a port in use), so it
+# is one `error:` line with exit code 2 rather than a traceback from deep inside a library.
+USER_INPUT_COMMANDS = ("merge", "infer", "serve", "eval", "results")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -32,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="multitune", description="Fine-tune LLMs from validated YAML recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check a recipe (schema, combinations, task) without running anything")
+    p = sub.add_parser("validate", help="check a recipe (schema, combinations, task, one example through the "
+                                           "chat template) without training")
     _recipe_args(p)
     p = sub.add_parser("prep", help="tokenize the recipe's data into Arrow shards (cached by content hash)")
     _recipe_args(p)
@@ -76,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="key.sub=v1,v2",
                    help="a recipe key and the values to try (repeat for a grid)")
     p = sub.add_parser("serve", help="serve a model (+ adapter) behind an OpenAI-compatible chat-completions API")
-    p.add_argument("model", help="base model: hub id or local folder")
+    p.add_argument("model", nargs="?", help="base model: hub id or local folder (default: the one --adapter was "
+                                           "trained on)")
     p.add_argument("--adapter", help="adapter folder to apply")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
@@ -130,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     quiet_library_noise()
+    from jinja2 import TemplateError
+
     try:
         return COMMANDS[args.command](args) or 0
     except InputError as exc:
@@ -138,16 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        if not is_disk_full(exc):
+    except (OSError, ValueError, TemplateError) as exc:
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            # Checkpoints and the prep cache are written to temporary names and renamed when complete, so what is
+            # there is whole; a checkpoint that did not fit is reported by the checkpoint code itself, with what
+            # was kept.
+            where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+            print(f"error: no space left on the device{where} ({exc}); free some space and run the command again",
+                  file=sys.stderr)
+            return 1
+        if args.command not in USER_INPUT_COMMANDS:
             raise
-        # Checkpoints and the prep cache are written to temporary names and renamed when complete, so what is
-        # there is whole; a checkpoint that did not fit is reported by the checkpoint code itself, with what was kept.
-        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"error: no space left on the device{where} ({exc}); free some space and run the command again",
+        print(f"error: multitune {args.command}: {type(exc).__name__}: {' '.join(str(exc).split())[:400]}",
               file=sys.stderr)
-        return 1
-
+        return 2
 
 def _load(args):
     from data_prep.tasks import task_for
@@ -175,7 +187,32 @@ def cmd_validate(args) -> int:
         resolve_config(recipe)
     print(f"ok: {args.recipe} (task={recipe.task}, model={recipe.model.name_or_path}, "
           f"method={_method(recipe)}, strategy={recipe.distributed.strategy})")
+    if recipe.process is None:
+        print(f"chat template: {_render_one_example(recipe)}")
     return 0
+
+
+def _render_one_example(recipe) -> str:
+    """One example of the recipe's data encoded through the model's chat template, as prep will: a template that
+    fails does so here, in one line, rather than in `train`."""
+    from data_prep.chat_encoding import chat_encoder
+    from data_prep.tasks import task_for
+    from trainer.model import tokenizer_for_check
+
+    tokenizer = tokenizer_for_check(recipe.model)
+    if tokenizer is None:
+        return f"not checked ({recipe.model.name_or_path} is not available here)"
+    task = task_for(recipe)
+    data = recipe.data
+    record = task.generate(1, data.generator.seed)[0] if data.generator else next(iter(task.read(
+        data.train_file, columns=data.columns, delimiter=data.csv_delimiter)))
+    example = task.format(record)
+    encoder = chat_encoder(tokenizer)
+    row = encoder.encode_examples([example.messages], [example.answer])[0]
+    folded = any(m["role"] == "system" for m in example.messages) and encoder.fold_system
+    return (f"one example renders to {len(row.prompt_ids)} prompt + {len(row.completion_ids)} answer tokens"
+            + (" (the template has no system role: the system prompt goes into the first user turn)" if folded
+               else ""))
 
 
 def cmd_prep(args) -> int:
@@ -188,7 +225,8 @@ def cmd_prep(args) -> int:
     print(f"{'cache hit' if prepared.cache_hit else 'prepared'}: {prepared.folder}")
     for name, stats in splits.items():
         print(f"  {name}: {stats['rows']} rows, {stats['tokens']} tokens ({stats['target_tokens']} targets), "
-              f"dropped {stats['dropped']}, truncated {stats['truncated']}")
+              f"dropped {stats['dropped']}, truncated {stats['truncated']} "
+              f"({stats.get('truncated_tokens', 0)} prompt tokens cut)")
     if prepared.labels:
         import json
 

@@ -27,6 +27,8 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
     task = task_for(recipe)
     data = recipe.data
     rows = list(task.read(input_path, inputs_only=True, columns=data.columns, delimiter=data.csv_delimiter))
+    if output_path.is_dir():
+        raise InputError(f"--output {output_path}: is a folder; give the path of a .jsonl file to write")
     if output_path.exists() and output_path.resolve() == input_path.resolve():
         raise InputError(f"--output {output_path}: would overwrite the input file")
     labels = adapter_info(adapter).get("labels") if adapter is not None else None
@@ -60,5 +62,6 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
 def prompt_ids(task, tokenizer, rows: list[dict]) -> list[list[int]]:
     """Token ids of each row's prompt through the chat template, ending with the generation prompt: the ids training
     masked as prompt for a labelled row."""
-    return [tokenizer.apply_chat_template(task.prompt_messages(row), add_generation_prompt=True,
-                                          tokenize=True)["input_ids"] for row in rows]
+    from data_prep.chat_encoding import chat_encoder
+
+    return chat_encoder(tokenizer).encode_prompts([task.prompt_messages(row) for row in rows])

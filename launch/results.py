@@ -38,20 +38,32 @@ def collect_local(runs_dir: Path) -> tuple[list[RunResult], int]:
         if not (run_dir / "metrics.json").is_file():
             unfinished += 1
             continue
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = _read(run_dir / "metrics.json", json.loads)
         values = {k: v for k, v in (metrics.get("after") or {}).items()
                   if isinstance(v, (int, float)) and k not in EVAL_BOOKKEEPING}
         values.update({k: metrics[k] for k in FINAL_METRICS if isinstance(metrics.get(k), (int, float))})
         losses = []
         if (run_dir / "log.jsonl").is_file():
-            for line in (run_dir / "log.jsonl").read_text().splitlines():
-                entry = json.loads(line)
+            for entry in _read(run_dir / "log.jsonl", lambda text: [json.loads(line) for line in text.splitlines()
+                                                                    if line.strip()]):
                 if "eval" not in entry and "loss" in entry:
                     losses.append((entry["step"], entry["loss"]))
         name = str(run_dir.relative_to(runs_dir)) if run_dir != runs_dir else run_dir.name
-        runs.append(RunResult(name, flatten(yaml.safe_load(recipe_file.read_text())), values,
+        runs.append(RunResult(name, flatten(_read(recipe_file, yaml.safe_load)), values,
                               metrics.get("train_seconds"), losses))
     return runs, unfinished
+
+
+def _read(path: Path, parse):
+    """`parse(text of path)`; InputError naming the file when it cannot be read or parsed (a run cut short, a
+    file edited by hand)."""
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: cannot be read ({' '.join(str(exc).split())[:200]})") from None
+    if isinstance(value, dict) or isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        return value
+    raise InputError(f"{path}: expected a JSON/YAML object, got {type(value).__name__}")
 
 
 def collect_wandb(project: str, entity: str | None) -> list[RunResult]:

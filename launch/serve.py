@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from data_prep.chat_encoding import chat_encoder, stop_token_ids
+from recipes.errors import InputError
+
 
 class RequestError(Exception):
     """A client mistake, answered with an OpenAI-style error object."""
@@ -41,9 +44,7 @@ class ChatModel:
         self.system_prompt = system_prompt
         self.lock = threading.Lock()
         self.context = getattr(model.config, "max_position_embeddings", None)
-        # The template's end-of-turn token can differ from the tokenizer's eos (e.g. <|im_end|> vs <|endoftext|>).
-        self.stop_ids = sorted({i for i in (tokenizer.eos_token_id, model.generation_config.eos_token_id)
-                                for i in (i if isinstance(i, list) else [i]) if i is not None})
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
 
     def complete(self, messages: list[dict], max_tokens: int, temperature: float, top_p: float,
                  stop: list[str], seed: int | None) -> Completion:
@@ -54,7 +55,10 @@ class ChatModel:
         """The request's prompt as token ids, with the trained system prompt first when the request has none."""
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        try:
+            return chat_encoder(self.tokenizer).encode_prompts([messages])[0]
+        except InputError as exc:  # the template refuses these messages (e.g. roles that do not alternate)
+            raise RequestError(str(exc), param="messages") from None
 
     @torch.no_grad()
     def _complete(self, messages, max_tokens, temperature, top_p, stop, seed) -> Completion:
@@ -184,17 +188,24 @@ def make_handler(chat: ChatModel):
     return Handler
 
 
-def load_chat_model(model_path: str, adapter: Path | None, dtype: str, name: str | None,
+def load_chat_model(model_path: str | None, adapter: Path | None, dtype: str, name: str | None,
                     quantization: str = "none") -> ChatModel:
     """The base model (dtype as given, NF4 when asked: what a QLoRA adapter was trained on), with the adapter applied
-    when one is given; tokenizer from the adapter folder when it carries one (the one it was trained with)."""
+    when one is given; tokenizer from the adapter folder when it carries one (the one it was trained with). Without
+    `model_path`, the base the adapter recorded. InputError when the base is missing or is not the adapter's."""
     from peft import PeftModel
 
     from recipes.schema import AdapterConfig, ModelConfig
+    from trainer.adapter_base import check_base
+    from trainer.merge import adapter_info
     from trainer.model import check_adapter_folder, load_model, load_tokenizer
 
+    if adapter is None and model_path is None:
+        raise InputError("multitune serve: give the base MODEL, an --adapter, or both")
     if adapter is not None:
         check_adapter_folder(adapter)
+        model_path = model_path or adapter_info(adapter)["base_model"]
+        check_base(adapter, model_path, "the MODEL argument (`multitune serve NEW/BASE --adapter ...`)")
     config = ModelConfig(name_or_path=model_path, dtype=dtype, compute_dtype=dtype, quantization=quantization)
     has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(config.model_copy(update={"name_or_path": str(adapter)}) if has_tokenizer else config)

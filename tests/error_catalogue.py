@@ -91,6 +91,32 @@ def csv_rows(*lines: str) -> bytes:
     return ("title,description,category,subcategory,urgency\n" + "".join(line + "\n" for line in lines)).encode()
 
 
+# An adapter folder whose base has moved away since training (multitune.json records where it was).
+MOVED_BASE = "/nonexistent/models/tiny"
+ADAPTER_FILES = {
+    "adapter_config.json": json.dumps({"peft_type": "LORA", "base_model_name_or_path": MOVED_BASE}).encode(),
+    "adapter_model.safetensors": b"never read",
+    "multitune.json": json.dumps({"base_model": MOVED_BASE}).encode(),
+}
+
+
+def adapter(folder: str, **replace: bytes) -> dict[str, bytes]:
+    return {f"{folder}/{name}": content for name, content in {**ADAPTER_FILES, **replace}.items()}
+
+
+def tokenizer_files(chat_template: str) -> dict[str, bytes]:
+    """A 300-token byte-level BPE tokenizer folder (tok/) with this chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator([str(t) for t in TICKETS], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "chat_template": chat_template}
+    return {"tok/tokenizer.json": bpe.to_str().encode(), "tok/tokenizer_config.json": json.dumps(config).encode()}
+
+
 VALID_RECIPE = b"task: ticket_classification\noutput_dir: runs/x\nmodel: {name_or_path: m}\ndata: {generator: {}}\n"
 
 CASES: list[BadInput] = [
@@ -299,6 +325,47 @@ CASES: list[BadInput] = [
     cli_case("cli-merge-pickle-adapter", "`merge --adapter` with weights only in pickled `adapter_model.bin`",
              ("merge", "--adapter", "{dir}/pickled", "--out", "{dir}/merged"), "no adapter_model.safetensors",
              {"pickled/adapter_config.json": b"{}", "pickled/adapter_model.bin": b"not opened"}),
+    cli_case("cli-merge-base-moved", "`merge` of an adapter whose base folder has moved since training",
+             ("merge", "--adapter", "{dir}/adapter", "--out", "{dir}/merged"),
+             f"its base model {MOVED_BASE} is not there (the adapter was trained on {MOVED_BASE}); if it moved, "
+             "point at it with --base PATH", adapter("adapter")),
+    cli_case("cli-merge-base-not-a-model", "`merge --base` a folder that holds no model",
+             ("merge", "--adapter", "{dir}/adapter", "--base", "{dir}/adapter", "--out", "{dir}/merged"),
+             "error: multitune merge: OSError: ", adapter("adapter")),  # "... does not appear to have a file named ..."
+    cli_case("cli-merge-bad-record", "`merge` of an adapter whose `multitune.json` is not JSON",
+             ("merge", "--adapter", "{dir}/adapter", "--out", "{dir}/merged"),
+             "multitune.json: cannot be read (Expecting property name enclosed in double quotes",
+             adapter("adapter", **{"multitune.json": b"{oops"})),
+    cli_case("cli-serve-base-moved", "`serve --adapter` whose base has moved",
+             ("serve", "--adapter", "{dir}/adapter", "--port", "0"),
+             f"its base model {MOVED_BASE} is not there (the adapter was trained on {MOVED_BASE}); if it moved, "
+             "point at it with the MODEL argument", adapter("adapter")),
+    cli_case("cli-serve-nothing", "`serve` with neither a model nor an adapter", ("serve",),
+             "multitune serve: give the base MODEL, an --adapter, or both"),
+    cli_case("cli-serve-relative-base", "`serve cache/models/x` from a folder where that path does not exist",
+             ("serve", "cache/models/x-not-here"), "folder not found: cache/models/x-not-here"),
+    cli_case("cli-infer-output-folder", "`infer --output` an existing folder",
+             ("infer", "{recipe}", "task=rca_generation", "--input", "{dir}/rows.jsonl", "--output", "{dir}"),
+             "is a folder; give the path of a .jsonl file to write",
+             {"rows.jsonl": b'{"description": "disk full"}\n'}),
+    cli_case("cli-infer-no-weights", "`infer` with a model folder holding a tokenizer but no weights",
+             ("infer", "{recipe}", "task=rca_generation", "--input", "{dir}/rows.jsonl", "--output", "{dir}/o.jsonl"),
+             "error: multitune infer: ValueError: Unrecognized model in",
+             {"rows.jsonl": b'{"description": "disk full"}\n'}),
+    cli_case("cli-eval-adapter-moved-base", "`eval --adapter` whose recorded base is not the recipe's model",
+             ("eval", "{recipe}", "--no-base", "--adapter", "{dir}/adapter", "model.name_or_path=/nonexistent/m"),
+             "its base model /nonexistent/m is not there (the adapter was trained on /nonexistent/models/tiny); "
+             "if it moved, point at it with model.name_or_path=PATH", adapter("adapter")),
+    cli_case("cli-results-bad-metrics", "`results` over a run whose `metrics.json` is cut short",
+             ("results", "{dir}/runs"), "metrics.json: cannot be read (Expecting property name",
+             {"runs/a/recipe.resolved.yaml": b"task: x\n", "runs/a/metrics.json": b"{oops"}),
+    cli_case("cli-results-bad-recipe", "`results` over a run whose `recipe.resolved.yaml` is not YAML",
+             ("results", "{dir}/runs"), "recipe.resolved.yaml: cannot be read (while parsing a flow sequence",
+             {"runs/a/recipe.resolved.yaml": b"task: [x\n", "runs/a/metrics.json": b"{}"}),
+    cli_case("cli-template-refuses", "a model whose chat template cannot render a user turn (`validate`)",
+             ("validate", "{recipe}", "model.name_or_path={dir}/tok"),
+             "the tokenizer's chat template cannot render a single user message: Only tool calls are supported",
+             tokenizer_files("{{ raise_exception('Only tool calls are supported') }}")),
     cli_case("cli-tiny-model-exists", "`tiny-model --out` an existing folder", ("tiny-model", "--out", "{dir}"),
              "already exists"),
 ]

@@ -13,7 +13,8 @@ import pytest
 from data_prep.prepare import prepare
 from data_prep.shards import ShardedDataset
 from data_prep.tasks import get_task
-from data_prep.tokenize import IGNORE, token_ids, tokenize_examples
+from data_prep.chat_encoding import chat_encoder
+from data_prep.tokenize import IGNORE, tokenize_examples
 from recipes.errors import InputError, RunStopped
 from recipes.schema import DataConfig, GeneratorSpec, TaskOptions
 
@@ -80,13 +81,26 @@ def byte_level_bpe():
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>")
 
 
-def test_fast_token_ids_equal_the_tokenizers_own_call(tokenizer):
-    """Prep's `token_ids` (the Rust backend's encode_batch_fast) must give exactly what `tokenizer(...)` gives, for a
-    SentencePiece-style (Mistral) and a byte-level BPE tokenizer, special-token text included."""
-    texts = TRICKY_TEXTS + [json.dumps(r) for r in TASK.generate(50, seed=9)]
-    for tok in (tokenizer, byte_level_bpe()):
-        assert token_ids(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
-    assert token_ids(tokenizer, ["a </s> b"])[0].count(tokenizer.eos_token_id) == 1  # special text is the token
+def test_chat_encoding_equals_the_templates_own_ids_for_plain_text(tokenizer):
+    """Text without control strings gets exactly the ids `apply_chat_template(tokenize=True)` gives, prompt and full
+    conversation, for a SentencePiece-style (Mistral, Metaspace) and a byte-level BPE tokenizer (ChatML)."""
+    from chat_models import CHATML_TEMPLATE
+
+    bpe = byte_level_bpe()
+    bpe.chat_template = CHATML_TEMPLATE
+    plain = [t for t in TRICKY_TEXTS if "<" not in t] + [json.dumps(r) for r in TASK.generate(30, seed=9)]
+    conversations = [[{"role": "system", "content": s}, {"role": "user", "content": u}]
+                     for s in plain[:6] for u in plain]
+    answers = [plain[(i * 7) % len(plain)] for i in range(len(conversations))]
+    for tok in (tokenizer, bpe):
+        encoded = chat_encoder(tok).encode_examples(conversations, answers)
+        prompts = chat_encoder(tok).encode_prompts(conversations)
+        for conversation, answer, row, prompt in zip(conversations, answers, encoded, prompts):
+            assert prompt == row.prompt_ids == tok.apply_chat_template(conversation, add_generation_prompt=True,
+                                                                       tokenize=True)["input_ids"]
+            full = tok.apply_chat_template([*conversation, {"role": "assistant", "content": answer}],
+                                           tokenize=True)["input_ids"]
+            assert row.prompt_ids + row.completion_ids == full
 
 
 def data_config(tmp_path, **kw) -> DataConfig:

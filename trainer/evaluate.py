@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from data_prep.chat_encoding import chat_encoder, stop_token_ids
 from data_prep.prepare import prepare
 from data_prep.shards import ShardedDataset
 from data_prep.tasks import Task, task_for
 from recipes.errors import InputError
 from recipes.schema import AdapterConfig, EvalConfig, Recipe
+from trainer.adapter_base import check_base
 from trainer.endpoint import EndpointClient
 from trainer.judge import Judge
 from trainer.model import check_adapter_folder, load_model, load_tokenizer
@@ -24,10 +26,13 @@ from trainer.run_files import write_atomic, write_class_reports
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
                      device: torch.device) -> list[str]:
-    """Greedy completions for tokenized prompts, left-padded in batches; special tokens stripped."""
+    """Greedy completions for tokenized prompts, left-padded in batches, each cut at its first stop token
+    (`stop_token_ids`: the template's end-of-turn, the generation config's and the tokenizer's eos); special tokens
+    stripped."""
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -40,12 +45,18 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
                 mask[row, width - len(prompt):] = 1
             generated = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                do_sample=False, pad_token_id=pad_id, eos_token_id=stop_ids, use_cache=True,
             )
-            outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            outputs += tokenizer.batch_decode([until_stop(row, stop_ids) for row in generated[:, width:].tolist()],
+                                              skip_special_tokens=True)
     finally:
         model.train(was_training)
     return [text.strip() for text in outputs]
+
+
+def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """Generated ids up to (without) the first stop token: what a finished row generates after it is padding."""
+    return next((ids[:k] for k, i in enumerate(ids) if i in stop_ids), ids)
 
 
 @torch.no_grad()
@@ -99,8 +110,7 @@ def evaluate_records(model, tokenizer, records: list[dict], task: Task, config: 
                      judge: Judge | None = None, reports: Path | None = None) -> tuple[dict[str, float], list[dict]]:
     """Generation eval of records that are not in the shards (e.g. with retrieved context): prompts from the task's
     formatter through the chat template, as `multitune infer` builds them."""
-    prompts = [tokenizer.apply_chat_template(task.format(r).messages, add_generation_prompt=True,
-                                             tokenize=True)["input_ids"] for r in records]
+    prompts = chat_encoder(tokenizer).encode_prompts([task.format(r).messages for r in records])
     started = time.perf_counter()
     outputs = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, device)
     metrics = task.score(outputs, records)
@@ -143,6 +153,7 @@ def load_for_eval(recipe: Recipe, adapter: Path | None):
     """(model, tokenizer, device): the recipe's base model as the recipe loads it, optionally with an adapter."""
     if adapter is not None:
         check_adapter_folder(adapter)
+        check_base(adapter, recipe.model.name_or_path, "model.name_or_path=PATH")
     tokenizer = load_tokenizer(recipe.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(recipe.model, AdapterConfig(kind="none"), device, gradient_checkpointing=False)
@@ -162,6 +173,9 @@ def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = T
     if retriever is not None and not task.accepts_context:
         raise InputError(f"--retrieval-docs: task {task.name} does not show retrieved passages in its prompt "
                          "(medical_qa and medical_mcq do)")
+    for adapter in adapters:  # a wrong adapter fails before any work
+        check_adapter_folder(adapter)
+        check_base(adapter, recipe.model.name_or_path, "model.name_or_path=PATH")
     out_dir = recipe.output_path / "eval"
     prepared = prepare(task, recipe.data, load_tokenizer(recipe.model))
     task = task.with_labels(prepared.labels)  # the prompts training saw

@@ -20,6 +20,7 @@ from recipes.accelerate_config import deepspeed_settings, fsdp_offload_params
 from recipes.errors import RunStopped
 from recipes.loader import dump_recipe
 from recipes.schema import Recipe, TrainConfig
+from trainer.adapter_base import resolvable_base
 from trainer.batches import MicroBatch, Position, plan_efficiency, plan_micro_batches
 from trainer.checkpoint import (
     TrainState,
@@ -205,8 +206,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
             metrics["per_class"] = str(run_dir / "per_class")
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         tracker.summary({f"final/{k}": metrics[k] for k in ("tokens_per_s", "final_loss", "train_seconds", "steps")})
-        write_atomic(adapter_dir / "README.md", model_card(dump_recipe(recipe), recipe.model.name_or_path, task.name,
-                                                           data_hash, metrics, task.headline_metrics, work.how_to_load))
+        base = resolvable_base(recipe.model.name_or_path)
+        write_atomic(adapter_dir / "README.md", model_card(dump_recipe(recipe), base, task.name, data_hash, metrics,
+                                                           task.headline_metrics, work.how_to_load))
         plot_loss(log.entries(), run_dir / "loss.png")
         work.write_reports(run_dir, after)
         print(summary_table(metrics, task.headline_metrics), flush=True)

@@ -9,7 +9,6 @@ to the run's dtype and merge there: the merged model computes exactly what base+
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -19,13 +18,13 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from recipes.errors import InputError
+from trainer.adapter_base import adapter_record, check_base
 from trainer.model import DTYPES, check_adapter_folder
 
 
 def adapter_info(adapter_dir: Path) -> dict:
     check_adapter_folder(adapter_dir)
-    info_file = adapter_dir / "multitune.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info = adapter_record(adapter_dir)
     info.setdefault("base_model", PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path)
     info.setdefault("quantization", "none")
     info.setdefault("dtype", "float32")
@@ -73,6 +72,7 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None, onto: s
         raise InputError(f"--onto must be dequantized or original (got {onto!r})")
     info = adapter_info(adapter_dir)
     base = base or info["base_model"]
+    check_base(adapter_dir, base, "--base PATH")
     if out.exists():
         raise InputError(f"--out {out} already exists; choose a new folder")
     model = load_base_for_merge(info, base, onto)

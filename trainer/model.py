@@ -23,11 +23,24 @@ def resolve_model_path(config: ModelConfig) -> str:
     """Build a debug model on first use; a local path must exist, anything else is a hub id for from_pretrained."""
     if config.tiny is not None:
         ensure_tiny_model(config.tiny, config.name_or_path)
-    path = Path(config.name_or_path)
-    looks_local = config.name_or_path.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not path.exists():
-        raise InputError(f"model.name_or_path: folder not found: {config.name_or_path}")
+    check_model_path(config.name_or_path, "model.name_or_path")
     return config.name_or_path
+
+
+def check_model_path(name_or_path: str, field: str) -> None:
+    """InputError naming `field` unless `name_or_path` is an existing folder or could be a hub id (`org/name`):
+    `cache/models/x` that is not there is a missing folder, not a malformed repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return
+    try:
+        if name_or_path.startswith((".", "/", "~")):
+            raise HFValidationError("a path")
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise InputError(f"{field}: folder not found: {name_or_path}") from None
 
 
 def check_adapter_folder(adapter: Path) -> None:
@@ -39,13 +52,33 @@ def check_adapter_folder(adapter: Path) -> None:
                          f"only, never from pickled .bin files)")
 
 
-def load_tokenizer(config: ModelConfig):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config), trust_remote_code=config.trust_remote_code)
+def load_tokenizer(config: ModelConfig, local_files_only: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config), trust_remote_code=config.trust_remote_code,
+                                              local_files_only=local_files_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise InputError(f"model.name_or_path: tokenizer of {config.name_or_path} has no chat template")
     return tokenizer
+
+
+def tokenizer_for_check(config: ModelConfig):
+    """The recipe's tokenizer if it is here without downloading or building anything (a debug model not built yet
+    gives the tokenizer it will have), else None: for `multitune validate`."""
+    path = Path(config.name_or_path)
+    if config.tiny is not None and not path.exists():
+        import tempfile
+
+        from trainer.tiny_model import build_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return build_tokenizer(Path(tmp))
+    if not path.exists() and config.name_or_path.startswith((".", "/", "~")):
+        raise InputError(f"model.name_or_path: folder not found: {config.name_or_path}")
+    try:
+        return load_tokenizer(config.model_copy(update={"tiny": None}), local_files_only=True)
+    except OSError:  # a hub id not in the local cache
+        return None
 
 
 def attention_backend(requested: str) -> str:

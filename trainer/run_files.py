@@ -184,7 +184,12 @@ model = AutoPeftModelForCausalLM.from_pretrained("path/to/adapter")
 tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")
 ```
 
-Or merge it into a standalone model: `multitune merge --adapter path/to/adapter --out merged/`."""
+`adapter_config.json` names the base model by an absolute path (or its hub id). If the base has moved, load it
+from where it is now: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("new/base"), "path/to/adapter")`
+(`from peft import PeftModel`; `from transformers import AutoModelForCausalLM`).
+
+Or merge it into a standalone model: `multitune merge --adapter path/to/adapter --out merged/` (`--base new/base`
+when the base has moved)."""
 
 
 def model_card(recipe_yaml: str, base_model: str, task: str, data_hash: str, metrics: dict[str, Any],

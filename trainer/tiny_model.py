@@ -49,13 +49,17 @@ def build_tokenizer(out: Path):
     return tokenizer
 
 
-def build_tiny_model(spec: TinyModelSpec, out: str | Path) -> Path:
-    """Write a random-init model + tokenizer to `out` atomically (temporary folder, then rename)."""
+def build_tiny_model(spec: TinyModelSpec, out: str | Path, tokenizer=None) -> Path:
+    """Write a random-init model + tokenizer to `out` atomically (temporary folder, then rename). The tokenizer is
+    the Mistral one unless given (tests use other chat formats); its eos is the model's eos."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tokenizer = build_tokenizer(tmp)
+        if tokenizer is None:
+            tokenizer = build_tokenizer(tmp)
+        else:
+            tokenizer.save_pretrained(tmp)
         common = dict(
             vocab_size=len(tokenizer),
             hidden_size=spec.hidden_size,

@@ -22,6 +22,7 @@ from data_prep.shards import ShardedDataset
 from data_prep.tasks import Task
 from data_prep.tokenize import IGNORE
 from recipes.schema import Recipe
+from trainer.adapter_base import record_base
 from trainer.batches import MicroBatch, MicroBatchStream, Plan, attention_mask_for
 from trainer.evaluate import eval_records, evaluate_generation
 from trainer.model import DTYPES, load_model, load_tokenizer
@@ -120,7 +121,7 @@ def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Rec
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    info = {"base_model": recipe.model.name_or_path, "task": recipe.task, "data_hash": data_hash,
+    info = {**record_base(tmp, recipe.model.name_or_path), "task": recipe.task, "data_hash": data_hash,
             "quantization": recipe.model.quantization, "dtype": recipe.model.dtype,
             "double_quant": recipe.model.double_quant, "compute_dtype": recipe.model.compute_dtype,
             # What `infer` and `serve` need to build exactly the prompts training saw.
