@@ -181,6 +181,10 @@ CASES: list[BadInput] = [
                 "give exactly one of data.train_file or data.generator"),
     recipe_case("combo-eval-file", "`data.eval_file` with `data.generator`", ["data.eval_file=e.jsonl"],
                 "data.eval_file goes with data.train_file, not with data.generator"),
+    recipe_case("combo-offload-zero3", "`distributed.offload_params=true` under `zero3`",
+                ["distributed.offload_params=true", "distributed.strategy=zero3"],
+                "distributed.offload_params is FSDP2's CPU offload; under distributed.strategy=zero3 use "
+                "accelerate_configs/zero3_offload.yaml with strategy=zero3"),
     recipe_case("combo-skip-deepspeed", "`train.nonfinite=skip` under `zero3`",
                 ["train.nonfinite=skip", "distributed.strategy=zero3"],
                 "train.nonfinite=skip cannot be honoured under distributed.strategy=zero3"),

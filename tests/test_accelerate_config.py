@@ -78,9 +78,22 @@ def test_fsdp1_config_and_fsdp1_options_are_rejected_under_fsdp2(tmp_path):
         assert f"fsdp_config.{key} is an FSDP1 option, not valid under FSDP2" in message
 
 
-def test_offload_and_wrapping_the_fsdp2_path_does_not_apply_are_rejected(tmp_path):
-    message = error_of(recipe(tmp_path, "fsdp", fsdp(fsdp_offload_params=True)))
-    assert "fsdp_offload_params=True is not supported" in message and "zero3_offload.yaml" in message
+def test_fsdp2_offload_comes_from_the_config_or_the_recipe_and_only_under_fsdp(tmp_path):
+    from recipes.accelerate_config import fsdp_offload_params
+
+    assert fsdp_offload_params(validate_recipe(recipe(tmp_path, "fsdp", fsdp(fsdp_offload_params=True))))
+    assert not fsdp_offload_params(validate_recipe(recipe(tmp_path, "fsdp", fsdp())))
+    raw = recipe(tmp_path, "fsdp", fsdp())
+    raw["distributed"]["offload_params"] = True
+    assert fsdp_offload_params(validate_recipe(raw))
+    raw = recipe(tmp_path, "zero3", zero())
+    raw["distributed"]["offload_params"] = True
+    with pytest.raises(InputError, match="distributed.offload_params is FSDP2's CPU offload; under "
+                                         "distributed.strategy=zero3 use accelerate_configs/zero3_offload.yaml"):
+        validate_recipe(raw)
+
+
+def test_wrapping_the_fsdp2_path_does_not_apply_is_rejected(tmp_path):
     assert "fsdp_auto_wrap_policy=SIZE_BASED_WRAP is not supported" in error_of(
         recipe(tmp_path, "fsdp", fsdp(fsdp_auto_wrap_policy="SIZE_BASED_WRAP")))
     assert "train.gradient_checkpointing" in error_of(
