@@ -70,11 +70,12 @@ def test_pasted_control_strings_are_text_and_prep_infer_serve_agree(tmp_path, to
             assert encoder.encode_prompts([TICKETS.prompt_messages(record)])[0] == ids[:prompt_length]
         data = DataConfig(train_file=str(train_file), eval_file=str(train_file), cache_dir=str(tmp_path / "cache"),
                           max_seq_len=1024)
-        shards = ShardedDataset(prepare(TICKETS, data, tok).split("eval"))
+        prepared = prepare(TICKETS, data, tok)  # labels collected from the file: the prompt lists them
+        shards, labelled = ShardedDataset(prepared.split("eval")), TICKETS.with_labels(prepared.labels)
         for i in range(len(shards)):
             record = json.loads(shards.record_json(i))
             prompt = shards.tokens(i)[:shards.prompt_length(i)].tolist()
-            assert prompt == encoder.encode_prompts([TICKETS.prompt_messages(record)])[0]
+            assert prompt == encoder.encode_prompts([labelled.prompt_messages(record)])[0]
     # serve encodes a request the same way (its usage counts the prompt it generated from)
     from transformers import AutoModelForCausalLM
 
