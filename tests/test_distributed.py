@@ -170,3 +170,19 @@ def test_two_machines_train_one_ddp_job_equal_to_one_process(tmp_path, tiny_mode
     assert two_ranks[1] == pytest.approx(one_rank[1], rel=1e-6)
     for step in one_rank:
         assert two_ranks[step] == pytest.approx(one_rank[step], rel=5e-4), (two_ranks, one_rank)
+
+
+def test_periodic_eval_metrics_run_on_every_rank_when_sharded(tmp_path, tiny_model_dir):
+    """The MCQ option log-likelihoods every `eval.every_steps` are a forward pass: under FSDP2 every rank must take
+    part, or rank 0 waits in the all-gather until the collective timeout (it did: a hang at step 2)."""
+    path = write_recipe(tmp_path / "mcq.yaml", recipe_dict(
+        tmp_path, tiny_model_dir, task="medical_mcq", data={"generator": {"n_train": 40, "n_eval": 4, "seed": 0}},
+        train={"max_steps": 2, "grad_accum": 1}, eval={"every_steps": 1, "max_samples": 2},
+        checkpoint={"every_steps": None}, distributed={"strategy": "fsdp", "timeout_s": 90}))
+    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(path), "--num_processes", "2",
+                             "--main_process_port", str(free_port())], cwd=REPO, env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    periodic = [e for e in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+                if e.get("eval") == "loss"]
+    assert [e["step"] for e in periodic] == [1] and "accuracy_loglik" in periodic[0]

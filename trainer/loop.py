@@ -161,8 +161,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
             if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
                 eval_entry = {"eval": "loss", "step": state.step,
                               "loss": eval_loss(model, eval_set, recipe, accelerator, work)}
+                if main or dist.sharded:  # sharded: every rank takes part in each forward, or rank 0 waits forever
+                    eval_entry.update(work.step_metrics(dist.unwrap(model), eval_set, accelerator.device))
                 if main:
-                    eval_entry.update(work.step_metrics(accelerator.unwrap_model(model), eval_set, accelerator.device))
                     log.append(eval_entry)
                     tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
                                 step=state.step)
