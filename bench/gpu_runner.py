@@ -36,6 +36,7 @@ class Spec:
     warmup: int = 3                  # untimed optimizer steps first
     gradient_checkpointing: bool = False
     strategy: str = "single"         # multitune only: single | fsdp | zero3
+    offload: bool = False            # fsdp only: torch's CPUOffloadPolicy (shards in CPU RAM)
     attn: str = "flash_attention_2"
     r: int = 16
     lr: float = 1e-4
@@ -96,7 +97,7 @@ def multitune(spec: Spec) -> dict:
 
     torch.manual_seed(spec.seed)
     accelerator = make_accelerator(spec.strategy, "bfloat16", spec.grad_accum, 1.0)
-    dist = Distributed(spec.strategy, accelerator)
+    dist = Distributed(spec.strategy, accelerator, offload_params=spec.offload)
     device = accelerator.device
     config = shipped_config(spec.model, **spec.overrides)
     storage = torch.bfloat16 if dist.sharded else torch.uint8  # FSDP/ZeRO-3 shard float storage only
