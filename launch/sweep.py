@@ -266,7 +266,7 @@ def run_local(sweep: Sweep, out: Path, count: int | None = None, seed: int = 0,
             raise
         print(f"[sweep] submitted {len(jobs)} array tasks (job {_array_id(jobs)}: {array.describe()}; logs in "
               f"{array.folder})", flush=True)
-        waits = [functools.partial(_task_result, job) for job in jobs]
+        waits = [functools.partial(_task_result, job, array.timeout_min) for job in jobs]
     else:
         waits = [functools.partial(run_command, command) for command in commands]
     failed = 0
@@ -308,7 +308,7 @@ def _is_slurm(job) -> bool:
     return isinstance(job, SlurmJob)
 
 
-def _task_result(job) -> int:
+def _task_result(job, timeout_min: int) -> int:
     """Wait for one array task; its trial's exit code. A pending reason that can never clear cancels the whole
     array and raises InputError; a task that ends without a result raises TaskFailed, in one line."""
     if _is_slurm(job):
@@ -319,8 +319,9 @@ def _task_result(job) -> int:
         state = job.state if _is_slurm(job) else ""
         text = str(exc)
         if "timed-out" in text or state.startswith("TIMEOUT"):
-            raise TaskFailed(f"timed out: array task {job.job_id} reached its time limit (--timeout-min); run the "
-                             "sweep again with a larger --timeout-min (a trial with a checkpoint resumes)") from None
+            raise TaskFailed(f"timed out: array task {job.job_id} reached its time limit (--timeout-min {timeout_min});"
+                             " run the sweep again with a larger --timeout-min (a trial with a checkpoint resumes)"
+                             ) from None
         last = next((line.strip() for line in reversed(text.strip().splitlines()) if line.strip()), "")
         raise TaskFailed(f"array task {job.job_id} ended {state or 'without a result'}: {last[:200]}") from None
 

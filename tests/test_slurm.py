@@ -338,16 +338,17 @@ def test_sweep_array_runs_on_the_cluster_with_its_defaults_and_a_timed_out_trial
         cluster, tmp_path, tiny_model_dir, shared_cache, capsys):
     """The documented `sweep run --local --slurm` with no resource flags: its tasks fit the cluster (the default
     asks for SLURM's one CPU, said before waiting), a short trial completes, and a trial still running at
-    --timeout-min fails with one line saying it timed out."""
+    --timeout-min fails with one line saying it timed out. (SLURM sends the warning signal, on which submitit ends a
+    task, 90 s before the limit and up to 60 s earlier still: 4 minutes leave the short trial time to finish.)"""
     from launch.cli import main
 
     sweep = sweep_file(tmp_path, tiny_model_dir, shared_cache, {"train.max_steps": {"values": [2, 100_000]}})
     out = tmp_path / "out"
     capsys.readouterr()
-    code = main(["sweep", "run", str(sweep), "--local", "--slurm", "--out", str(out), "--timeout-min", "2"])
+    code = main(["sweep", "run", str(sweep), "--local", "--slurm", "--out", str(out), "--timeout-min", "4"])
     stdout = capsys.readouterr().out
     assert code == 1, stdout
-    assert "each the cluster's default CPUs (SLURM: 1), no GPU, 2 min" in stdout
+    assert "each the cluster's default CPUs (SLURM: 1), no GPU, 4 min" in stdout
     job_id = re.search(r"submitted 2 array tasks \(job (\d+)", stdout).group(1)
     submission = next((out / "submitit").glob(f"{job_id}_*submission.sh")).read_text()
     assert "--cpus-per-task" not in submission  # nothing asked beyond what every node has
@@ -355,7 +356,7 @@ def test_sweep_array_runs_on_the_cluster_with_its_defaults_and_a_timed_out_trial
     assert [t["status"] for t in manifest["trials"]] == ["done", "failed"], stdout
     assert (out / "trial-000" / "metrics.json").is_file()
     timed_out = [line for line in stdout.splitlines() if line.startswith("[sweep] trial-001: ")]
-    assert len(timed_out) == 1 and f"timed out: array task {job_id}_1 reached its time limit" in timed_out[0], stdout
+    assert len(timed_out) == 1 and f"timed out: array task {job_id}_1 reached its time limit (--timeout-min 4)" in timed_out[0], stdout
 
 
 def test_sweep_refusals_and_hopeless_arrays_are_one_line_and_leave_nothing_queued(
