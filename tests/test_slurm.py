@@ -325,6 +325,39 @@ def test_a_job_that_can_never_start_is_cancelled_with_its_reason(cluster, tmp_pa
         assert wait_for_state(job_id, timeout=60).startswith("CANCELLED")
 
 
+def test_wait_sits_through_a_reason_that_clears_and_ctrl_c_leaves_the_job_queued(cluster, tmp_path, tiny_model_dir,
+                                                                                  shared_cache):
+    """PartitionDown (a partition closed for maintenance) clears by itself: `--wait` keeps waiting through it. Ctrl-C
+    stops the waiting, not the job, and says how to cancel it."""
+    path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
+    partition = f"down{os.getpid()}"
+    subprocess.run(["scontrol", "create", f"PartitionName={partition}", "Nodes=ALL", "State=DOWN"], check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "slurm", str(path), "--partition", partition,
+                             "--cpus-per-task", "1", "--time", "10", "--wait"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    job_id = None
+    try:
+        job_id = re.search(r"submitted job (\d+)", proc.stdout.readline()).group(1)
+        time.sleep(10)  # several polls see PartitionDown
+        assert proc.poll() is None and subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True,
+                                                      text=True).stdout.strip() == "PartitionDown"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130
+        assert err.strip().splitlines() == [f"stopped waiting; job {job_id} keeps running (scancel {job_id} to stop "
+                                            "it)"], err
+        assert sacct_state(job_id) == "PENDING"
+    finally:
+        proc.kill()
+        if job_id:
+            subprocess.run(["scancel", job_id])
+            wait_for_state(job_id, timeout=60)
+        for _ in range(60):
+            if subprocess.run(["scontrol", "delete", f"PartitionName={partition}"], capture_output=True).returncode == 0:
+                break
+            time.sleep(2)
+
+
 def sweep_file(tmp_path: Path, model_dir: Path, cache: Path, parameters: dict) -> Path:
     base = job_recipe(tmp_path, model_dir, cache, name="base", checkpoint={"every_steps": None},
                       eval={"before_training": False, "max_samples": 2, "max_new_tokens": 4})
