@@ -78,9 +78,13 @@ class PendingWatch:
                              f"cancelled job {self.job_id}")
 
 
-def wait(job, poll_s: float = 2.0) -> None:
-    """Wait until a submitit job has ended (through requeues), watching its pending reason; see `PendingWatch`."""
+def wait(job, first_poll_s: float = 2.0, max_poll_s: float = 30.0) -> None:
+    """Wait until a submitit job has ended (through requeues), watching its pending reason; see `PendingWatch`.
+    Polls every 2 s at first (a hopeless request is reported within seconds of the first scheduling pass), then
+    less often, up to every 30 s, to spare the controller during a long run."""
     watch = PendingWatch(str(job.job_id))
+    delay = first_poll_s
     while not job.done():
         watch.check()
-        time.sleep(poll_s)
+        time.sleep(delay)
+        delay = min(delay * 1.2, max_poll_s)

@@ -492,3 +492,15 @@ def test_the_follow_line_names_every_ranks_logs():
     words = subprocess.run(["bash", "-c", f"echo {log_paths(folder, '7', SlurmOptions(nodes=2, tasks_per_node=3))}"],
                            capture_output=True, text=True, check=True).stdout.split()
     assert sorted(words) == sorted(f"{folder}/7_{rank}_log.{ext}" for rank in range(6) for ext in ("out", "err"))
+
+
+def test_only_pending_reasons_that_cannot_clear_stop_the_wait():
+    from launch.scheduler import never_clears
+
+    for reason in ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidQOS",
+                   "QOSMaxCpuPerJobLimit", "AssocMaxWallDurationPerJobLimit", "DependencyNeverSatisfied"):
+        assert never_clears(reason), reason
+    for reason in ("None", "Resources", "Priority", "PartitionDown", "ReqNodeNotAvail, UnavailableNodes:vm",
+                   "AssocGrpCpuLimit", "AssocMaxJobsLimit", "QOSMaxJobsPerUserLimit", "BeginTime", "Dependency",
+                   "JobHeldUser"):
+        assert never_clears(reason) is None, reason
