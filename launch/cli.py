@@ -285,11 +285,14 @@ def _launch(recipe, args) -> int:
 
 
 def cmd_slurm(args) -> int:
+    from launch.scheduler import wait
     from trainer.run_files import check_output_dir
 
     recipe = _load(args)
     options = slurm.options_from_args(args)
     slurm.check_options(options, recipe)
+    if warning := slurm.signal_warning(options):
+        print(warning, file=sys.stderr)
     folder = slurm.job_folder(recipe)
     if args.dry_run:
         print(slurm.render_sbatch(folder, options), end="")
@@ -298,17 +301,21 @@ def cmd_slurm(args) -> int:
     job = slurm.submit(recipe, args.recipe, args.overrides, options, args.overwrite, args.resume)
     print(f"submitted job {job.job_id}: {options.nodes} node(s) x {options.ntasks_per_node} task(s), "
           f"time limit {options.time}, up to {options.max_requeues} requeues")
-    print(f"follow it:  tail -f {folder}/{job.job_id}_0_log.out {folder}/{job.job_id}_0_log.err"
+    print(f"follow it:  tail -F {slurm.log_paths(folder, job.job_id, options)}"
           f"   (squeue -j {job.job_id}, sacct -j {job.job_id}, scancel {job.job_id})", flush=True)
     if not args.wait:
         return 0
     from submitit.core.utils import UncompletedJobError
 
     try:
-        job.results()  # every task's; waits through requeues; raises when the job failed or was cancelled
+        wait(job)  # through requeues; a pending reason that can never clear cancels the job and raises
+        job.results()  # every task's; raises when the job failed or was cancelled
     except UncompletedJobError as exc:  # carries the job's own error output
         print(f"job {job.job_id} did not complete ({job.state}): {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the job was submitted to outlive this terminal: it keeps running
+        print(f"\nstopped waiting; job {job.job_id} keeps running (scancel {job.job_id} to stop it)", file=sys.stderr)
+        return 130
     print(f"job {job.job_id} completed: {recipe.output_path}")
     return 0
 

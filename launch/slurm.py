@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.scheduler import scheduler_reason
 from recipes.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,7 @@ def minutes(time: str) -> int:
 
 
 def check_options(options: SlurmOptions, recipe) -> None:
+    minutes(options.time)
     for name in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "max_requeues", "signal_delay_s"):
         value = getattr(options, name)
         if value is not None and value < (1 if name in ("nodes", "tasks_per_node", "cpus_per_task") else 0):
@@ -71,6 +73,23 @@ def check_options(options: SlurmOptions, recipe) -> None:
     if options.world_size > 1 and recipe.distributed.strategy == "single":
         raise InputError(f"--nodes {options.nodes} x {options.ntasks_per_node} tasks per node start "
                          f"{options.world_size} ranks, but distributed.strategy=single: set ddp, fsdp, zero2 or zero3")
+
+
+def signal_warning(options: SlurmOptions) -> str | None:
+    """A warning when the time-limit signal would come at or before the job's start (the job would checkpoint and
+    requeue at once, allocation after allocation, until --max-requeues runs out)."""
+    limit_s = minutes(options.time) * 60
+    if options.signal_delay_s < limit_s:
+        return None
+    return (f"warning: --signal-delay {options.signal_delay_s} s is not shorter than --time {options.time} "
+            f"({limit_s} s): the time-limit signal comes as the job starts; lower --signal-delay or raise --time")
+
+
+def log_paths(folder: Path, job_id: str, options: SlurmOptions) -> str:
+    """Every rank's stdout and stderr log (submitit's `<job>_<rank>_log.out|err`), as a shell word list."""
+    if options.world_size == 1:
+        return f"{folder}/{job_id}_0_log.out {folder}/{job_id}_0_log.err"
+    return f"{folder}/{job_id}_{{0..{options.world_size - 1}}}_log.{{out,err}}"  # bash brace expansion
 
 
 def executor_parameters(options: SlurmOptions) -> dict:
@@ -124,12 +143,6 @@ def submit(recipe, recipe_path: str, overrides: list[str], options: SlurmOptions
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise InputError(f"sbatch refused the job: {scheduler_reason(str(exc))}") from None
-
-
-def scheduler_reason(message: str) -> str:
-    """The scheduler's own words from a failed sbatch call, on one line."""
-    errors = [line.split("error:", 1)[1].strip() for line in message.splitlines() if "error:" in line]
-    return "; ".join(errors) if errors else " ".join(message.split())[:300]
 
 
 def add_parser(sub) -> None:

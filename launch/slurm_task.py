@@ -121,7 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir")
     parser.add_argument("--max-requeues", type=int, default=10, help="time-limit requeues before giving up")
+    parser.add_argument("--print-log-dir", action="store_true",
+                        help="print the folder the job's logs go to (<output_dir>/slurm) and exit")
     args = parser.parse_args(argv)
+    if args.print_log_dir:
+        from launch.slurm import job_folder
+        from recipes.loader import load_recipe
+
+        print(job_folder(load_recipe(args.recipe, args.overrides)))
+        return 0
     return run_task(args.recipe, args.overrides, args.overwrite, args.max_requeues, args.resume)
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from typing import Any
 
 import yaml
 
-from launch.jobs import ArrayOptions, run_command, submit_array
-from recipes.errors import InputError
+from launch import scheduler
+from launch.jobs import ArrayOptions, check_array_options, run_command, submit_array
+from recipes.errors import InputError, RunStopped
 from recipes.loader import apply_override, validate_recipe
 from recipes.schema import Recipe
 from trainer.tracking import flatten
@@ -240,6 +242,7 @@ def run_local(sweep: Sweep, out: Path, count: int | None = None, seed: int = 0,
               array: ArrayOptions | None = None) -> int:
     """Run every trial not finished yet, one after another (or as one job array); returns the number that failed."""
     trials = local_trials(sweep, out, count, seed)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"sweep": str(sweep.path), "program": str(sweep.program), "method": sweep.method, "trials": [
         {"name": t.name, "values": t.values, "output_dir": str(t.output_dir), "status": "pending"} for t in trials]}
@@ -253,29 +256,82 @@ def run_local(sweep: Sweep, out: Path, count: int | None = None, seed: int = 0,
           flush=True)
     _write_manifest(out, manifest)
     commands = [trial_command(sweep.program, trial_overrides(sweep, t), t.output_dir) for t, _ in todo]
+    jobs = []
     if array is not None and commands:
-        jobs = submit_array(commands, array)
-        print(f"[sweep] submitted {len(jobs)} array tasks (job {jobs[0].job_id}; logs in {array.folder})",
-              flush=True)
-        waits = [job.result for job in jobs]
+        try:
+            jobs = submit_array(commands, array)
+        except InputError:
+            if created:  # a refused submission leaves nothing behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        print(f"[sweep] submitted {len(jobs)} array tasks (job {_array_id(jobs)}: {array.describe()}; logs in "
+              f"{array.folder})", flush=True)
+        waits = [functools.partial(_task_result, job, array.timeout_min) for job in jobs]
     else:
         waits = [functools.partial(run_command, command) for command in commands]
     failed = 0
-    for i, ((_, entry), wait) in enumerate(zip(todo, waits)):
-        started = time.perf_counter()
-        try:
-            code = wait()  # sequential: runs the trial; array: waits for its task
-        except Exception as exc:  # noqa: BLE001 - an array task killed (time limit, node failure) fails one trial
-            print(f"[sweep] {entry['name']}: {type(exc).__name__}: {exc}", flush=True)
-            code = -1
-        entry.update(status="done" if code == 0 else "failed", returncode=code,
-                     seconds=round(time.perf_counter() - started, 1))
-        failed += code != 0
-        values = " ".join(f"{k}={v}" for k, v in entry["values"].items())
-        print(f"[sweep] {entry['name']} ({i + 1}/{len(todo)}) {values}: {entry['status']} "
-              f"({entry['seconds']} s)", flush=True)
-        _write_manifest(out, manifest)
+    try:
+        for i, ((_, entry), wait) in enumerate(zip(todo, waits)):
+            started = time.perf_counter()
+            try:
+                code = wait()  # sequential: runs the trial; array: waits for its task
+            except TaskFailed as exc:  # an array task killed (time limit, node failure) fails one trial
+                print(f"[sweep] {entry['name']}: {exc}", flush=True)
+                code = -1
+            entry.update(status="done" if code == 0 else "failed", returncode=code,
+                         seconds=round(time.perf_counter() - started, 1))
+            failed += code != 0
+            values = " ".join(f"{k}={v}" for k, v in entry["values"].items())
+            print(f"[sweep] {entry['name']} ({i + 1}/{len(todo)}) {values}: {entry['status']} "
+                  f"({entry['seconds']} s)", flush=True)
+            _write_manifest(out, manifest)
+    except KeyboardInterrupt:
+        if not jobs:
+            raise RunStopped("interrupted; finished trials are kept, run the sweep again to continue") from None
+        _cancel(jobs)
+        raise RunStopped(f"interrupted: cancelled job {_array_id(jobs)} ({len(jobs)} array tasks); finished trials "
+                         "are kept, run the sweep again to continue") from None
     return failed
+
+
+class TaskFailed(Exception):
+    """An array task that ended without an exit code of its trial (time limit, cancelled, node failure)."""
+
+
+def _array_id(jobs: list) -> str:
+    return str(jobs[0].job_id).split("_", 1)[0]
+
+
+def _is_slurm(job) -> bool:
+    from submitit.slurm.slurm import SlurmJob
+
+    return isinstance(job, SlurmJob)
+
+
+def _task_result(job, timeout_min: int) -> int:
+    """Wait for one array task; its trial's exit code. A pending reason that can never clear cancels the whole
+    array and raises InputError; a task that ends without a result raises TaskFailed, in one line."""
+    if _is_slurm(job):
+        scheduler.wait(job)
+    try:
+        return job.result()
+    except Exception as exc:  # noqa: BLE001 - submitit re-raises whatever ended the task
+        state = job.state if _is_slurm(job) else ""
+        text = str(exc)
+        if "timed-out" in text or state.startswith("TIMEOUT"):
+            raise TaskFailed(f"timed out: array task {job.job_id} reached its time limit (--timeout-min {timeout_min});"
+                             " run the sweep again with a larger --timeout-min (a trial with a checkpoint resumes)"
+                             ) from None
+        last = next((line.strip() for line in reversed(text.strip().splitlines()) if line.strip()), "")
+        raise TaskFailed(f"array task {job.job_id} ended {state or 'without a result'}: {last[:200]}") from None
+
+
+def _cancel(jobs: list) -> None:
+    if _is_slurm(jobs[0]):
+        scheduler.cancel(_array_id(jobs))
+    else:
+        for job in jobs:
+            job.cancel(check=False)
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
@@ -373,7 +429,7 @@ def _array_args(parser) -> None:
     group.add_argument("--array-folder", help="submitit logs folder (default <out>/submitit)")
     group.add_argument("--partition")
     group.add_argument("--gpus-per-node", type=int, default=0)
-    group.add_argument("--cpus-per-task", type=int, default=4)
+    group.add_argument("--cpus-per-task", type=int, help="CPUs per array task (default: the cluster's, 1 on SLURM)")
     group.add_argument("--timeout-min", type=int, default=60)
     group.add_argument("--parallelism", type=int, default=8, help="array tasks running at once")
 
@@ -381,10 +437,12 @@ def _array_args(parser) -> None:
 def _array_options(args, out: Path) -> ArrayOptions | None:
     if not args.slurm:
         return None
-    return ArrayOptions(folder=Path(args.array_folder or out / "submitit"), cluster=args.cluster,
-                        partition=args.partition, gpus_per_node=args.gpus_per_node,
-                        cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min,
-                        parallelism=args.parallelism)
+    options = ArrayOptions(folder=Path(args.array_folder or out / "submitit"), cluster=args.cluster,
+                           partition=args.partition, gpus_per_node=args.gpus_per_node,
+                           cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min,
+                           parallelism=args.parallelism)
+    check_array_options(options)  # before any trial folder is made
+    return options
 
 
 def main(args) -> int:

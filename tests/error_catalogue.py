@@ -77,6 +77,12 @@ def cli_case(id: str, given: str, args: tuple[str, ...], message: str, files: di
 
 
 TICKETS = generate_tickets(3, seed=0)
+SWEEP = b"""name: s
+program: recipes/debug/tiny_ticket_qlora.yaml
+method: grid
+parameters:
+  train.lr: {values: [0.001]}
+"""
 
 
 def jsonl(*rows) -> bytes:
@@ -372,6 +378,14 @@ CASES: list[BadInput] = [
              tokenizer_files("{{ raise_exception('Only tool calls are supported') }}")),
     cli_case("cli-tiny-model-exists", "`tiny-model --out` an existing folder", ("tiny-model", "--out", "{dir}"),
              "already exists"),
+    cli_case("cli-slurm-time", "`slurm --time 1:2:3:4`", ("slurm", "{recipe}", "--time", "1:2:3:4"),
+             "--time '1:2:3:4': expected minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]"),
+    cli_case("cli-slurm-ranks", "`slurm --tasks-per-node 2` on a `single` recipe",
+             ("slurm", "{recipe}", "--tasks-per-node", "2"),
+             "--nodes 1 x 2 tasks per node start 2 ranks, but distributed.strategy=single"),
+    cli_case("cli-sweep-array-cpus", "`sweep run --slurm --cpus-per-task 0`",
+             ("sweep", "run", "{dir}/sweep.yaml", "--local", "--slurm", "--cpus-per-task", "0"),
+             "--cpus-per-task 0 is out of range (at least 1)", {"sweep.yaml": SWEEP}),
 ]
 
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, recipe_dict, write_recipe
 
@@ -188,7 +190,8 @@ def reference(jobs, tmp_path_factory, tiny_model_dir, shared_cache) -> dict:
 def test_submitit_job_trains_and_its_script_is_the_dry_run(reference, capsys):
     run = reference["run"]
     job_id = re.search(r"submitted job (\d+)", reference["stdout"]).group(1)
-    assert f"tail -f {run.resolve()}/slurm/{job_id}_0_log.out" in reference["stdout"]
+    logs = f"{run.resolve()}/slurm/{job_id}_0_log"
+    assert f"tail -F {logs}.out {logs}.err " in reference["stdout"]
     assert f"job {job_id} completed" in reference["stdout"]
     assert sorted(steps(run)) == list(range(1, STEPS + 1))
     assert (run / "adapter" / "adapter_model.safetensors").exists()
@@ -242,25 +245,201 @@ def test_requeue_mid_run_resumes_to_the_same_losses(jobs, reference):
 
 def test_sbatch_template_chains_through_time_limit_signals(jobs, reference):
     """The plain sbatch template, sent SIGUSR2 as SLURM does before the time limit: the job checkpoints, requeues
-    itself, resumes, and ends like the uninterrupted run."""
+    itself, resumes, and ends like the uninterrupted run. Its ranks log to <output_dir>/slurm/, as submitit's do."""
     run, job_id, errors = jobs["template"]
     assert wait_for_state(job_id, timeout=600) == "COMPLETED"
     assert not errors, errors
-    log = (run.parents[1] / f"slurm-{job_id}.out").read_text()
+    log = (run / "slurm" / f"{job_id}_0_log.out").read_text()
     assert "stopped by SIGUSR2" in log and f"requeueing job {job_id}" in log and "restart 1" in log, log[-3000:]
     assert steps(run) == pytest.approx(steps(reference["run"]), rel=1e-5)
     assert json.loads((run / "metrics.json").read_text())["steps"] == STEPS
+    own_log = run.parents[1] / f"slurm-{job_id}.out"  # the batch script's own: removed when it stayed empty
+    assert not own_log.exists() or own_log.read_text().strip(), "an empty batch log was left behind"
 
 
+def node_cpus() -> int:
+    return int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--mem", "100000G"], "Memory specification can not be satisfied|node configuration is not available"),
+    (["--cpus-per-task", "{twice}"], "More processors requested than permitted"),
+    (["--tasks-per-node", "{twice}", "--cpus-per-task", "1", "distributed.strategy=ddp"],
+     "More processors requested than permitted"),
+    (["--nodes", "2", "distributed.strategy=ddp"], "Node count specification invalid"),
+])
 def test_impossible_request_is_refused_at_submit_in_one_line(cluster, tmp_path, tiny_model_dir, shared_cache,
-                                                            capsys):
+                                                            capsys, flags, reason):
+    """More memory, CPUs, tasks or nodes than the cluster has: refused by sbatch (the test cluster enforces
+    partition limits at submit, EnforcePartLimits=ALL), one line, exit 2, nothing left in output_dir."""
     path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
-    code, out, err = cli(capsys, "slurm", str(path), "--mem", "100000G")
+    flags = [flag.format(twice=2 * node_cpus()) for flag in flags]
+    code, out, err = cli(capsys, "slurm", str(path), *flags)
     assert code == 2, out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: sbatch refused the job:"), err
-    assert "Memory specification can not be satisfied" in lines[0] or "node configuration" in lines[0]
+    assert re.search(reason, lines[0]), lines[0]
     assert not (tmp_path / "job" / "run").exists()
+
+
+@contextlib.contextmanager
+def tightened_partition(name: str):
+    """A partition of the test node that takes jobs but runs none yet (State=DOWN). Once a job waits in it, its
+    MaxTime drops to 1 minute and it opens, as when an administrator tightens a limit: a job asking for more
+    time is accepted (it was submitted before) and can never start (pending reason PartitionTimeLimit)."""
+    subprocess.run(["scontrol", "create", f"PartitionName={name}", "Nodes=ALL", "State=DOWN", "MaxTime=INFINITE"],
+                   check=True, capture_output=True)
+
+    def tighten():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if subprocess.run(["squeue", "-h", "-p", name, "-o", "%i"], capture_output=True, text=True).stdout.strip():
+                subprocess.run(["scontrol", "update", f"PartitionName={name}", "MaxTime=1", "State=UP"], check=True)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=tighten, daemon=True).start()
+    try:
+        yield
+    finally:
+        for _ in range(60):  # a partition cannot be deleted while the controller still lists its jobs
+            if subprocess.run(["scontrol", "delete", f"PartitionName={name}"], capture_output=True).returncode == 0:
+                break
+            time.sleep(2)
+
+
+def test_a_job_that_can_never_start_is_cancelled_with_its_reason(cluster, tmp_path, tiny_model_dir, shared_cache,
+                                                                 capsys):
+    """What a cluster accepts but can never run: `--wait` notices the pending reason, cancels the job, and says so
+    in one line (exit 2), instead of waiting forever."""
+    path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
+    partition = f"tight{os.getpid()}"
+    with tightened_partition(partition):
+        code, out, err = cli(capsys, "slurm", str(path), "--partition", partition, "--cpus-per-task", "1",
+                             "--time", "10", "--wait")
+        job_id = re.search(r"submitted job (\d+)", out).group(1)
+        assert code == 2, out + err
+        assert err.strip().splitlines() == [
+            f"error: job {job_id} can never start: pending reason PartitionTimeLimit (the job's --time exceeds its "
+            f"partition's MaxTime); cancelled job {job_id}"]
+        assert wait_for_state(job_id, timeout=60).startswith("CANCELLED")
+
+
+def test_wait_sits_through_a_reason_that_clears_and_ctrl_c_leaves_the_job_queued(cluster, tmp_path, tiny_model_dir,
+                                                                                  shared_cache):
+    """PartitionDown (a partition closed for maintenance) clears by itself: `--wait` keeps waiting through it. Ctrl-C
+    stops the waiting, not the job, and says how to cancel it."""
+    path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
+    partition = f"down{os.getpid()}"
+    subprocess.run(["scontrol", "create", f"PartitionName={partition}", "Nodes=ALL", "State=DOWN"], check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "slurm", str(path), "--partition", partition,
+                             "--cpus-per-task", "1", "--time", "10", "--wait"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    job_id = None
+    try:
+        job_id = re.search(r"submitted job (\d+)", proc.stdout.readline()).group(1)
+        time.sleep(10)  # several polls see PartitionDown
+        assert proc.poll() is None and subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True,
+                                                      text=True).stdout.strip() == "PartitionDown"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130
+        assert err.strip().splitlines() == [f"stopped waiting; job {job_id} keeps running (scancel {job_id} to stop "
+                                            "it)"], err
+        assert sacct_state(job_id) == "PENDING"
+    finally:
+        proc.kill()
+        if job_id:
+            subprocess.run(["scancel", job_id])
+            wait_for_state(job_id, timeout=60)
+        for _ in range(60):
+            if subprocess.run(["scontrol", "delete", f"PartitionName={partition}"], capture_output=True).returncode == 0:
+                break
+            time.sleep(2)
+
+
+def sweep_file(tmp_path: Path, model_dir: Path, cache: Path, parameters: dict) -> Path:
+    base = job_recipe(tmp_path, model_dir, cache, name="base", checkpoint={"every_steps": None},
+                      eval={"before_training": False, "max_samples": 2, "max_new_tokens": 4})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "cluster", "program": str(base), "method": "grid",
+                                    "parameters": parameters}))
+    return path
+
+
+def test_sweep_array_runs_on_the_cluster_with_its_defaults_and_a_timed_out_trial_says_so(
+        cluster, tmp_path, tiny_model_dir, shared_cache, capsys):
+    """The documented `sweep run --local --slurm` with no resource flags: its tasks fit the cluster (the default
+    asks for SLURM's one CPU, said before waiting), a short trial completes, and a trial still running at
+    --timeout-min fails with one line saying it timed out. (SLURM sends the warning signal, on which submitit ends a
+    task, 90 s before the limit and up to 60 s earlier still: 4 minutes leave the short trial time to finish.)"""
+    from launch.cli import main
+
+    sweep = sweep_file(tmp_path, tiny_model_dir, shared_cache, {"train.max_steps": {"values": [2, 100_000]}})
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["sweep", "run", str(sweep), "--local", "--slurm", "--out", str(out), "--timeout-min", "4"])
+    stdout = capsys.readouterr().out
+    assert code == 1, stdout
+    assert "each the cluster's default CPUs (SLURM: 1), no GPU, 4 min" in stdout
+    job_id = re.search(r"submitted 2 array tasks \(job (\d+)", stdout).group(1)
+    submission = next((out / "submitit").glob(f"{job_id}_*submission.sh")).read_text()
+    assert "--cpus-per-task" not in submission  # nothing asked beyond what every node has
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [t["status"] for t in manifest["trials"]] == ["done", "failed"], stdout
+    assert (out / "trial-000" / "metrics.json").is_file()
+    timed_out = [line for line in stdout.splitlines() if line.startswith("[sweep] trial-001: ")]
+    assert len(timed_out) == 1 and f"timed out: array task {job_id}_1 reached its time limit (--timeout-min 4)" in timed_out[0], stdout
+
+
+def test_sweep_refusals_and_hopeless_arrays_are_one_line_and_leave_nothing_queued(
+        cluster, tmp_path, tiny_model_dir, shared_cache, capsys):
+    from launch.cli import main
+
+    sweep = sweep_file(tmp_path, tiny_model_dir, shared_cache, {"train.lr": {"values": [1e-3, 2e-3]}})
+    out = tmp_path / "refused"
+    capsys.readouterr()
+    assert main(["sweep", "run", str(sweep), "--local", "--slurm", "--out", str(out), "--partition", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: sbatch refused the job array: invalid partition specified: nope; "
+                                        "Batch job submission failed: Invalid partition name specified"], err
+    assert not out.exists()
+
+    partition = f"tight{os.getpid()}s"
+    with tightened_partition(partition):
+        code = main(["sweep", "run", str(sweep), "--local", "--slurm", "--out", str(tmp_path / "never"),
+                     "--partition", partition, "--timeout-min", "10"])
+        captured = capsys.readouterr()
+        assert code == 2, captured.out + captured.err
+        job_id = re.search(r"submitted 2 array tasks \(job (\d+)", captured.out).group(1)
+        line = captured.err.strip().splitlines()
+        assert len(line) == 1 and re.fullmatch(
+            rf"error: job {job_id}_\d can never start: pending reason PartitionTimeLimit \(.*\); cancelled job "
+            rf"{job_id}", line[0]), captured.err
+        assert wait_for_state(job_id, timeout=60).startswith("CANCELLED")
+
+
+def test_ctrl_c_on_a_sweep_cancels_its_array(cluster, tmp_path, tiny_model_dir, shared_cache):
+    sweep = sweep_file(tmp_path, tiny_model_dir, shared_cache, {"train.max_steps": {"values": [100_000]}})
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "sweep", "run", str(sweep), "--local", "--slurm",
+                             "--out", str(tmp_path / "out")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if match := re.search(r"submitted 1 array tasks \(job (\d+)", line):
+                break
+        else:
+            raise AssertionError(f"no array submitted: {proc.stderr.read()}")
+        job_id = match.group(1)
+        time.sleep(2)  # waiting on the scheduler now
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == [f"error: interrupted: cancelled job {job_id} (1 array tasks); finished "
+                                        "trials are kept, run the sweep again to continue"], err
+    assert wait_for_state(job_id, timeout=60).startswith("CANCELLED")
 
 
 def test_sbatch_template_asks_for_what_submitit_asks_for():
@@ -293,3 +472,35 @@ def test_time_formats_and_impossible_layouts_are_checked_before_submitting(tmp_p
     with pytest.raises(InputError, match="--nodes 0"):
         check_options(SlurmOptions(nodes=0), single)
     check_options(SlurmOptions(gpus_per_node=1), single)
+
+
+def test_signal_delay_not_shorter_than_the_time_limit_gets_a_one_line_warning(tmp_path, tiny_model_dir, capsys):
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path, tiny_model_dir))
+    code, out, err = cli(capsys, "slurm", str(path), "--time", "2", "--signal-delay", "300", "--dry-run")
+    assert code == 0 and "#SBATCH --signal=USR2@300" in out
+    assert err.splitlines() == ["warning: --signal-delay 300 s is not shorter than --time 2 (120 s): the time-limit "
+                                "signal comes as the job starts; lower --signal-delay or raise --time"]
+    code, out, err = cli(capsys, "slurm", str(path), "--time", "10", "--signal-delay", "300", "--dry-run")
+    assert code == 0 and err == ""
+
+
+def test_the_follow_line_names_every_ranks_logs():
+    from launch.slurm import SlurmOptions, log_paths
+
+    folder = Path("/runs/x/slurm")
+    assert log_paths(folder, "7", SlurmOptions()).split() == [f"{folder}/7_0_log.out", f"{folder}/7_0_log.err"]
+    words = subprocess.run(["bash", "-c", f"echo {log_paths(folder, '7', SlurmOptions(nodes=2, tasks_per_node=3))}"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(words) == sorted(f"{folder}/7_{rank}_log.{ext}" for rank in range(6) for ext in ("out", "err"))
+
+
+def test_only_pending_reasons_that_cannot_clear_stop_the_wait():
+    from launch.scheduler import never_clears
+
+    for reason in ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidQOS",
+                   "QOSMaxCpuPerJobLimit", "AssocMaxWallDurationPerJobLimit", "DependencyNeverSatisfied"):
+        assert never_clears(reason), reason
+    for reason in ("None", "Resources", "Priority", "PartitionDown", "ReqNodeNotAvail, UnavailableNodes:vm",
+                   "AssocGrpCpuLimit", "AssocMaxJobsLimit", "QOSMaxJobsPerUserLimit", "BeginTime", "Dependency",
+                   "JobHeldUser"):
+        assert never_clears(reason) is None, reason

@@ -250,6 +250,28 @@ def test_debug_model_is_rebuilt_when_its_spec_changes(tmp_path):
     assert list(foreign.iterdir()) == []
 
 
+def test_a_run_that_builds_its_debug_model_trains_like_one_that_finds_it_built(tmp_path):
+    """The first run on a fresh checkout builds the tiny model and tokenizes the data; the same recipe run again
+    finds both. Neither may move the random state the training seed set: every step's loss is the same, exactly."""
+    from conftest import TINY_SPEC
+    from recipes.loader import validate_recipe
+    from trainer.loop import train
+
+    def run(name: str) -> dict[int, float]:
+        recipe = validate_recipe(recipe_dict(
+            tmp_path / name, tmp_path / "model", model={"tiny": {**TINY_SPEC, "seed": 7}},
+            data={"cache_dir": str(tmp_path / "cache")}, train={"max_steps": 4, "micro_batch_tokens": 512, "seed": 3},
+            checkpoint={"every_steps": None}))
+        train(recipe)
+        return step_losses(recipe.output_path)
+
+    cold = run("cold")  # builds the model and the prep cache
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    warm = run("warm")
+    assert sorted(cold) == [1, 2, 3, 4]
+    assert warm == cold  # exact: dropout and the LoRA init draw the same numbers
+
+
 def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
     """Regression: bitsandbytes repacks 4-bit weights for a no-autograd CPU kernel on the first eval forward,
     which silently cut gradients through frozen layers for the rest of training."""

@@ -49,7 +49,6 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     main = accelerator.is_main_process
     run_dir = recipe.output_path
     check_output_dir(run_dir, resume=resume, overwrite=overwrite)
-    set_seed(recipe.train.seed)
     cfg = recipe.train
 
     # Data: tokenized once (main process first, the others then hit the cache), read memory-mapped.
@@ -74,7 +73,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     stream = work.stream(train_set, plan, cfg.seed, accelerator.process_index, accelerator.num_processes)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.per_rank / cfg.grad_accum)
 
-    # Model, optimizer, schedule.
+    # Model, optimizer, schedule. Seeded here, after data prep and any debug-model build: what ran before (a cold
+    # or a warm cache) cannot shift the LoRA init, dropout or anything else the seed determines.
+    set_seed(cfg.seed)
     model = dist.load_model(lambda device, weights: work.load_model(device, cfg.gradient_checkpointing, weights),
                             quantized=recipe.model.quantization == "nf4")
     trainable, total = count_parameters(model)

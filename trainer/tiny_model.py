@@ -75,28 +75,39 @@ def build_tiny_model(spec: TinyModelSpec, out: str | Path, tokenizer=None) -> Pa
             initializer_range=spec.init_std,
         )
         config = LlamaConfig(**common) if spec.arch == "llama" else Qwen2Config(**common)
-        torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        with torch.no_grad():
-            model.lm_head.weight.normal_(0.0, spec.head_init_std)
+        # The weights come from spec.seed alone, and the caller's random state is left as it was: a training run
+        # that builds its debug model first must train exactly like one that finds it built.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            with torch.no_grad():
+                model.lm_head.weight.normal_(0.0, spec.head_init_std)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
         (tmp / SPEC_FILE).write_text(json.dumps(spec.model_dump(), sort_keys=True))
-        if out.exists():  # an outdated debug model of ours (see ensure_tiny_model)
+        # Trials of a sweep start side by side on a fresh checkout and may all build the same model: whoever is
+        # first wins, the others keep its (identical) folder rather than deleting it under a running trial.
+        if out.exists() and not _built_from(out, spec):  # an outdated debug model of ours (see ensure_tiny_model)
             shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not _built_from(out, spec):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def _built_from(path: Path, spec: TinyModelSpec) -> bool:
+    marker = path / SPEC_FILE
+    return marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(spec.model_dump()))
+
+
 def ensure_tiny_model(spec: TinyModelSpec, path: str | Path) -> None:
     """Build the debug model if missing, or rebuild it when the recipe's spec changed; never touch other folders."""
     path = Path(path)
-    if not path.exists():
-        build_tiny_model(spec, path)
-        return
-    marker = path / SPEC_FILE
-    if marker.is_file() and json.loads(marker.read_text()) != json.loads(json.dumps(spec.model_dump())):
+    if not path.exists() or ((path / SPEC_FILE).is_file() and not _built_from(path, spec)):
         build_tiny_model(spec, path)

@@ -122,11 +122,16 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$((CTLD_PORT + 2))
 JobRequeue=1
+# Refuse at submit a job that asks for more than any partition it names can give (CPUs, nodes, memory, time), as
+# production clusters commonly do, instead of queueing it forever (reason PartitionConfig / PartitionNodeLimit).
+EnforcePartLimits=ALL
 KillWait=30
 MinJobAge=60
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS SocketsPerBoard=$SOCKETS CoresPerSocket=$CORES ThreadsPerCore=$THREADS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
+changed=0
+cmp -s "$DIR/etc/slurm.conf.new" "$DIR/etc/slurm.conf" || changed=1
 mv "$DIR/etc/slurm.conf.new" "$DIR/etc/slurm.conf"
 cat >"$DIR/etc/slurmdbd.conf" <<EOF
 AuthType=auth/munge
@@ -151,7 +156,12 @@ wait_for 30 slurmdbd sacctmgr -n list cluster
 if ! sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER"; then
   sacctmgr -i add cluster "$CLUSTER" >/dev/null || fail "sacctmgr add cluster $CLUSTER failed"
 fi
-alive "$DIR/run/slurmctld.pid" || detach "$DIR/log/slurmctld.out" slurmctld
+if alive "$DIR/run/slurmctld.pid"; then
+  # A running controller keeps the configuration it started with until told to reread it.
+  [ "$changed" = 0 ] || scontrol reconfigure >/dev/null 2>&1 || fail "scontrol reconfigure failed (see $DIR/log)"
+else
+  detach "$DIR/log/slurmctld.out" slurmctld
+fi
 wait_for 30 slurmctld scontrol ping
 alive "$DIR/run/slurmd.pid" || detach "$DIR/log/slurmd.out" slurmd
 wait_for 30 "node $HOST" sh -c "sinfo -h -N -o %t -n '$HOST' | grep -Eq '^(idle|mix|alloc)\$'"
