@@ -169,14 +169,17 @@ class _UnseenLabels:
 
     def warn(self) -> None:
         if self.counts:
-            log.warning("data: %s", describe_unseen(self.counts, "eval rows"))
+            log.warning("data: %s", describe_unseen(self.counts, "eval rows", "counted, scored as they are"))
 
 
-def describe_unseen(counts: dict[str, dict[str, int]], rows: str) -> str:
-    """One line: `3 eval rows have labels never seen in training: category 'Drucker' (2), urgency 'Sofort' (1)`."""
+def describe_unseen(counts: dict[str, dict[str, int]], rows: str, consequence: str) -> str:
+    """One line: `3 eval rows have labels never seen in training (<consequence>): category 'Drucker' (2), ...`;
+    `rows` names the rows in the plural ("eval rows")."""
     total = sum(n for values in counts.values() for n in values.values())
     named = ", ".join(f"{field} {value!r} ({n})" for field, values in counts.items() for value, n in values.items())
-    return f"{total} {rows} have labels never seen in training (counted, scored as they are): {named}"
+    if total == 1:
+        return f"1 of the {rows} has a label never seen in training ({consequence}): {named}"
+    return f"{total} {rows} have labels never seen in training ({consequence}): {named}"
 
 
 def build_cached(cache_dir: Path, key: str, build) -> PreparedData:

@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on a GPU, float32 on CPU")
-    p.add_argument("--quantization", choices=["none", "nf4"], default="none",
-                   help="load the base in 4-bit NF4 (as a QLoRA adapter was trained)")
+    p.add_argument("--quantization", choices=["none", "nf4"], default=None,
+                   help="load the base in 4-bit NF4 (default: as the adapter's multitune.json records, i.e. NF4 "
+                        "for a QLoRA adapter; none without an adapter)")
     p.add_argument("--served-name", help="model name clients use (default: the run or model folder name)")
     p = sub.add_parser("merge", help="merge an adapter into its base model and save a standalone model")
     p.add_argument("--adapter", required=True, help="adapter folder written by a run")
@@ -185,10 +186,11 @@ def cmd_validate(args) -> int:
         from launch.distributed import resolve_config
 
         resolve_config(recipe)
+    rendered = _render_one_example(recipe) if recipe.process is None else None  # fails before any "ok"
     print(f"ok: {args.recipe} (task={recipe.task}, model={recipe.model.name_or_path}, "
           f"method={_method(recipe)}, strategy={recipe.distributed.strategy})")
-    if recipe.process is None:
-        print(f"chat template: {_render_one_example(recipe)}")
+    if rendered:
+        print(f"chat template: {rendered}")
     return 0
 
 

@@ -41,7 +41,8 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
             unseen.setdefault(field, {}).setdefault(value, 0)
             unseen[field][value] += 1
     if unseen:
-        log.warning("--input %s: %s", input_path, describe_unseen(unseen, "rows"))
+        log.warning("--input %s: %s", input_path, describe_unseen(unseen, "rows", "the model can only answer with "
+                                                                             "trained labels"))
     model, tokenizer, device = load_for_eval(recipe, adapter)
     prompts = prompt_ids(task, tokenizer, rows)
     outputs = generate_answers(model, tokenizer, prompts, max_new_tokens or recipe.eval.max_new_tokens,

@@ -189,10 +189,11 @@ def make_handler(chat: ChatModel):
 
 
 def load_chat_model(model_path: str | None, adapter: Path | None, dtype: str, name: str | None,
-                    quantization: str = "none") -> ChatModel:
-    """The base model (dtype as given, NF4 when asked: what a QLoRA adapter was trained on), with the adapter applied
-    when one is given; tokenizer from the adapter folder when it carries one (the one it was trained with). Without
-    `model_path`, the base the adapter recorded. InputError when the base is missing or is not the adapter's."""
+                    quantization: str | None = None) -> ChatModel:
+    """The base model (dtype as given; NF4 when asked, and by default when the adapter was trained on an NF4 base, as
+    QLoRA adapters are), with the adapter applied when one is given; tokenizer from the adapter folder when it
+    carries one (the one it was trained with). Without `model_path`, the base the adapter recorded. InputError when
+    the base is missing or is not the adapter's."""
     from peft import PeftModel
 
     from recipes.schema import AdapterConfig, ModelConfig
@@ -204,8 +205,11 @@ def load_chat_model(model_path: str | None, adapter: Path | None, dtype: str, na
         raise InputError("multitune serve: give the base MODEL, an --adapter, or both")
     if adapter is not None:
         check_adapter_folder(adapter)
-        model_path = model_path or adapter_info(adapter)["base_model"]
+        info = adapter_info(adapter)  # multitune.json: base, quantization, the trained system prompt
+        model_path = model_path or info["base_model"]
         check_base(adapter, model_path, "the MODEL argument (`multitune serve NEW/BASE --adapter ...`)")
+        quantization = quantization or info["quantization"]  # what the adapter was trained against
+    quantization = quantization or "none"
     config = ModelConfig(name_or_path=model_path, dtype=dtype, compute_dtype=dtype, quantization=quantization)
     has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(config.model_copy(update={"name_or_path": str(adapter)}) if has_tokenizer else config)
@@ -216,9 +220,9 @@ def load_chat_model(model_path: str | None, adapter: Path | None, dtype: str, na
     if name is None:  # runs/<name>/adapter → "<name>"
         name = (adapter.resolve().parent.name if adapter.name == "adapter" else adapter.name) if adapter \
             else Path(model_path).name or model_path
-    info_file = adapter / "multitune.json" if adapter is not None else None
-    system_prompt = json.loads(info_file.read_text()).get("system_prompt") if info_file and info_file.is_file() \
-        else None
+    system_prompt = info.get("system_prompt") if adapter is not None else None
+    print(f"base {model_path} ({'NF4 4-bit' if quantization == 'nf4' else dtype})"
+          + (f" + adapter {adapter}" if adapter is not None else ""), flush=True)
     return ChatModel(model, tokenizer, name, device, system_prompt)
 
 

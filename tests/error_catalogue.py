@@ -167,6 +167,9 @@ CASES: list[BadInput] = [
                 ["data.task_options.json_fields=[a]"],
                 "data.task_options.json_fields: task ticket_classification does not take this option (it takes "
                 "labels, system_prompt)"),
+    recipe_case("recipe-columns-unknown-field", "`data.columns` with a typo in a task field's name",
+                ["data.columns={descripton: Beschreibung}"],
+                "data.columns.descripton: not a field of task ticket_classification (did you mean 'description'?)"),
     recipe_case("recipe-labels-shape", "`data.task_options.labels` with `category` as a plain list",
                 ["data.task_options.labels={category: [a, b], urgency: [hoch]}"],
                 "data.task_options.labels.category: must map each category to a non-empty list of its subcategories"),

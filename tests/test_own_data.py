@@ -189,7 +189,7 @@ def test_class_report_matches_a_hand_computed_example():
 
 @pytest.mark.slow
 def test_a_german_excel_export_trains_evaluates_infers_and_serves_with_one_prompt(tmp_path, tiny_model_dir,
-                                                                                   tokenizer):
+                                                                                   tokenizer, capsys):
     from launch.infer import prompt_ids, run_inference
     from launch.serve import load_chat_model
     from trainer.evaluate import evaluate_recipe
@@ -197,8 +197,10 @@ def test_a_german_excel_export_trains_evaluates_infers_and_serves_with_one_promp
 
     recipe = german_recipe(tmp_path, tiny_model_dir, rows=60, max_seq_len=512)
     recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 2}),
-                                       "eval": recipe.eval.model_copy(update={"before_training": True})})
+                                       "eval": recipe.eval.model_copy(update={"before_training": True}),
+                                       "model": recipe.model.model_copy(update={"quantization": "nf4"})})
     metrics = train(recipe)
+    assert "answer_nll" in capsys.readouterr().out  # the end-of-run table shows the loss that moves first
     run = recipe.output_path
     for when in ("before", "after"):
         for field in ("category", "subcategory", "urgency"):
@@ -230,6 +232,9 @@ def test_a_german_excel_export_trains_evaluates_infers_and_serves_with_one_promp
     assert prompt_ids(task, tokenizer, [record]) == [trained]
     chat = load_chat_model(str(tiny_model_dir), run / "adapter", "float32", None)
     assert chat.prompt_ids([task.prompt_messages(record)[-1]]) == trained
+    import bitsandbytes as bnb  # a QLoRA adapter is served on the NF4 base it was trained against, unasked
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in chat.model.modules())
 
     results, table = evaluate_recipe(recipe, [run / "adapter"])
     assert list(results) == ["base", "run"] and "category_f1" in results["run"]
@@ -251,3 +256,20 @@ def test_chat_jsonl_rows_are_answered_by_infer_one_line_each(tmp_path, tiny_mode
     written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert counts["rows"] == 2 and [w["input"] for w in written] == rows
     assert all(w["valid"] is False and w["problems"] for w in written)  # 4 tokens of a random model: flagged
+
+
+def test_prep_warns_when_max_new_tokens_cannot_hold_the_answers(tmp_path, tokenizer, caplog):
+    from recipes.schema import EvalConfig
+    from trainer.evaluate import warn_if_answers_exceed
+
+    path = tmp_path / "export.csv"
+    path.write_bytes(excel_csv(german_tickets(30), FIELDS))
+    prepared = prepare(TICKET, DataConfig(train_file=str(path), columns=COLUMNS, eval_fraction=0.3,
+                                          cache_dir=str(tmp_path / "c")), tokenizer)
+    dataset = ShardedDataset(prepared.split("eval"))
+    longest = max(int(dataset.lengths[i]) - dataset.prompt_length(i) for i in range(len(dataset)))
+    with caplog.at_level(logging.WARNING):
+        warn_if_answers_exceed(dataset, EvalConfig(max_new_tokens=longest))
+        assert not caplog.text
+        warn_if_answers_exceed(dataset, EvalConfig(max_new_tokens=longest - 1))
+    assert f"eval.max_new_tokens={longest - 1} is shorter than" in caplog.text and f"longest {longest}" in caplog.text

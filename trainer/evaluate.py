@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from trainer.judge import Judge
 from trainer.model import check_adapter_folder, load_model, load_tokenizer
 from trainer.retrieval import Retriever
 from trainer.run_files import write_atomic, write_class_reports
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -77,6 +80,18 @@ def answer_nll(model, dataset: ShardedDataset, count: int, device: torch.device)
     finally:
         model.train(was_training)
     return round(total / max(tokens, 1), 6)
+
+
+def warn_if_answers_exceed(dataset: ShardedDataset, config: EvalConfig) -> None:
+    """One warning line when reference answers (with their end-of-turn) of the evaluated rows are longer than
+    `eval.max_new_tokens`: generation stops before they end, so they can never parse or match."""
+    count = len(dataset) if config.max_samples is None else min(config.max_samples, len(dataset))
+    answers = [int(dataset.lengths[i]) - dataset.prompt_length(i) for i in range(count)]
+    longer = sum(n > config.max_new_tokens for n in answers)
+    if longer:
+        log.warning("eval.max_new_tokens=%d is shorter than %d of the %d evaluated reference answers (longest %d "
+                    "tokens with its end-of-turn): generation stops before they end; raise eval.max_new_tokens",
+                    config.max_new_tokens, longer, count, max(answers))
 
 
 def eval_records(dataset: ShardedDataset, config: EvalConfig) -> list[dict]:
@@ -180,6 +195,7 @@ def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = T
     prepared = prepare(task, recipe.data, load_tokenizer(recipe.model))
     task = task.with_labels(prepared.labels)  # the prompts training saw
     eval_set = ShardedDataset(prepared.split("eval"))
+    warn_if_answers_exceed(eval_set, recipe.eval)
 
     def reports(label: str) -> Path:
         return out_dir / "per_class" / label.replace("/", "_")

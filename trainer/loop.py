@@ -206,7 +206,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
         }
         if (run_dir / "per_class").is_dir():
             metrics["per_class"] = str(run_dir / "per_class")
-        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
         tracker.summary({f"final/{k}": metrics[k] for k in ("tokens_per_s", "final_loss", "train_seconds", "steps")})
         base = resolvable_base(recipe.model.name_or_path)
         write_atomic(adapter_dir / "README.md", model_card(dump_recipe(recipe), base, task.name, data_hash, metrics,

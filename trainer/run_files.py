@@ -159,7 +159,8 @@ def summary_table(metrics: dict[str, Any], fields: tuple[str, ...]) -> str:
     """The before-vs-after table printed at the end of a run."""
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     lines = [f"{'metric':<16}{'before':>10}{'after':>10}", "-" * 36]
-    for field in fields:
+    # answer_nll (teacher-forced loss per answer token) moves long before generations parse: show it too.
+    for field in (*fields, *(["answer_nll"] if "answer_nll" in after and "answer_nll" not in fields else [])):
         b = before.get(field)
         a = after.get(field)
         lines.append(f"{field:<16}{_fmt(b):>10}{_fmt(a):>10}")

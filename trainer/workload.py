@@ -24,7 +24,7 @@ from data_prep.tokenize import IGNORE
 from recipes.schema import Recipe
 from trainer.adapter_base import record_base
 from trainer.batches import MicroBatch, MicroBatchStream, Plan, attention_mask_for
-from trainer.evaluate import eval_records, evaluate_generation
+from trainer.evaluate import eval_records, evaluate_generation, warn_if_answers_exceed
 from trainer.model import DTYPES, load_model, load_tokenizer
 from trainer.run_files import LOAD_CHAT_ADAPTER
 
@@ -65,6 +65,7 @@ class TextWorkload:
         self.tokenizer = load_tokenizer(self.recipe.model)
         prepared = prepare(self.task, self.recipe.data, self.tokenizer)
         self.task = self.task.with_labels(prepared.labels)  # the label sets the shards' prompts were built with
+        warn_if_answers_exceed(ShardedDataset(prepared.split("eval")), self.recipe.eval)
         return prepared
 
     def stream(self, dataset, plan, seed, rank, world_size) -> MicroBatchStream:
@@ -126,7 +127,7 @@ def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Rec
             "double_quant": recipe.model.double_quant, "compute_dtype": recipe.model.compute_dtype,
             # What `infer` and `serve` need to build exactly the prompts training saw.
             "labels": task.labels, "system_prompt": task.system_prompt()}
-    (tmp / "multitune.json").write_text(json.dumps(info, indent=2))
+    (tmp / "multitune.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)

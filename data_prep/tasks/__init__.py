@@ -19,7 +19,9 @@ TASKS: dict[str, Task] = {task.name: task for task in (
 
 def task_for(recipe) -> Task:
     """The recipe's task, configured by its `data.task_options` when the task takes options."""
-    return get_task(recipe.task).with_options(recipe.data.task_options)
+    task = get_task(recipe.task).with_options(recipe.data.task_options)
+    task.check_columns(recipe.data.columns)
+    return task
 
 
 def get_task(name: str) -> Task:

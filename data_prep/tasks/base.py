@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ class Task(ABC):
     def score(self, outputs: list[str], records: list[Record]) -> dict[str, float]:
         """Metrics for generated `outputs` against the records they answer."""
 
+    # Fields a record may have besides the required ones (the prompt uses them when present).
+    optional_fields: tuple[str, ...] = ()
     # Keys of `data.task_options` this task reads; any other key set to a non-default value is refused.
     option_keys: frozenset[str] = frozenset()
     # Rows of the shape {"input": {...fields}, "output": {...answer fields}} are flattened into one record.
@@ -62,6 +65,20 @@ class Task(ABC):
                 takes = f"it takes {', '.join(sorted(self.option_keys))}" if self.option_keys else "it takes none"
                 raise InputError(f"data.task_options.{key}: task {self.name} does not take this option ({takes})")
         return self._configured(options) if self.option_keys else self
+
+    def known_fields(self) -> tuple[str, ...]:
+        """Every record field the task reads: what `data.columns` may map."""
+        return tuple(dict.fromkeys((*self.input_fields, *self.required_fields, *self.optional_fields, "id")))
+
+    def check_columns(self, columns: Mapping[str, str]) -> None:
+        """Raise InputError naming a `data.columns` key that is no field of this task (a typo would otherwise show
+        up later as a missing field, without the key that caused it)."""
+        known = self.known_fields()
+        for field in columns:
+            if field not in known:
+                close = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'?" if close else f"its fields: {', '.join(known)}"
+                raise InputError(f"data.columns.{field}: not a field of task {self.name} ({hint})")
 
     def _configured(self, options) -> Task:
         """A copy of this task with `options` applied (tasks with `option_keys` override this)."""

@@ -27,6 +27,10 @@ class ChatJsonl(Task):
     def _configured(self, options: TaskOptions) -> ChatJsonl:
         return ChatJsonl(options)
 
+    def known_fields(self) -> tuple[str, ...]:
+        o = self.options
+        return (o.messages_field, o.prompt_field, o.completion_field, "id")
+
     def system_prompt(self) -> str | None:
         return self.options.system_prompt
 

@@ -29,6 +29,7 @@ class ITTicketExtraction(Task):
     name = "it_ticket_extraction"
     formatter_version = "2"  # 2: configurable fields; JSON answers keep non-ASCII characters
     input_fields = ("description",)
+    optional_fields = ("short_description", "caller", "opened_at")
     option_keys = frozenset({"fields", "closed_fields", "labels", "system_prompt"})
     instruction_rows = True
 

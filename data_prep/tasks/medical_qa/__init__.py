@@ -26,6 +26,7 @@ class MedicalQA(Task):
     accepts_context = True
     input_fields = ("question",)
     required_fields = ("question", "answer")
+    optional_fields = ("context",)
     headline_metrics = ("rougeL", "bleu")
 
     def generate(self, n: int, seed: int) -> list[Record]:
@@ -50,6 +51,7 @@ class MedicalMCQ(Task):
     accepts_context = True
     input_fields = ("question",)
     required_fields = ("question", "answer_letter")
+    optional_fields = ("options", "context", *LETTERS)
     headline_metrics = ("accuracy_loglik", "accuracy_generation", "answer_rate")
 
     def generate(self, n: int, seed: int) -> list[Record]:

@@ -17,6 +17,7 @@ class RCAGeneration(Task):
     name = "rca_generation"
     formatter_version = "1"
     input_fields = ("description",)
+    optional_fields = ("title", "symptoms", "logs", "cause")
     required_fields = ("description", "resolution")  # `cause` is optional: exact-cause accuracy where present
     headline_metrics = ("rougeL", "bleu", "cause_accuracy")
 

@@ -48,6 +48,7 @@ class TicketClassification(Task):
     formatter_version = "3"  # 3: labels from the data or recipe; JSON answers keep non-ASCII characters
     input_fields = ("title", "description")
     required_fields = ("title", "description", "category", "subcategory", "urgency")
+    optional_fields = ("user", "date")
     headline_metrics = ("category", "subcategory", "urgency", "exact_match", "parse_rate")
     option_keys = frozenset({"labels", "system_prompt"})
     instruction_rows = True
