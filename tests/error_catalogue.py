@@ -76,6 +76,32 @@ def csv_rows(*lines: str) -> bytes:
     return ("title,description,category,subcategory,urgency\n" + "".join(line + "\n" for line in lines)).encode()
 
 
+def gguf_bytes(architecture: str) -> bytes:
+    """A small, whole GGUF file of this architecture (one float tensor), written with the gguf package."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.gguf"
+        writer = gguf.GGUFWriter(path, architecture)
+        writer.add_block_count(1)
+        writer.add_tensor("token_embd.weight", np.zeros((64, 8), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
+
+
+def gguf_case(id: str, given: str, content: bytes | None, message: str) -> BadInput:
+    """`prep` with `model.name_or_path` a .gguf file: refused before any conversion is written."""
+    return BadInput(id, "recipe", given, ("prep", "{recipe}", "model.name_or_path={dir}/model.gguf",
+                                          "model.cache_dir={dir}/models"), message,
+                    {} if content is None else {"model.gguf": content})
+
+
 VALID_RECIPE = b"task: ticket_classification\noutput_dir: runs/x\nmodel: {name_or_path: m}\ndata: {generator: {}}\n"
 
 CASES: list[BadInput] = [
@@ -228,6 +254,15 @@ CASES: list[BadInput] = [
                "log.csv: the event log has no events"),
     event_case("events-file-type", "an event log as `.txt`", b"whatever\n",
                "log.txt: unsupported event log type (use .csv, .parquet, .xes or .xes.gz)", name="log.txt"),
+    # --- GGUF models (converted on first use) --------------------------------------------------------------------
+    gguf_case("gguf-missing", "`model.name_or_path: model.gguf` that does not exist", None,
+              "model.name_or_path: GGUF file not found"),
+    gguf_case("gguf-not-gguf", "a `.gguf` that is not GGUF", b"<html>404</html>\n",
+              "is not a whole, readable GGUF file (cut short, or not GGUF: GGUF magic invalid)"),
+    gguf_case("gguf-truncated", "a `.gguf` cut short (interrupted download)", gguf_bytes("llama")[:-300],
+              "is not a whole, readable GGUF file (cut short"),
+    gguf_case("gguf-architecture", "a `.gguf` of an architecture transformers cannot read (rwkv6)",
+              gguf_bytes("rwkv6"), "GGUF architecture 'rwkv6' is not supported by transformers' GGUF reader"),
     # --- command line -----------------------------------------------------------------------------------------------
     cli_case("cli-no-command", "`multitune` with no command", (), "the following arguments are required: command"),
     cli_case("cli-unknown-command", "`multitune trian R.yaml`", ("trian", "{recipe}"), "invalid choice: 'trian'"),

@@ -19,7 +19,9 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from recipes.errors import InputError
+from recipes.schema import ModelConfig
 from trainer.model import DTYPES, check_adapter_folder
+from trainer.model_source import resolve_model_path
 
 
 def adapter_info(adapter_dir: Path) -> dict:
@@ -72,7 +74,9 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None, onto: s
     if onto not in ("dequantized", "original"):
         raise InputError(f"--onto must be dequantized or original (got {onto!r})")
     info = adapter_info(adapter_dir)
-    base = base or info["base_model"]
+    # a shortcut or GGUF file resolves to its converted folder, as in training
+    base = resolve_model_path(ModelConfig(name_or_path=base or info["base_model"],
+                                          gguf_file=None if base else info.get("gguf_file")))
     if out.exists():
         raise InputError(f"--out {out} already exists; choose a new folder")
     model = load_base_for_merge(info, base, onto)

@@ -12,22 +12,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from recipes.errors import InputError
 from recipes.schema import AdapterConfig, ModelConfig
-from trainer.tiny_model import ensure_tiny_model
+from trainer.model_source import resolve_model_path
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
-
-
-def resolve_model_path(config: ModelConfig) -> str:
-    """Build a debug model on first use; a local path must exist, anything else is a hub id for from_pretrained."""
-    if config.tiny is not None:
-        ensure_tiny_model(config.tiny, config.name_or_path)
-    path = Path(config.name_or_path)
-    looks_local = config.name_or_path.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not path.exists():
-        raise InputError(f"model.name_or_path: folder not found: {config.name_or_path}")
-    return config.name_or_path
 
 
 def check_adapter_folder(adapter: Path) -> None:
