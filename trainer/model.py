@@ -120,6 +120,7 @@ def lora_config(adapter: AdapterConfig, task_type: str | None = "CAUSAL_LM") -> 
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=adapter.target_modules,
+        layers_to_transform=adapter.layers_to_transform,
         task_type=task_type,
     )
 
