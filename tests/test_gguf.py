@@ -90,3 +90,101 @@ def test_bad_gguf_files_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(InputError, match="model.gguf_file: GGUF file not found"):
         resolve_model_path(ModelConfig(name_or_path=str(tmp_path), gguf_file="absent.gguf"))
     assert not (tmp_path / "c").exists()
+
+
+# --- GGUF out: `multitune export` ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_adapter(smollm2_folder, tmp_path_factory) -> Path:
+    """A LoRA adapter on SmolLM2 with small random B matrices (a zero B would make the merge a no-op), saved as a
+    run saves one: PEFT files, tokenizer, multitune.json naming the base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32, use_safetensors=True)
+    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                              "o_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    folder = tmp_path_factory.mktemp("run") / "adapter"
+    lora.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(smollm2_folder).save_pretrained(folder)
+    (folder / "multitune.json").write_text(json.dumps({"base_model": "smollm2-135m-instruct", "dtype": "float32",
+                                                       "model_cache_dir": str(smollm2_folder.parent)}))
+    return folder
+
+
+PROMPTS = ["What is the capital of France?", "Name three colours of the rainbow."]
+
+
+# logits reach ~30; f16 keeps 11 significant bits, Q8_0 8 bits per weight with an f16 scale per 32 weights
+@pytest.mark.parametrize("kind,max_error,mean_error", [("f16", 0.1, 0.01), ("q8_0", 2.0, 0.2)])
+def test_export_round_trip_same_answers_and_close_logits(kind, max_error, mean_error, smollm2_adapter, smollm2_folder,
+                                                         tmp_path):
+    import gguf
+    from peft import PeftModel
+
+    from launch.cli import main
+
+    out = tmp_path / f"model-{kind}.gguf"
+    assert main(["export", "--adapter", str(smollm2_adapter), "--gguf", str(out), "--type", kind]) == 0
+
+    reader = gguf.GGUFReader(out)
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names  # tied embeddings written once
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert "<|im_start|>" in reader.fields["tokenizer.chat_template"].contents()
+    wanted = gguf.GGMLQuantizationType.F16 if kind == "f16" else gguf.GGMLQuantizationType.Q8_0
+    assert next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight").tensor_type == wanted
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_adapter)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32, use_safetensors=True)
+    with torch.no_grad():
+        base_logits = [base(**chat_ids(tokenizer, prompt)).logits for prompt in PROMPTS]
+    merged = PeftModel.from_pretrained(base, str(smollm2_adapter)).merge_and_unload().eval()
+    back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    back_tokenizer = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    for prompt, before in zip(PROMPTS, base_logits):
+        ids = chat_ids(tokenizer, prompt)
+        assert chat_ids(back_tokenizer, prompt)["input_ids"].tolist() == ids["input_ids"].tolist()
+        with torch.no_grad():
+            expected, got = merged(**ids).logits, back(**ids).logits
+        error = (got - expected).abs()
+        assert error.max() < max_error and error.mean() < mean_error, (error.max(), error.mean())
+        assert (expected - before).abs().max() > 1.0  # the adapter is in the file, not just the base
+        answer = merged.generate(**ids, max_new_tokens=16, do_sample=False)
+        assert back.generate(**ids, max_new_tokens=16, do_sample=False).tolist() == answer.tolist()
+
+
+@pytest.mark.slow
+def test_real_model_trains_a_few_steps_and_its_adapter_and_merge_load(smollm2_folder, tmp_path):
+    """The demo recipe on SmolLM2, a few steps: the adapter loads with PeftModel, the merged model with
+    from_pretrained, and both compute the same logits."""
+    from peft import PeftModel
+
+    from conftest import REPO
+    from launch.cli import main
+    from recipes.loader import load_recipe
+    from trainer.loop import train
+
+    recipe = load_recipe(REPO / "recipes" / "ticket_classification" / "smollm2-135m-instruct_lora.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+        f"model.cache_dir={smollm2_folder.parent}", "data.generator.n_train=24", "data.generator.n_eval=2",
+        "train.max_steps=3", "eval.before_training=false", "eval.max_samples=2", "eval.max_new_tokens=8"])
+    metrics = train(recipe)
+    assert metrics["steps"] == 3 and metrics["trainable_params"] < metrics["total_params"] / 50
+    adapter = recipe.output_path / "adapter"
+    info = json.loads((adapter / "multitune.json").read_text())
+    assert info["base_model"] == "smollm2-135m-instruct"
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    ids = chat_ids(tokenizer, "Title: Refund\n\nI was charged twice.")
+    base = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32, use_safetensors=True)
+    with_adapter = PeftModel.from_pretrained(base, str(adapter)).eval()
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert merged.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, with_adapter(**ids).logits, rtol=0, atol=1e-4)

@@ -34,6 +34,14 @@ def adapter_info(adapter_dir: Path) -> dict:
     return info
 
 
+def base_model_path(info: dict, base: str | None = None) -> str:
+    """The folder to merge onto: `base` when given, else the base the adapter was trained on (multitune.json); a
+    shortcut or GGUF file resolves to its converted folder in the run's model cache, as in training."""
+    return resolve_model_path(ModelConfig(name_or_path=base or info["base_model"],
+                                          gguf_file=None if base else info.get("gguf_file"),
+                                          cache_dir=info.get("model_cache_dir", "cache/models")))
+
+
 def load_base_for_merge(info: dict, base: str, onto: str) -> torch.nn.Module:
     dtype = DTYPES[info["dtype"]]
     if info["quantization"] == "nf4" and onto == "dequantized":
@@ -74,9 +82,7 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None, onto: s
     if onto not in ("dequantized", "original"):
         raise InputError(f"--onto must be dequantized or original (got {onto!r})")
     info = adapter_info(adapter_dir)
-    # a shortcut or GGUF file resolves to its converted folder, as in training
-    base = resolve_model_path(ModelConfig(name_or_path=base or info["base_model"],
-                                          gguf_file=None if base else info.get("gguf_file")))
+    base = base_model_path(info, base)
     if out.exists():
         raise InputError(f"--out {out} already exists; choose a new folder")
     model = load_base_for_merge(info, base, onto)
