@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` (install + the tiny QLoRA recipe end to end) and `make test`.
+# Two commands on a fresh machine: `make demo` (install + LoRA on SmolLM2-135M-Instruct, support tickets, end to
+# end on CPU) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -26,7 +27,7 @@ $(DEV): $(CORE)
 install: $(DEV)
 
 demo: $(CORE)
-	$(BIN)/multitune train recipes/debug/tiny_ticket_qlora.yaml --overwrite
+	$(BIN)/multitune train recipes/ticket_classification/smollm2-135m-instruct_lora.yaml --overwrite
 
 test: $(DEV)
 	$(BIN)/python -m pytest -q tests
