@@ -387,9 +387,9 @@ def _method(recipe) -> str:
 
 
 COMMANDS = {
-    "validate": cmd_validate, "prep": cmd_prep, "export": cmd_export, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
-    "tiny-model": cmd_tiny_model, "infer": cmd_infer, "grid": cmd_grid, "serve": cmd_serve, "plan": cmd_plan,
-    "sweep": sweep.main, "results": results.main, "slurm": cmd_slurm,
+    "validate": cmd_validate, "prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
+    "export": cmd_export, "tiny-model": cmd_tiny_model, "infer": cmd_infer, "grid": cmd_grid, "serve": cmd_serve,
+    "plan": cmd_plan, "sweep": sweep.main, "results": results.main, "slurm": cmd_slurm,
 }
 
 if __name__ == "__main__":

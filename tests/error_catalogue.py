@@ -294,6 +294,13 @@ CASES: list[BadInput] = [
     cli_case("cli-merge-pickle-adapter", "`merge --adapter` with weights only in pickled `adapter_model.bin`",
              ("merge", "--adapter", "{dir}/pickled", "--out", "{dir}/merged"), "no adapter_model.safetensors",
              {"pickled/adapter_config.json": b"{}", "pickled/adapter_model.bin": b"not opened"}),
+    cli_case("cli-export-name", "`export --gguf model.bin` (not a .gguf name)",
+             ("export", "--adapter", "{dir}", "--gguf", "{dir}/model.bin"), "the file name must end in .gguf"),
+    cli_case("cli-export-not-adapter", "`export --adapter` a folder that is no adapter",
+             ("export", "--adapter", "{dir}", "--gguf", "{dir}/model.gguf"), "not an adapter folder"),
+    cli_case("cli-export-type", "`export --type q4_k` (a type not written)",
+             ("export", "--adapter", "{dir}", "--gguf", "{dir}/model.gguf", "--type", "q4_k"),
+             "argument --type: invalid choice: 'q4_k'"),
     cli_case("cli-tiny-model-exists", "`tiny-model --out` an existing folder", ("tiny-model", "--out", "{dir}"),
              "already exists"),
 ]

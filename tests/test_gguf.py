@@ -188,3 +188,19 @@ def test_real_model_trains_a_few_steps_and_its_adapter_and_merge_load(smollm2_fo
     assert merged.config.tie_word_embeddings
     with torch.no_grad():
         torch.testing.assert_close(merged(**ids).logits, with_adapter(**ids).logits, rtol=0, atol=1e-4)
+
+
+def test_export_refuses_a_sentencepiece_style_tokenizer_in_one_line(tiny_model_dir, tmp_path):
+    """The tiny test model's Mistral tokenizer (BPE with byte fallback) is not the byte-level BPE GGUF writes."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.gguf_export import export_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapter = tmp_path / "adapter"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    (adapter / "multitune.json").write_text(json.dumps({"base_model": str(tiny_model_dir)}))
+    with pytest.raises(InputError, match="only byte-level BPE tokenizers .* with byte fallback"):
+        export_adapter(adapter, tmp_path / "tiny.gguf", "f16")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))

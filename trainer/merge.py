@@ -82,9 +82,9 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None, onto: s
     if onto not in ("dequantized", "original"):
         raise InputError(f"--onto must be dequantized or original (got {onto!r})")
     info = adapter_info(adapter_dir)
-    base = base_model_path(info, base)
     if out.exists():
         raise InputError(f"--out {out} already exists; choose a new folder")
+    base = base_model_path(info, base)
     model = load_base_for_merge(info, base, onto)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
