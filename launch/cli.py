@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model to merge onto (default: the one the adapter was trained on)")
     p.add_argument("--onto", choices=["dequantized", "original"], default="dequantized",
                    help="for QLoRA adapters: merge onto the dequantized NF4 base (what was trained) or the original")
+    p = sub.add_parser("export", help="merge an adapter into its base and write a GGUF file (llama.cpp, Ollama, "
+                                      "LM Studio)")
+    p.add_argument("--adapter", required=True, help="adapter folder written by a run")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="GGUF file to write")
+    p.add_argument("--type", choices=["f16", "q8_0"], default="f16",
+                   help="weight type of the 2-D tensors (norms and biases stay f32; default f16)")
+    p.add_argument("--base", help="base model to merge onto (default: the one the adapter was trained on)")
     p = sub.add_parser("plan", help="per-GPU peak memory estimate from the model config (no weights), fits or not")
     _recipe_args(p)
     p.add_argument("--gpus", type=int, required=True, help="GPUs the run uses")
@@ -398,6 +405,14 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from trainer.gguf_export import export_adapter
+
+    out = export_adapter(Path(args.adapter), Path(args.gguf), args.type, base=args.base)
+    print(f"GGUF ({args.type}) written to {out} ({out.stat().st_size / 2**20:.0f} MiB)")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from launch.plan import plan_recipe
 
@@ -427,8 +442,8 @@ def _method(recipe) -> str:
 
 COMMANDS = {
     "validate": cmd_validate, "prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge,
-    "tiny-model": cmd_tiny_model, "infer": cmd_infer, "grid": cmd_grid, "serve": cmd_serve, "plan": cmd_plan,
-    "sweep": sweep.main, "results": results.main, "slurm": cmd_slurm,
+    "export": cmd_export, "tiny-model": cmd_tiny_model, "infer": cmd_infer, "grid": cmd_grid, "serve": cmd_serve,
+    "plan": cmd_plan, "sweep": sweep.main, "results": results.main, "slurm": cmd_slurm,
 }
 
 if __name__ == "__main__":

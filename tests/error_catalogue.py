@@ -123,6 +123,32 @@ def tokenizer_files(chat_template: str) -> dict[str, bytes]:
     return {"tok/tokenizer.json": bpe.to_str().encode(), "tok/tokenizer_config.json": json.dumps(config).encode()}
 
 
+def gguf_bytes(architecture: str) -> bytes:
+    """A small, whole GGUF file of this architecture (one float tensor), written with the gguf package."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.gguf"
+        writer = gguf.GGUFWriter(path, architecture)
+        writer.add_block_count(1)
+        writer.add_tensor("token_embd.weight", np.zeros((64, 8), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
+
+
+def gguf_case(id: str, given: str, content: bytes | None, message: str) -> BadInput:
+    """`prep` with `model.name_or_path` a .gguf file: refused before any conversion is written."""
+    return BadInput(id, "recipe", given, ("prep", "{recipe}", "model.name_or_path={dir}/model.gguf",
+                                          "model.cache_dir={dir}/models"), message,
+                    {} if content is None else {"model.gguf": content})
+
+
 VALID_RECIPE = b"task: ticket_classification\noutput_dir: runs/x\nmodel: {name_or_path: m}\ndata: {generator: {}}\n"
 
 CASES: list[BadInput] = [
@@ -307,6 +333,15 @@ CASES: list[BadInput] = [
                "log.csv: the event log has no events"),
     event_case("events-file-type", "an event log as `.txt`", b"whatever\n",
                "log.txt: unsupported event log type (use .csv, .parquet, .xes or .xes.gz)", name="log.txt"),
+    # --- GGUF models (converted on first use) --------------------------------------------------------------------
+    gguf_case("gguf-missing", "`model.name_or_path: model.gguf` that does not exist", None,
+              "model.name_or_path: GGUF file not found"),
+    gguf_case("gguf-not-gguf", "a `.gguf` that is not GGUF", b"<html>404</html>\n",
+              "is not a whole, readable GGUF file (cut short, or not GGUF: GGUF magic invalid)"),
+    gguf_case("gguf-truncated", "a `.gguf` cut short (interrupted download)", gguf_bytes("llama")[:-300],
+              "is not a whole, readable GGUF file (cut short"),
+    gguf_case("gguf-architecture", "a `.gguf` of an architecture transformers cannot read (rwkv6)",
+              gguf_bytes("rwkv6"), "GGUF architecture 'rwkv6' is not supported by transformers' GGUF reader"),
     # --- command line -----------------------------------------------------------------------------------------------
     cli_case("cli-no-command", "`multitune` with no command", (), "the following arguments are required: command"),
     cli_case("cli-unknown-command", "`multitune trian R.yaml`", ("trian", "{recipe}"), "invalid choice: 'trian'"),
@@ -379,6 +414,13 @@ CASES: list[BadInput] = [
              ("validate", "{recipe}", "model.name_or_path={dir}/tok"),
              "the tokenizer's chat template cannot render a single user message: Only tool calls are supported",
              tokenizer_files("{{ raise_exception('Only tool calls are supported') }}")),
+    cli_case("cli-export-name", "`export --gguf model.bin` (not a .gguf name)",
+             ("export", "--adapter", "{dir}", "--gguf", "{dir}/model.bin"), "the file name must end in .gguf"),
+    cli_case("cli-export-not-adapter", "`export --adapter` a folder that is no adapter",
+             ("export", "--adapter", "{dir}", "--gguf", "{dir}/model.gguf"), "not an adapter folder"),
+    cli_case("cli-export-type", "`export --type q4_k` (a type not written)",
+             ("export", "--adapter", "{dir}", "--gguf", "{dir}/model.gguf", "--type", "q4_k"),
+             "argument --type: invalid choice: 'q4_k'"),
     cli_case("cli-tiny-model-exists", "`tiny-model --out` an existing folder", ("tiny-model", "--out", "{dir}"),
              "already exists"),
     cli_case("cli-slurm-time", "`slurm --time 1:2:3:4`", ("slurm", "{recipe}", "--time", "1:2:3:4"),

@@ -35,7 +35,7 @@ LEFTOVER = re.compile(r"^\.step-\d+\.(tmp|del)$")  # a save or a deletion that w
 
 # Recipe keys whose change makes a checkpoint mean something else (weight shapes, optimizer state, the data
 # order); the others (lr, max_steps, eval, checkpoint, tracking, ...) may change between a run and its resume.
-RESUME_KEYS = ("task", "model.name_or_path", "model.tiny", "model.dtype", "model.quantization",
+RESUME_KEYS = ("task", "model.name_or_path", "model.gguf_file", "model.tiny", "model.dtype", "model.quantization",
                "model.double_quant", "model.compute_dtype", "model.quant_storage", "adapter", "data.packing",
                "train.micro_batch_tokens", "train.grad_accum", "train.optimizer", "train.seed",
                "distributed.strategy")

@@ -14,6 +14,7 @@ from data_prep.chat_encoding import chat_encoder, stop_token_ids
 from data_prep.prepare import prepare
 from data_prep.shards import ShardedDataset
 from data_prep.tasks import Task, task_for
+from data_prep.tokenize import IGNORE
 from recipes.errors import InputError
 from recipes.schema import AdapterConfig, EvalConfig, Recipe
 from trainer.adapter_base import check_base
@@ -29,29 +30,40 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
                      device: torch.device) -> list[str]:
-    """Greedy completions for tokenized prompts, left-padded in batches, each cut at its first stop token
-    (`stop_token_ids`: the template's end-of-turn, the generation config's and the tokenizer's eos); special tokens
-    stripped."""
+    """Greedy completions for tokenized prompts, in input order, each cut at its first stop token (`stop_token_ids`:
+    the template's end-of-turn, the generation config's and the tokenizer's eos); special tokens stripped.
+
+    Prompts run in batches of similar length (sorted, so little padding); the tokens every prompt of a batch
+    starts with (the system prompt) are prefilled once and their KV cache shared by the batch's rows.
+    """
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id
     stop_ids = stop_token_ids(tokenizer, model.generation_config)
-    outputs: list[str] = []
+    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, prompt in enumerate(chunk):
-                ids[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
-                mask[row, width - len(prompt):] = 1
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            chunk = [prompts[i] for i in rows]
+            shared = common_prefix_length(chunk, keep=1)  # each row keeps a token for generate to start from
+            width = max(len(p) for p in chunk) - shared
+            ids = torch.full((len(chunk), shared + width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), shared + width), dtype=torch.long)
+            ids[:, :shared] = torch.as_tensor(chunk[0][:shared], dtype=torch.long)
+            mask[:, :shared] = 1
+            for row, prompt in enumerate(chunk):  # padded between prefix and rest: positions follow the mask
+                ids[row, shared + width - (len(prompt) - shared):] = torch.as_tensor(prompt[shared:], dtype=torch.long)
+                mask[row, shared + width - (len(prompt) - shared):] = 1
             generated = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, pad_token_id=pad_id, eos_token_id=stop_ids, use_cache=True,
+                past_key_values=prefix_cache(model, chunk[0][:shared], len(chunk), device),
             )
-            outputs += tokenizer.batch_decode([until_stop(row, stop_ids) for row in generated[:, width:].tolist()],
-                                              skip_special_tokens=True)
+            new_tokens = generated[:, shared + width:].tolist()
+            texts = tokenizer.batch_decode([until_stop(row, stop_ids) for row in new_tokens], skip_special_tokens=True)
+            for i, text in zip(rows, texts):
+                outputs[i] = text
     finally:
         model.train(was_training)
     return [text.strip() for text in outputs]
@@ -62,21 +74,67 @@ def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
     return next((ids[:k] for k, i in enumerate(ids) if i in stop_ids), ids)
 
 
+def common_prefix_length(sequences: list[list[int]], keep: int = 0) -> int:
+    """Length of the token prefix all `sequences` share, leaving at least `keep` tokens of the shortest one."""
+    shortest = min(len(s) for s in sequences) - keep
+    first = sequences[0]
+    length = 0
+    while length < shortest and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+def prefix_cache(model, prefix: list[int], rows: int, device: torch.device):
+    """The KV cache of `prefix` (positions 0..len-1), computed once and repeated for `rows` rows; None for an
+    empty prefix."""
+    if not prefix:
+        return None
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
 @torch.no_grad()
-def answer_nll(model, dataset: ShardedDataset, count: int, device: torch.device) -> float:
+def answer_nll(model, dataset: ShardedDataset, count: int, device: torch.device, batch_size: int = 16) -> float:
     """Teacher-forced negative log-likelihood per answer token of the reference answers (lower is better): a
-    signal for every task even while generations are still unparsable."""
+    signal for every task even while generations are still unparsable.
+
+    Rows run in batches of similar length (right-padded); the prefix every row of a batch shares is computed once
+    (KV cache), and the LM head runs only at positions that predict an answer token.
+    """
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
+    order = sorted(range(count), key=lambda i: len(dataset.tokens(i)))
     try:
-        for i in range(count):
-            ids = torch.tensor(dataset.tokens(i), dtype=torch.long, device=device)[None]
-            labels = torch.tensor(dataset.tokens(i, "labels"), dtype=torch.long, device=device)[None]
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
-                                                       ignore_index=-100, reduction="sum").item()
-            tokens += int((labels[:, 1:] != -100).sum())
+        for start in range(0, count, batch_size):
+            rows = order[start:start + batch_size]
+            seqs = [dataset.tokens(i).tolist() for i in rows]
+            labels = [dataset.tokens(i, "labels").tolist() for i in rows]
+            # the last prompt token predicts the first answer token: it stays out of the cached prefix
+            shared = max(0, min(common_prefix_length(seqs), min(dataset.prompt_length(i) for i in rows) - 1))
+            cache = prefix_cache(model, seqs[0][:shared], len(rows), device)
+            width = max(len(s) for s in seqs) - shared
+            ids = torch.zeros((len(rows), width), dtype=torch.long)
+            targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+            mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
+            mask[:, :shared] = 1
+            for row, (seq, label) in enumerate(zip(seqs, labels)):
+                ids[row, :len(seq) - shared] = torch.as_tensor(seq[shared:])
+                targets[row, :len(seq) - shared - 1] = torch.as_tensor(label[shared + 1:])  # t predicts t+1
+                mask[row, shared:len(seq)] = 1
+            keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+            positions = torch.arange(shared, shared + width)[None].expand(len(rows), -1)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), past_key_values=cache, use_cache=cache is not None,
+                           logits_to_keep=keep.to(device)).logits.float()
+            picked = targets[:, keep].to(device)
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), picked.flatten(), ignore_index=IGNORE,
+                                                       reduction="sum").item()
+            tokens += int((picked != IGNORE).sum())
     finally:
         model.train(was_training)
     return round(total / max(tokens, 1), 6)
@@ -113,7 +171,7 @@ def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, c
     outputs = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, device)
     metrics = task.score(outputs, records)
     metrics.update(task.model_metrics(model, tokenizer, records, device))
-    metrics["answer_nll"] = answer_nll(model, dataset, count, device)
+    metrics["answer_nll"] = answer_nll(model, dataset, count, device, config.batch_size)
     metrics["samples"] = count
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     if reports is not None:

@@ -19,7 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from recipes.errors import InputError
 from trainer.adapter_base import adapter_record, check_base
+from recipes.schema import ModelConfig
 from trainer.model import DTYPES, check_adapter_folder
+from trainer.model_source import resolve_model_path
 
 
 def adapter_info(adapter_dir: Path) -> dict:
@@ -29,6 +31,14 @@ def adapter_info(adapter_dir: Path) -> dict:
     info.setdefault("quantization", "none")
     info.setdefault("dtype", "float32")
     return info
+
+
+def base_model_path(info: dict, base: str | None = None) -> str:
+    """The folder to merge onto: `base` when given, else the base the adapter was trained on (multitune.json); a
+    shortcut or GGUF file resolves to its converted folder in the run's model cache, as in training."""
+    return resolve_model_path(ModelConfig(name_or_path=base or info["base_model"],
+                                          gguf_file=None if base else info.get("gguf_file"),
+                                          cache_dir=info.get("model_cache_dir", "cache/models")))
 
 
 def load_base_for_merge(info: dict, base: str, onto: str) -> torch.nn.Module:
@@ -71,10 +81,10 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None, onto: s
     if onto not in ("dequantized", "original"):
         raise InputError(f"--onto must be dequantized or original (got {onto!r})")
     info = adapter_info(adapter_dir)
-    base = base or info["base_model"]
-    check_base(adapter_dir, base, "--base PATH")
     if out.exists():
         raise InputError(f"--out {out} already exists; choose a new folder")
+    check_base(adapter_dir, base or info["base_model"], "--base PATH")
+    base = base_model_path(info, base)
     model = load_base_for_merge(info, base, onto)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,35 +12,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from recipes.errors import InputError
 from recipes.schema import AdapterConfig, ModelConfig
-from trainer.tiny_model import ensure_tiny_model
+from trainer.model_source import resolve_model_path
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
-
-
-def resolve_model_path(config: ModelConfig) -> str:
-    """Build a debug model on first use; a local path must exist, anything else is a hub id for from_pretrained."""
-    if config.tiny is not None:
-        ensure_tiny_model(config.tiny, config.name_or_path)
-    check_model_path(config.name_or_path, "model.name_or_path")
-    return config.name_or_path
-
-
-def check_model_path(name_or_path: str, field: str) -> None:
-    """InputError naming `field` unless `name_or_path` is an existing folder or could be a hub id (`org/name`):
-    `cache/models/x` that is not there is a missing folder, not a malformed repo id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return
-    try:
-        if name_or_path.startswith((".", "/", "~")):
-            raise HFValidationError("a path")
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        raise InputError(f"{field}: folder not found: {name_or_path}") from None
 
 
 def check_adapter_folder(adapter: Path) -> None:
@@ -164,6 +140,7 @@ def lora_config(adapter: AdapterConfig, task_type: str | None = "CAUSAL_LM") -> 
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=adapter.target_modules,
+        layers_to_transform=adapter.layers_to_transform,
         task_type=task_type,
     )
 

@@ -26,8 +26,8 @@ from trainer.model import (
     check_adapter_folder,
     keep_4bit_weights_differentiable,
     lora_config,
-    resolve_model_path,
 )
+from trainer.model_source import resolve_model_path
 
 CONFIG_FILE = "sequence_model.json"
 WEIGHTS_FILE = "sequence_model.safetensors"  # every trainable weight outside the PEFT adapter

@@ -122,7 +122,10 @@ def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Rec
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    info = {**record_base(tmp, recipe.model.name_or_path), "task": recipe.task, "data_hash": data_hash,
+    # a shortcut or .gguf base is found again (merge, export) in the same converted-model cache
+    info = {**record_base(tmp, recipe.model.name_or_path), "gguf_file": recipe.model.gguf_file,
+            "model_cache_dir": str(Path(recipe.model.cache_dir).expanduser().resolve()),
+            "task": recipe.task, "data_hash": data_hash,
             "quantization": recipe.model.quantization, "dtype": recipe.model.dtype,
             "double_quant": recipe.model.double_quant, "compute_dtype": recipe.model.compute_dtype,
             # What `infer` and `serve` need to build exactly the prompts training saw.
