@@ -162,14 +162,19 @@ class _UnseenLabels:
     def counted(self, rows: Iterator[tuple[str, Record]]) -> Iterator[tuple[str, Record]]:
         for split, record in rows:
             if split == "eval":
-                for field, value in self.task.unseen_labels(record):
-                    self.counts.setdefault(field, {}).setdefault(value, 0)
-                    self.counts[field][value] += 1
+                count_unseen(self.task, record, self.counts)
             yield split, record
 
     def warn(self) -> None:
         if self.counts:
             log.warning("data: %s", describe_unseen(self.counts, "eval rows", "counted, scored as they are"))
+
+
+def count_unseen(task: Task, record: Record, counts: dict[str, dict[str, int]]) -> None:
+    """Add `record`'s labels outside the task's label sets to `counts` (field → value → rows)."""
+    for field, value in task.unseen_labels(record):
+        counts.setdefault(field, {}).setdefault(value, 0)
+        counts[field][value] += 1
 
 
 def describe_unseen(counts: dict[str, dict[str, int]], rows: str, consequence: str) -> str:

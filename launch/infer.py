@@ -18,7 +18,7 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
     flagged (`valid: false` plus `problems`), never dropped. Prompts are built as in training: the task's label sets
     come from the adapter folder (or, for the base model, from the recipe's prepared data), the input file is read
     through `data.columns`. Returns counts of rows and valid rows."""
-    from data_prep.prepare import describe_unseen, prepare
+    from data_prep.prepare import count_unseen, describe_unseen, prepare
     from data_prep.tasks import task_for
     from trainer.evaluate import generate_answers, load_for_eval
     from trainer.merge import adapter_info
@@ -37,9 +37,7 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
     task = task.with_labels(labels)
     unseen: dict[str, dict[str, int]] = {}
     for row in rows:
-        for field, value in task.unseen_labels(row):
-            unseen.setdefault(field, {}).setdefault(value, 0)
-            unseen[field][value] += 1
+        count_unseen(task, row, unseen)
     if unseen:
         log.warning("--input %s: %s", input_path, describe_unseen(unseen, "rows", "the model can only answer with "
                                                                              "trained labels"))

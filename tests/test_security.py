@@ -43,7 +43,10 @@ def unsafe_calls(path: Path) -> list[str]:
             found.append(f"{where}: trust_remote_code=True hard-wired")
         if any(k.arg == "safe_serialization" and getattr(k.value, "value", True) is False for k in call.keywords):
             found.append(f"{where}: safe_serialization=False")
-        if owner in MODEL_CLASSES and attr == "from_pretrained" and not keyword_is_true(call, "use_safetensors"):
+        # A GGUF file (gguf_file=...) is a plain tensor container that transformers parses itself: no pickle.
+        gguf = any(k.arg == "gguf_file" for k in call.keywords)
+        if owner in MODEL_CLASSES and attr == "from_pretrained" and not keyword_is_true(call, "use_safetensors") \
+                and not gguf:
             # model.py passes its options as **kwargs, built right above with "use_safetensors": True
             if not (any(k.arg is None for k in call.keywords) and '"use_safetensors": True' in source):
                 found.append(f"{where}: {owner}.from_pretrained without use_safetensors=True")

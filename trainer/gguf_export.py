@@ -155,6 +155,7 @@ def export_adapter(adapter_dir: Path, out: Path, kind: str = "f16", base: str | 
     from transformers import AutoTokenizer
 
     from trainer.merge import adapter_info, base_model_path, load_base_for_merge
+    from trainer.model import check_adapter_folder
     from trainer.model_source import CONVERTED_FILE
 
     if kind not in TYPES:
@@ -163,6 +164,7 @@ def export_adapter(adapter_dir: Path, out: Path, kind: str = "f16", base: str | 
         raise InputError(f"--gguf {out}: the file name must end in .gguf")
     if out.exists():
         raise InputError(f"--gguf {out} already exists; choose a new file name")
+    check_adapter_folder(adapter_dir)  # safetensors weights only, before anything is loaded
     info = adapter_info(adapter_dir)
     base_path = base_model_path(info, base)
     model = load_base_for_merge(info, base_path, "dequantized")
