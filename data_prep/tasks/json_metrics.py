@@ -84,10 +84,15 @@ NO_ANSWER = "(no answer)"
 CLOSED_SET_MAX = 50
 
 
+def is_closed_set(distinct: int, rows: int) -> bool:
+    """Whether a field with `distinct` values over `rows` rows is a closed set (see CLOSED_SET_MAX)."""
+    return distinct <= min(CLOSED_SET_MAX, rows // 2)
+
+
 def closed_set_fields(references: list[dict[str, Any]], fields: tuple[str, ...]) -> tuple[str, ...]:
-    """The `fields` whose reference values form a closed set (see CLOSED_SET_MAX)."""
-    limit = min(CLOSED_SET_MAX, len(references) // 2)
-    return tuple(f for f in fields if len({_normalise(r.get(f)) for r in references if r}) <= limit)
+    """The `fields` whose reference values form a closed set."""
+    return tuple(f for f in fields
+                 if is_closed_set(len({_normalise(r.get(f)) for r in references if r}), len(references)))
 
 
 def class_report(field: str, predictions: list[Any], references: list[Any], known: list[str] = ()) -> ClassReport:

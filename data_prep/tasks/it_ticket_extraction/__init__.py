@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from data_prep.readers import FieldError
 from data_prep.tasks.base import ChatExample, Record, Task
 from data_prep.tasks.it_ticket_extraction.generator import generate_incidents
-from data_prep.tasks.json_metrics import (CLOSED_SET_MAX, class_reports, closed_set_fields, parse_json_object,
-                                         schema_problems, score_extraction)
+from data_prep.tasks.json_metrics import (CLOSED_SET_MAX, class_reports, closed_set_fields, is_closed_set,
+                                         parse_json_object, schema_problems, score_extraction)
 from recipes.errors import InputError
 
 FIELDS = ("category", "subcategory", "assignment_group", "priority", "impact", "affected_service",
@@ -91,7 +91,7 @@ class ITTicketExtraction(Task):
         if self.closed is not None:
             closed = self.closed
         else:
-            closed = tuple(f for f in self.fields if len(seen[f]) <= min(CLOSED_SET_MAX, rows // 2))
+            closed = tuple(f for f in self.fields if is_closed_set(len(seen[f]), rows))
         values = {f: (self.values or {}).get(f) or sorted(seen[f]) for f in closed}
         return {"closed_fields": list(closed), "values": values}
 
