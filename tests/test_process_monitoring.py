@@ -432,3 +432,32 @@ def test_recipe_checks_for_process_monitoring(tmp_path, change, message):
 
     with pytest.raises(InputError, match="not a readable CSV"):
         read_event_log(empty, COLUMNS)
+
+
+def test_lora_on_chosen_layers_of_the_backbone_round_trips(tiny_model_dir, tmp_path):
+    """`adapter.layers_to_transform` on the bare backbone (module names `layers.N.`, no `model.` prefix): LoRA lands
+    in exactly the chosen layer, and the saved adapter loads back onto the base with the same predictions."""
+    from recipes.schema import AdapterConfig
+    from trainer.process_monitoring import EventBatch, predict
+    from trainer.sequence_model import build_sequence_model, load_sequence_model, save_sequence_model
+
+    spec = _spec("causal_lm", tiny_model_dir)
+    spec["adapter"] = AdapterConfig(kind="lora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                    layers_to_transform=[1]).model_dump()
+    torch.manual_seed(2)
+    model = build_sequence_model(spec, torch.device("cpu"))
+    lora_layers = {name.split("layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_" in name}
+    assert lora_layers == {"1"}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_sequence_model(model, weights, spec, tmp_path / "adapter")
+    loaded, _ = load_sequence_model(tmp_path / "adapter", torch.device("cpu"))
+    n = 5
+    batch = EventBatch(torch.randint(2, 8, (1, n, 3)), torch.randn(1, n, 5), torch.arange(n)[None],
+                       torch.zeros(1, n, dtype=torch.long), torch.zeros(1, n, dtype=torch.long), torch.zeros(1, n),
+                       torch.full((1, n), -1), n, n)
+    with torch.no_grad():
+        assert torch.equal(predict(model.eval(), batch, torch.float32)[0], predict(loaded, batch, torch.float32)[0])

@@ -30,7 +30,7 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_tokens(tiny_model
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(model, lora_config(AdapterConfig(r=4, dropout=0.0)))
+    model = get_peft_model(model, lora_config(AdapterConfig(r=4, dropout=0.0), model))
     for name, p in model.named_parameters():  # non-zero B so every LoRA weight gets a gradient
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)

@@ -105,7 +105,7 @@ def prepare_for_training(model, quantized: bool, adapter: AdapterConfig, gradien
         model.enable_input_require_grads()
     model.config.use_cache = False
     if adapter.kind == "lora":
-        model = get_peft_model(model, lora_config(adapter))
+        model = get_peft_model(model, lora_config(adapter, model))
     return model
 
 
@@ -133,16 +133,33 @@ def bnb_config(config: ModelConfig) -> BitsAndBytesConfig:
     )
 
 
-def lora_config(adapter: AdapterConfig, task_type: str | None = "CAUSAL_LM") -> LoraConfig:
-    """`task_type=None` for a bare backbone (`AutoModel`, fed `inputs_embeds`) rather than a causal LM."""
+def lora_config(adapter: AdapterConfig, model: torch.nn.Module, task_type: str | None = "CAUSAL_LM") -> LoraConfig:
+    """`task_type=None` for a bare backbone (`AutoModel`, fed `inputs_embeds`) rather than a causal LM.
+
+    `layers_to_transform` comes with the name of `model`'s decoder-layer list as peft's `layers_pattern`: without it
+    peft finds the layer index only under a prefix (`model.layers.3.`), so a bare backbone (`layers.3.`) matched no
+    module at all.
+    """
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=adapter.target_modules,
         layers_to_transform=adapter.layers_to_transform,
+        layers_pattern=None if adapter.layers_to_transform is None else decoder_layers_name(model),
         task_type=task_type,
     )
+
+
+def decoder_layers_name(model: torch.nn.Module) -> str:
+    """The attribute name of `model`'s longest `nn.ModuleList` (its decoder layers: `layers` in Llama, `h` in GPT-2).
+
+    Raises InputError when the model has no module list to index.
+    """
+    lists = [(len(module), name) for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList)]
+    if not lists:
+        raise InputError("adapter.layers_to_transform: this model has no list of decoder layers to index")
+    return max(lists)[1].rsplit(".", 1)[-1]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -152,7 +152,7 @@ def load_backbone(config: ModelConfig, adapter: AdapterConfig, device: torch.dev
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone.config.use_cache = False
     if adapter.kind == "lora":
-        return get_peft_model(backbone, lora_config(adapter, task_type=None))
+        return get_peft_model(backbone, lora_config(adapter, backbone, task_type=None))
     if freeze:
         backbone.requires_grad_(False)
     return backbone if config.quantization == "nf4" else backbone.to(device)
