@@ -22,8 +22,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPAT
 
 
 def model_dir() -> Path:
-    from recipes.schema import TinyModelSpec
-    from trainer.tiny_model import ensure_tiny_model
+    from multitune.recipes.schema import TinyModelSpec
+    from multitune.trainer.tiny_model import ensure_tiny_model
 
     path = WORK / "models" / "tiny-llama-256"
     ensure_tiny_model(TinyModelSpec(**MODEL_SPEC), str(path))
@@ -32,7 +32,7 @@ def model_dir() -> Path:
 
 def ticket_jsonl(rows: int, seed: int = 0) -> Path:
     """`rows` generated support tickets as a user's JSONL file (100k distinct texts, repeated beyond that)."""
-    from data_prep.tasks import get_task
+    from multitune.data_prep.tasks import get_task
 
     path = WORK / "data" / f"tickets-{rows}.jsonl"
     if path.is_file():

@@ -14,11 +14,11 @@ import torch
 
 
 def main() -> None:
-    from data_prep.prepare import prepare
-    from data_prep.shards import ShardedDataset
-    from data_prep.tasks import task_for
-    from recipes.loader import load_recipe
-    from trainer.evaluate import answer_nll, eval_records, generate_answers, load_for_eval
+    from multitune.data_prep.prepare import prepare
+    from multitune.data_prep.shards import ShardedDataset
+    from multitune.data_prep.tasks import task_for
+    from multitune.recipes.loader import load_recipe
+    from multitune.trainer.evaluate import answer_nll, eval_records, generate_answers, load_for_eval
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("recipe")

@@ -51,8 +51,8 @@ def planner_estimate(spec: Spec, gpu_gib: float) -> dict:
     """launch/plan.py's per-GPU peak for the same shapes and settings (1 GPU, micro-batch = one packed row, every
     position a target, as in these runs)."""
     from bench.gpu_model import CONFIGS, shipped_config
-    from launch.plan import GIB, Setup, estimate, model_shape
-    from recipes.schema import Recipe
+    from multitune.launch.plan import GIB, Setup, estimate, model_shape
+    from multitune.recipes.schema import Recipe
 
     sharded = spec.strategy in ("fsdp", "zero3")
     recipe = Recipe.model_validate({

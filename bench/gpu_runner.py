@@ -88,12 +88,12 @@ def matmul_peak(device: torch.device, size: int = 8192, iters: int = 50) -> dict
 
 def multitune(spec: Spec) -> dict:
     from bench.gpu_model import build_random_nf4, shipped_config
-    from recipes.schema import AdapterConfig
-    from trainer.batches import MicroBatchStream, Position, attention_mask_for, plan_micro_batches
-    from trainer.distributed import Distributed, make_accelerator
-    from trainer.loop import accumulate_gradients
-    from trainer.model import prepare_for_training
-    from trainer.workload import token_loss_sum
+    from multitune.recipes.schema import AdapterConfig
+    from multitune.trainer.batches import MicroBatchStream, Position, attention_mask_for, plan_micro_batches
+    from multitune.trainer.distributed import Distributed, make_accelerator
+    from multitune.trainer.loop import accumulate_gradients
+    from multitune.trainer.model import prepare_for_training
+    from multitune.trainer.workload import token_loss_sum
 
     torch.manual_seed(spec.seed)
     accelerator = make_accelerator(spec.strategy, "bfloat16", spec.grad_accum, 1.0)
@@ -160,7 +160,7 @@ def trl(spec: Spec) -> dict:
 
     from bench.common import WORK
     from bench.gpu_model import build_random_nf4, shipped_config
-    from trainer.tiny_model import build_tokenizer
+    from multitune.trainer.tiny_model import build_tokenizer
 
     disable_progress_bars()
     torch.manual_seed(spec.seed)
@@ -224,7 +224,7 @@ def _reset_peak(device: torch.device) -> None:
 def _memory(device: torch.device) -> dict:
     """Peak GPU memory since the reset after the model was built (its one transient bf16 layer is not in it),
     allocated and reserved by the caching allocator; on CPU the process's peak RSS."""
-    from trainer.memory import peak_memory_gb
+    from multitune.trainer.memory import peak_memory_gb
 
     if device.type != "cuda":
         return {"peak_allocated_gib": peak_memory_gb(device), "peak_reserved_gib": None}

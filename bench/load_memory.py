@@ -29,10 +29,10 @@ def main(model_dir: str, ordinary: bool, qlora: bool) -> None:
     import torch
     import torch.distributed as dist
 
-    from recipes.schema import AdapterConfig, ModelConfig, TinyModelSpec
-    from trainer.distributed import Distributed, make_accelerator, shard_fsdp2
-    from trainer.model import load_model
-    from trainer.tiny_model import ensure_tiny_model
+    from multitune.recipes.schema import AdapterConfig, ModelConfig, TinyModelSpec
+    from multitune.trainer.distributed import Distributed, make_accelerator, shard_fsdp2
+    from multitune.trainer.model import load_model
+    from multitune.trainer.tiny_model import ensure_tiny_model
 
     spec = TinyModelSpec(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=2816)
     accelerator = make_accelerator("fsdp", "float32", 1, None)

@@ -14,8 +14,8 @@ def task_lengths() -> np.ndarray:
     """Token lengths of every text task's generated data, rendered with the chat template (prompt + answer)."""
     from transformers import AutoTokenizer
 
-    from data_prep.tasks import get_task
-    from data_prep.tokenize import tokenize_examples
+    from multitune.data_prep.tasks import get_task
+    from multitune.data_prep.tokenize import tokenize_examples
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
     lengths = []
@@ -33,7 +33,7 @@ def long_tail_lengths(budget: int, n: int = 20_000) -> np.ndarray:
 
 
 def multitune_efficiency(lengths: np.ndarray, budget: int) -> float:
-    from data_prep.packing import best_fit_decreasing
+    from multitune.data_prep.packing import best_fit_decreasing
 
     rows = best_fit_decreasing(lengths, budget)
     return float(lengths.sum() / (len(rows) * budget))

@@ -15,16 +15,16 @@ import time
 from pathlib import Path
 
 from bench.common import model_dir
-from data_prep.tasks import get_task
+from multitune.data_prep.tasks import get_task
 
 TASK = get_task("ticket_classification")
 MAX_LEN = 2048
 
 
 def multitune(jsonl: Path, out: Path) -> dict:
-    from data_prep.prepare import prepare
-    from recipes.schema import DataConfig, ModelConfig
-    from trainer.model import load_tokenizer
+    from multitune.data_prep.prepare import prepare
+    from multitune.recipes.schema import DataConfig, ModelConfig
+    from multitune.trainer.model import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir())))
     started = time.perf_counter()

@@ -79,7 +79,7 @@ def startup() -> dict:
     log = WORK / "startup" / "run" / "log.jsonl"
     shutil.rmtree(log.parent, ignore_errors=True)
     launched = time.time()
-    process = subprocess.Popen([python(), "-m", "launch.cli", "train", str(path), "--overwrite"], cwd=REPO, env=ENV,
+    process = subprocess.Popen([python(), "-m", "multitune.launch.cli", "train", str(path), "--overwrite"], cwd=REPO, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (log.is_file() and '"step": 1' in log.read_text()):
         if process.poll() is not None and not log.is_file():

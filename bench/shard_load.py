@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 
-from data_prep.shards import ShardedDataset
+from multitune.data_prep.shards import ShardedDataset
 
 
 def main(split: str) -> dict:

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import TARGET_MODULES, model_dir
-from data_prep.prepare import prepare
-from data_prep.shards import ShardedDataset
-from data_prep.tasks import get_task
-from data_prep.tokenize import IGNORE
-from recipes.schema import AdapterConfig, DataConfig, GeneratorSpec, ModelConfig
-from trainer.batches import MicroBatchStream, attention_mask_for, plan_micro_batches
-from trainer.workload import token_loss_sum
-from trainer.model import load_model, load_tokenizer
+from multitune.data_prep.prepare import prepare
+from multitune.data_prep.shards import ShardedDataset
+from multitune.data_prep.tasks import get_task
+from multitune.data_prep.tokenize import IGNORE
+from multitune.recipes.schema import AdapterConfig, DataConfig, GeneratorSpec, ModelConfig
+from multitune.trainer.batches import MicroBatchStream, attention_mask_for, plan_micro_batches
+from multitune.trainer.workload import token_loss_sum
+from multitune.trainer.model import load_model, load_tokenizer
 
 REPEATS = 5
 

@@ -23,7 +23,7 @@ SEED, LR, STEP_TOKENS, ROW_LEN = 0, 1e-3, 4096, 512
 
 
 def records() -> list[dict]:
-    from data_prep.tasks import get_task
+    from multitune.data_prep.tasks import get_task
 
     return get_task("ticket_classification").generate(ROWS + 8, SEED)[:ROWS]  # multitune's train split
 
@@ -43,7 +43,7 @@ def multitune(out: Path) -> dict:
     }
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    subprocess.run([sys.executable, "-m", "launch.cli", "train", str(path), "--overwrite"], cwd=REPO, env=ENV,
+    subprocess.run([sys.executable, "-m", "multitune.launch.cli", "train", str(path), "--overwrite"], cwd=REPO, env=ENV,
                    check=True, capture_output=True)
     steps = [e for e in map(json.loads, (out / "run" / "log.jsonl").read_text().splitlines()) if "eval" not in e]
     seconds = sum(e["tokens"] / e["tokens_per_s"] for e in steps)
@@ -58,8 +58,8 @@ def trl(out: Path, packed: bool, startup: bool = False) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from data_prep.tasks import get_task
-    from data_prep.tokenize import tokenize_examples
+    from multitune.data_prep.tasks import get_task
+    from multitune.data_prep.tokenize import tokenize_examples
 
     disable_progress_bars()
     task = get_task("ticket_classification")

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 # Placeholders for message contents while rendering (plane-15 private use), sentinels for control tokens while
 # encoding (plane-16 private use). Sentinel characters pasted into content are replaced by U+FFFD (see _clean).

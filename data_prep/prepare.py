@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from data_prep.shards import SCHEMA, ShardWriter, list_column
-from data_prep.tasks import Record, Task
-from data_prep.chat_encoding import chat_encoder
-from data_prep.tokenize import IGNORE, TokenizedBatch, labelled, tokenize_examples, tokenizer_fingerprint
-from recipes.errors import InputError, RunStopped
-from recipes.schema import DataConfig
+from multitune.data_prep.shards import SCHEMA, ShardWriter, list_column
+from multitune.data_prep.tasks import Record, Task
+from multitune.data_prep.chat_encoding import chat_encoder
+from multitune.data_prep.tokenize import IGNORE, TokenizedBatch, labelled, tokenize_examples, tokenizer_fingerprint
+from multitune.recipes.errors import InputError, RunStopped
+from multitune.recipes.schema import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 Record = dict[str, Any]
 

@@ -6,10 +6,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from data_prep.chat_encoding import chat_encoder
+from multitune.data_prep.chat_encoding import chat_encoder
 
 if TYPE_CHECKING:  # tasks import IGNORE from here; a runtime import back would be circular
-    from data_prep.tasks.base import ChatExample
+    from multitune.data_prep.tasks.base import ChatExample
 
 IGNORE = -100
 

@@ -9,8 +9,8 @@ import re
 import sys
 from pathlib import Path
 
-from launch import results, slurm, sweep
-from recipes.errors import InputError, RunStopped, is_disk_full
+from multitune.launch import results, slurm, sweep
+from multitune.recipes.errors import InputError, RunStopped, is_disk_full
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 def _load(args):
-    from data_prep.tasks import task_for
-    from recipes.loader import load_recipe
+    from multitune.data_prep.tasks import task_for
+    from multitune.recipes.loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     task_for(recipe)  # the task exists and takes the recipe's task options
@@ -190,7 +190,7 @@ def _load_chat(args):
 def cmd_validate(args) -> int:
     recipe = _load(args)
     if recipe.distributed.strategy != "single":
-        from launch.distributed import resolve_config
+        from multitune.launch.distributed import resolve_config
 
         resolve_config(recipe)
     rendered = _render_one_example(recipe) if recipe.process is None else None  # fails before any "ok"
@@ -204,9 +204,9 @@ def cmd_validate(args) -> int:
 def _render_one_example(recipe) -> str:
     """One example of the recipe's data encoded through the model's chat template, as prep will: a template that
     fails does so here, in one line, rather than in `train`."""
-    from data_prep.chat_encoding import chat_encoder
-    from data_prep.tasks import task_for
-    from trainer.model import tokenizer_for_check
+    from multitune.data_prep.chat_encoding import chat_encoder
+    from multitune.data_prep.tasks import task_for
+    from multitune.trainer.model import tokenizer_for_check
 
     tokenizer = tokenizer_for_check(recipe.model)
     if tokenizer is None:
@@ -225,8 +225,8 @@ def _render_one_example(recipe) -> str:
 
 
 def cmd_prep(args) -> int:
-    from data_prep.tasks import task_for
-    from trainer.workload import workload_for
+    from multitune.data_prep.tasks import task_for
+    from multitune.trainer.workload import workload_for
 
     recipe = _load(args)
     prepared = workload_for(recipe, task_for(recipe)).prepare()  # the same shards (and cache key) train uses
@@ -249,9 +249,9 @@ def cmd_train(args) -> int:
         return _launch(recipe, args)  # not yet inside a launched rank: start this machine's ranks
     import torch.distributed
 
-    from trainer.distributed import leave_process_group
-    from trainer.loop import train
-    from trainer.preemption import Preempted
+    from multitune.trainer.distributed import leave_process_group
+    from multitune.trainer.loop import train
+    from multitune.trainer.preemption import Preempted
 
     try:
         train(recipe, resume=args.resume or args.force_resume, overwrite=args.overwrite,
@@ -274,7 +274,7 @@ def cmd_train(args) -> int:
 def _launch(recipe, args) -> int:
     import subprocess
 
-    from launch.distributed import LaunchFlags, launch_command
+    from multitune.launch.distributed import LaunchFlags, launch_command
 
     flags = LaunchFlags(args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip,
                         args.main_process_port)
@@ -284,7 +284,7 @@ def _launch(recipe, args) -> int:
     print("[multitune] " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     code = subprocess.run(cmd, env=env).returncode
     if code != 0:  # a rank failed or died; the launcher has ended the others and printed which one
-        from trainer.checkpoint import list_checkpoints
+        from multitune.trainer.checkpoint import list_checkpoints
 
         kept = list_checkpoints(recipe.output_path / "checkpoints")
         raise RunStopped(f"a training rank failed (accelerate launch exited with {code}, its report above names "
@@ -294,8 +294,8 @@ def _launch(recipe, args) -> int:
 
 
 def cmd_slurm(args) -> int:
-    from launch.scheduler import wait
-    from trainer.run_files import check_output_dir
+    from multitune.launch.scheduler import wait
+    from multitune.trainer.run_files import check_output_dir
 
     recipe = _load(args)
     options = slurm.options_from_args(args)
@@ -330,9 +330,9 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from trainer.evaluate import evaluate_recipe
-    from trainer.judge import Judge
-    from trainer.retrieval import Retriever, load_passages
+    from multitune.trainer.evaluate import evaluate_recipe
+    from multitune.trainer.judge import Judge
+    from multitune.trainer.retrieval import Retriever, load_passages
 
     endpoint = _endpoint_client(args, (args.endpoint, "--endpoint"), (args.endpoint_model, "--endpoint-model"),
                                 args.api_key_env)
@@ -360,14 +360,14 @@ def _endpoint_client(args, url: tuple[str | None, str], model: tuple[str | None,
         raise InputError(f"{url[1]} and {model[1]} go together: give both")
     if args.endpoint_retries < 0 or args.endpoint_timeout <= 0:
         raise InputError("--endpoint-retries must be >= 0 and --endpoint-timeout > 0")
-    from trainer.endpoint import EndpointClient, EndpointSpec
+    from multitune.trainer.endpoint import EndpointClient, EndpointSpec
 
     return EndpointClient(EndpointSpec(url[0], model[0], key_env, timeout_s=args.endpoint_timeout,
                                        max_retries=args.endpoint_retries))
 
 
 def cmd_infer(args) -> int:
-    from launch.infer import run_inference
+    from multitune.launch.infer import run_inference
 
     counts = run_inference(_load_chat(args), Path(args.adapter) if args.adapter else None, Path(args.input),
                            Path(args.output), args.batch_size)
@@ -376,7 +376,7 @@ def cmd_infer(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from launch.grid import parse_params, run_grid
+    from multitune.launch.grid import parse_params, run_grid
 
     params = parse_params(args.param)
     _load(args)
@@ -388,7 +388,7 @@ def cmd_grid(args) -> int:
 def cmd_serve(args) -> int:
     import torch
 
-    from launch.serve import load_chat_model, serve
+    from multitune.launch.serve import load_chat_model, serve
 
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     chat = load_chat_model(args.model, Path(args.adapter) if args.adapter else None, dtype, args.served_name,
@@ -398,7 +398,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from trainer.merge import merge_adapter
+    from multitune.trainer.merge import merge_adapter
 
     out = merge_adapter(Path(args.adapter), Path(args.out), base=args.base, onto=args.onto)
     print(f"merged model written to {out}")
@@ -406,7 +406,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from trainer.gguf_export import export_adapter
+    from multitune.trainer.gguf_export import export_adapter
 
     out = export_adapter(Path(args.adapter), Path(args.gguf), args.type, base=args.base)
     print(f"GGUF ({args.type}) written to {out} ({out.stat().st_size / 2**20:.0f} MiB)")
@@ -414,7 +414,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from launch.plan import plan_recipe
+    from multitune.launch.plan import plan_recipe
 
     plan, report = plan_recipe(_load(args), args.gpus, args.gpu_mem, args.target_fraction, args.gpus_per_node,
                                args.cpu_mem)
@@ -423,8 +423,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from recipes.schema import TinyModelSpec
-    from trainer.tiny_model import build_tiny_model
+    from multitune.recipes.schema import TinyModelSpec
+    from multitune.trainer.tiny_model import build_tiny_model
 
     out = Path(args.out)
     if out.exists():

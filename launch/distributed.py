@@ -1,4 +1,4 @@
-"""`multitune train` for multi-process strategies: build the `accelerate launch ... -m trainer RECIPE` command."""
+"""`multitune train` for multi-process strategies: build the `accelerate launch ... -m multitune train RECIPE` command."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.accelerate_config import resolve_accelerate_config
+from multitune.recipes.accelerate_config import resolve_accelerate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def launch_command(recipe, recipe_path: str, trainer_args: list[str], flags: Lau
         cmd += ["--main_process_ip", flags.main_process_ip]
     # One machine: a free port, so concurrent jobs on a host never collide. Several: all must name the same one.
     port = flags.main_process_port or (free_port() if flags.num_machines == 1 else 29500)
-    cmd += ["--main_process_port", str(port), "-m", "trainer", recipe_path, *trainer_args]
+    cmd += ["--main_process_port", str(port), "-m", "multitune", "train", recipe_path, *trainer_args]
     env = dict(os.environ)
     # DeepSpeed JIT-compiles a communication op on first use (~1 min); keep the build between runs.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / "cache" / "torch_extensions"))

@@ -7,7 +7,7 @@ import itertools
 import re
 from pathlib import Path
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 
 def parse_params(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -28,9 +28,9 @@ def parse_params(items: list[str]) -> list[tuple[str, list[str]]]:
 
 def run_grid(recipe_path: str, overrides: list[str], params: list[tuple[str, list[str]]]) -> Path:
     """Runs go to `<output_dir>/grid/<name>/`; writes `results.csv`, `losses.csv` and `loss.png` beside them."""
-    from recipes.loader import load_recipe
-    from trainer.loop import train
-    from trainer.run_files import RunLog
+    from multitune.recipes.loader import load_recipe
+    from multitune.trainer.loop import train
+    from multitune.trainer.run_files import RunLog
 
     base = load_recipe(recipe_path, overrides)
     grid_dir = base.output_path / "grid"

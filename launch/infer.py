@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -18,11 +18,11 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
     flagged (`valid: false` plus `problems`), never dropped. Prompts are built as in training: the task's label sets
     come from the adapter folder (or, for the base model, from the recipe's prepared data), the input file is read
     through `data.columns`. Returns counts of rows and valid rows."""
-    from data_prep.prepare import count_unseen, describe_unseen, prepare
-    from data_prep.tasks import task_for
-    from trainer.evaluate import generate_answers, load_for_eval
-    from trainer.merge import adapter_info
-    from trainer.model import load_tokenizer
+    from multitune.data_prep.prepare import count_unseen, describe_unseen, prepare
+    from multitune.data_prep.tasks import task_for
+    from multitune.trainer.evaluate import generate_answers, load_for_eval
+    from multitune.trainer.merge import adapter_info
+    from multitune.trainer.model import load_tokenizer
 
     task = task_for(recipe)
     data = recipe.data
@@ -61,6 +61,6 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
 def prompt_ids(task, tokenizer, rows: list[dict]) -> list[list[int]]:
     """Token ids of each row's prompt through the chat template, ending with the generation prompt: the ids training
     masked as prompt for a labelled row."""
-    from data_prep.chat_encoding import chat_encoder
+    from multitune.data_prep.chat_encoding import chat_encoder
 
     return chat_encoder(tokenizer).encode_prompts([task.prompt_messages(row) for row in rows])

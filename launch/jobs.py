@@ -6,8 +6,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.scheduler import scheduler_reason
-from recipes.errors import InputError
+from multitune.launch.scheduler import scheduler_reason
+from multitune.recipes.errors import InputError
 
 
 @dataclass(frozen=True)

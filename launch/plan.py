@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.errors import InputError
-from recipes.schema import Recipe
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import Recipe
 
 GIB = 1024**3
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def model_shape(config, source: str) -> ModelShape:
 
 
 def recipe_shape(recipe: Recipe) -> ModelShape:
-    from trainer.model_source import resolve_model_path
+    from multitune.trainer.model_source import resolve_model_path
 
     config, source = load_config(resolve_model_path(recipe.model), recipe.model.trust_remote_code)
     return model_shape(config, source)
@@ -339,7 +339,7 @@ def _per(shards: int) -> str:
 def offload_flags(recipe: Recipe) -> tuple[bool, bool]:
     """(optimizer offloaded, parameters offloaded) from the recipe and its accelerate config: DeepSpeed's
     offload devices, or FSDP2's parameter offload (which takes gradients and optimizer states along)."""
-    from recipes.accelerate_config import deepspeed_settings, fsdp_offload_params
+    from multitune.recipes.accelerate_config import deepspeed_settings, fsdp_offload_params
 
     settings = deepspeed_settings(recipe)
     if settings:

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from recipes.errors import InputError
-from trainer.tracking import flatten
+from multitune.recipes.errors import InputError
+from multitune.trainer.tracking import flatten
 
 # Keys that differ between every pair of runs by construction and say nothing about the configuration.
 NOT_PARAMETERS = {"output_dir", "tracking.run_name"}
@@ -68,7 +68,7 @@ def _read(path: Path, parse):
 
 def collect_wandb(project: str, entity: str | None) -> list[RunResult]:
     """Finished runs of a W&B project, from the runs' config (the recipe) and summary (what the tracker logged)."""
-    from launch.sweep import require_wandb_online
+    from multitune.launch.sweep import require_wandb_online
 
     require_wandb_online("results --wandb")
     import wandb

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 # Pending reasons (Slurm 22.05, `squeue -o %r`) that no amount of waiting clears: the job asks for more than its
 # partition, QOS or association allows per job, names what does not exist, or depends on a job that failed. Only

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from data_prep.chat_encoding import chat_encoder, stop_token_ids
-from recipes.errors import InputError
+from multitune.data_prep.chat_encoding import chat_encoder, stop_token_ids
+from multitune.recipes.errors import InputError
 
 
 class RequestError(Exception):
@@ -196,10 +196,10 @@ def load_chat_model(model_path: str | None, adapter: Path | None, dtype: str, na
     the base is missing or is not the adapter's."""
     from peft import PeftModel
 
-    from recipes.schema import AdapterConfig, ModelConfig
-    from trainer.adapter_base import check_base
-    from trainer.merge import adapter_info
-    from trainer.model import check_adapter_folder, load_model, load_tokenizer
+    from multitune.recipes.schema import AdapterConfig, ModelConfig
+    from multitune.trainer.adapter_base import check_base
+    from multitune.trainer.merge import adapter_info
+    from multitune.trainer.model import check_adapter_folder, load_model, load_tokenizer
 
     if adapter is None and model_path is None:
         raise InputError("multitune serve: give the base MODEL, an --adapter, or both")

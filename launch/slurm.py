@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.scheduler import scheduler_reason
-from recipes.errors import InputError
+from multitune.launch.scheduler import scheduler_reason
+from multitune.recipes.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "slurm" / "train.sbatch"
@@ -123,7 +123,7 @@ def submit(recipe, recipe_path: str, overrides: list[str], options: SlurmOptions
     """Submit the job; returns the submitit Job. The scheduler's refusal becomes an InputError (one line)."""
     import submitit
 
-    from launch.slurm_task import SlurmTraining
+    from multitune.launch.slurm_task import SlurmTraining
 
     check_options(options, recipe)
     folder = job_folder(recipe)

@@ -1,7 +1,7 @@
 """One rank of a SLURM training job (submitit's or the sbatch template's): rendezvous from the SLURM environment,
 train (resuming after a requeue), and on a preemption/time-limit signal checkpoint and requeue the job.
 
-`srun python -m launch.slurm_task [--max-requeues N] [--overwrite] RECIPE [key=value ...]` in slurm/train.sbatch;
+`srun python -m multitune.launch.slurm_task [--max-requeues N] [--overwrite] RECIPE [key=value ...]` in slurm/train.sbatch;
 `multitune slurm` pickles a `SlurmTraining` that calls the same `run_task`.
 """
 
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 # The lowest port of the range a job's rendezvous port is taken from (job id and restart pick one in 20000).
 PORT_BASE = 20000
@@ -42,14 +42,14 @@ def run_task(recipe_path: str, overrides: list[str], overwrite: bool, max_requeu
     """Train as this task's rank; with `resume`, or after a requeue (SLURM_RESTART_COUNT > 0), continue from the
     newest checkpoint."""
     os.environ.update(rendezvous_env(os.environ))
-    from launch.cli import quiet_library_noise
-    from recipes.loader import load_recipe
-    from trainer.checkpoint import list_checkpoints
+    from multitune.launch.cli import quiet_library_noise
+    from multitune.recipes.loader import load_recipe
+    from multitune.trainer.checkpoint import list_checkpoints
 
     quiet_library_noise()
-    from trainer.distributed import leave_process_group
-    from trainer.loop import train
-    from trainer.preemption import Preempted
+    from multitune.trainer.distributed import leave_process_group
+    from multitune.trainer.loop import train
+    from multitune.trainer.preemption import Preempted
 
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     recipe = load_recipe(recipe_path, overrides)
@@ -115,7 +115,7 @@ class SlurmTraining:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.slurm_task", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m multitune.launch.slurm_task", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the folder the job's logs go to (<output_dir>/slurm) and exit")
     args = parser.parse_args(argv)
     if args.print_log_dir:
-        from launch.slurm import job_folder
-        from recipes.loader import load_recipe
+        from multitune.launch.slurm import job_folder
+        from multitune.recipes.loader import load_recipe
 
         print(job_folder(load_recipe(args.recipe, args.overrides)))
         return 0

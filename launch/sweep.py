@@ -24,12 +24,12 @@ from typing import Any
 
 import yaml
 
-from launch import scheduler
-from launch.jobs import ArrayOptions, check_array_options, run_command, submit_array
-from recipes.errors import InputError, RunStopped
-from recipes.loader import apply_override, validate_recipe
-from recipes.schema import Recipe
-from trainer.tracking import flatten
+from multitune.launch import scheduler
+from multitune.launch.jobs import ArrayOptions, check_array_options, run_command, submit_array
+from multitune.recipes.errors import InputError, RunStopped
+from multitune.recipes.loader import apply_override, validate_recipe
+from multitune.recipes.schema import Recipe
+from multitune.trainer.tracking import flatten
 
 SWEEP_KEYS = ("program", "method", "parameters", "metric", "name", "description", "project", "entity",
               "early_terminate", "run_cap", "command")
@@ -218,9 +218,9 @@ def _check_earlier_trial(trial: Trial, expected: dict[str, Any]) -> None:
 
 def trial_command(program: Path, overrides: list[str], output_dir: Path) -> list[str]:
     """A trial is a plain `multitune train`; continue a started trial, replace one that never checkpointed."""
-    from trainer.checkpoint import list_checkpoints
+    from multitune.trainer.checkpoint import list_checkpoints
 
-    command = [sys.executable, "-m", "launch.cli", "train", str(program), *overrides, override("output_dir",
+    command = [sys.executable, "-m", "multitune.launch.cli", "train", str(program), *overrides, override("output_dir",
                                                                                               str(output_dir))]
     if list_checkpoints(output_dir / "checkpoints"):
         command.append("--resume")
@@ -344,7 +344,7 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 def require_wandb_online(what: str) -> None:
     """Fail fast, in one line, where W&B cannot be reached (no key, offline mode, no network), instead of hanging."""
-    from trainer.tracking import wandb_server_problem
+    from multitune.trainer.tracking import wandb_server_problem
 
     if not os.environ.get("WANDB_API_KEY"):
         raise InputError(f"{what} needs the W&B server: set WANDB_API_KEY (or run a local sweep: "
@@ -450,7 +450,7 @@ def main(args) -> int:
         if args.slurm:
             require_wandb_online("sweep agent")
             out = Path(args.out or Path("runs/sweeps") / args.sweep_id.split("/")[-1])
-            command = [sys.executable, "-m", "launch.cli", "sweep", "agent", args.sweep_id, "--count",
+            command = [sys.executable, "-m", "multitune.launch.cli", "sweep", "agent", args.sweep_id, "--count",
                        str(args.count), "--out", str(out)]
             command += [f"--{k}={v}" for k, v in (("project", args.project), ("entity", args.entity)) if v]
             jobs = submit_array([command] * args.jobs, _array_options(args, out))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_TYPE = {"single": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}

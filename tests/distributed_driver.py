@@ -33,11 +33,11 @@ def cut_back_to_first_checkpoint(run) -> None:
 
 def sample_coverage(recipe) -> None:
     """The exact stream the loop builds on this rank (same plan, seed, rank, world size): samples it yields."""
-    from data_prep.prepare import prepare
-    from data_prep.shards import ShardedDataset
-    from data_prep.tasks import get_task
-    from trainer.batches import MicroBatchStream, plan_micro_batches
-    from trainer.model import load_tokenizer
+    from multitune.data_prep.prepare import prepare
+    from multitune.data_prep.shards import ShardedDataset
+    from multitune.data_prep.tasks import get_task
+    from multitune.trainer.batches import MicroBatchStream, plan_micro_batches
+    from multitune.trainer.model import load_tokenizer
 
     data = ShardedDataset(prepare(get_task(recipe.task), recipe.data, load_tokenizer(recipe.model)).split("train"))
     plan = plan_micro_batches(data.lengths, recipe.data.max_seq_len, recipe.train.micro_batch_tokens,
@@ -58,9 +58,9 @@ def check_loading(recipe) -> None:
     from accelerate.utils import set_seed
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from recipes.accelerate_config import deepspeed_settings
-    from trainer.distributed import Distributed, _without_zero3_init, make_accelerator
-    from trainer.model import load_model
+    from multitune.recipes.accelerate_config import deepspeed_settings
+    from multitune.trainer.distributed import Distributed, _without_zero3_init, make_accelerator
+    from multitune.trainer.model import load_model
 
     accelerator = make_accelerator(recipe.distributed.strategy, recipe.model.dtype, 1, None,
                                    deepspeed_settings(recipe))
@@ -109,9 +109,9 @@ def _everyone(value) -> list:
 
 
 def main(paths: list[str]) -> None:
-    from recipes.loader import load_recipe
-    from trainer.distributed import leave_process_group
-    from trainer.loop import train
+    from multitune.recipes.loader import load_recipe
+    from multitune.trainer.distributed import leave_process_group
+    from multitune.trainer.loop import train
 
     coverage = "--coverage" in paths
     load_check = "--load-check" in paths

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.tasks import get_task  # noqa: E402
-from data_prep.tasks.base import MAX_LINE_BYTES  # noqa: E402
-from data_prep.tasks.ticket_classification.generator import generate_tickets  # noqa: E402
+from multitune.data_prep.tasks import get_task  # noqa: E402
+from multitune.data_prep.tasks.base import MAX_LINE_BYTES  # noqa: E402
+from multitune.data_prep.tasks.ticket_classification.generator import generate_tickets  # noqa: E402
 
 
 @dataclass(frozen=True)

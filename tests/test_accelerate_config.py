@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
-from recipes.errors import InputError
-from recipes.loader import validate_recipe
+from multitune.recipes.errors import InputError
+from multitune.recipes.loader import validate_recipe
 
 from conftest import REPO
 
@@ -79,7 +79,7 @@ def test_fsdp1_config_and_fsdp1_options_are_rejected_under_fsdp2(tmp_path):
 
 
 def test_fsdp2_offload_comes_from_the_config_or_the_recipe_and_only_under_fsdp(tmp_path):
-    from recipes.accelerate_config import fsdp_offload_params
+    from multitune.recipes.accelerate_config import fsdp_offload_params
 
     assert fsdp_offload_params(validate_recipe(recipe(tmp_path, "fsdp", fsdp(fsdp_offload_params=True))))
     assert not fsdp_offload_params(validate_recipe(recipe(tmp_path, "fsdp", fsdp())))
@@ -121,12 +121,12 @@ def test_cli_validate_names_the_config_problem_in_one_line(tmp_path):
     raw = recipe(tmp_path, "fsdp", fsdp(fsdp_sharding_strategy="FULL_SHARD"))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "validate", str(path)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "multitune.launch.cli", "validate", str(path)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "fsdp_sharding_strategy" in result.stderr
     raw["distributed"]["accelerate_config"] = str(tmp_path / "missing.yaml")
     path.write_text(yaml.safe_dump(raw))
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "validate", str(path)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "multitune.launch.cli", "validate", str(path)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "file not found" in result.stderr

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, recipe_dict, write_recipe
 from error_catalogue import CASES, BadInput, render_table
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -71,7 +71,7 @@ def argv(case: BadInput, folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, workspace, capsys, monkeypatch):
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     monkeypatch.chdir(REPO)  # where accelerate_configs/ resolve from, as for a user in a checkout
     args = argv(case, workspace)
@@ -106,7 +106,7 @@ def test_catalogue_is_large_varied_and_documented():
 def test_a_real_process_prints_one_line_and_exits_2(case_id, workspace):
     case = next(case for case in CASES if case.id == case_id)
     before = tree_digest(workspace / "run")
-    result = subprocess.run([sys.executable, "-m", "launch.cli", *argv(case, workspace)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "multitune.launch.cli", *argv(case, workspace)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -161,7 +161,7 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
            ["train.lr", "model", "data.generator.seed", "adapter.r", "x.y.z", "task"]), st.text(max_size=8)),
            max_size=3))
 def test_loader_raises_only_input_errors(tmp_path_factory, raw, overrides):
-    from recipes.loader import load_recipe
+    from multitune.recipes.loader import load_recipe
 
     path = tmp_path_factory.mktemp("fuzz") / "r.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True))
@@ -176,7 +176,7 @@ def test_loader_raises_only_input_errors(tmp_path_factory, raw, overrides):
 @FUZZ
 @given(text=st.text(max_size=200) | st.binary(max_size=200).map(lambda b: b.decode("latin-1")))
 def test_loader_survives_arbitrary_file_text(tmp_path_factory, text):
-    from recipes.loader import load_recipe
+    from multitune.recipes.loader import load_recipe
 
     path = tmp_path_factory.mktemp("fuzz") / "r.yaml"
     path.write_bytes(text.encode("utf-8", "surrogatepass"))

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from trainer.batches import MicroBatchStream, Position, plan_micro_batches
+from multitune.trainer.batches import MicroBatchStream, Position, plan_micro_batches
 
 from test_packing import ArrayDataset
 

@@ -10,13 +10,13 @@ import signal
 import numpy as np
 import pytest
 
-from data_prep.prepare import prepare
-from data_prep.shards import ShardedDataset
-from data_prep.tasks import get_task
-from data_prep.chat_encoding import chat_encoder
-from data_prep.tokenize import IGNORE, tokenize_examples
-from recipes.errors import InputError, RunStopped
-from recipes.schema import DataConfig, GeneratorSpec, TaskOptions
+from multitune.data_prep.prepare import prepare
+from multitune.data_prep.shards import ShardedDataset
+from multitune.data_prep.tasks import get_task
+from multitune.data_prep.chat_encoding import chat_encoder
+from multitune.data_prep.tokenize import IGNORE, tokenize_examples
+from multitune.recipes.errors import InputError, RunStopped
+from multitune.recipes.schema import DataConfig, GeneratorSpec, TaskOptions
 
 TASK = get_task("ticket_classification")
 
@@ -216,7 +216,7 @@ def test_empty_user_file_is_an_error(tmp_path, tokenizer):
 
 def test_worker_processes_write_the_same_shards_as_one_process(tmp_path, tokenizer):
     """Past the first chunk, prep renders and tokenizes in spawned workers; order and content must not change."""
-    from data_prep.prepare import CHUNK_ROWS
+    from multitune.data_prep.prepare import CHUNK_ROWS
 
     path = write_jsonl(tmp_path / "tickets.jsonl", TASK.generate(2 * CHUNK_ROWS + 300, seed=4))
     folders = {}
@@ -234,7 +234,7 @@ def test_worker_processes_write_the_same_shards_as_one_process(tmp_path, tokeniz
 
 
 def test_a_bad_row_in_a_later_chunk_names_its_line_and_writes_nothing(tmp_path, tokenizer):
-    from data_prep.prepare import CHUNK_ROWS
+    from multitune.data_prep.prepare import CHUNK_ROWS
 
     rows = [*TASK.generate(CHUNK_ROWS + 10, seed=2), '{"title": "x"']
     path = write_jsonl(tmp_path / "tickets.jsonl", rows)
@@ -245,7 +245,7 @@ def test_a_bad_row_in_a_later_chunk_names_its_line_and_writes_nothing(tmp_path, 
 
 def test_a_killed_prep_worker_stops_prep_in_one_line_and_writes_nothing(tmp_path, tokenizer):
     """multiprocessing.Pool waits forever for a killed worker's result; prep must fail at once instead."""
-    from data_prep.prepare import CHUNK_ROWS
+    from multitune.data_prep.prepare import CHUNK_ROWS
 
     rows = TASK.generate(2 * CHUNK_ROWS + 10, seed=6)
     rows[-1]["title"] = "KILL"  # in the last chunk, so a worker formats it
@@ -260,7 +260,7 @@ def test_a_killed_prep_worker_stops_prep_in_one_line_and_writes_nothing(tmp_path
 def test_a_tokenizer_workers_cannot_rebuild_is_used_in_one_process(tmp_path, tokenizer, caplog):
     """Workers rebuild the tokenizer from its saved files and its class's import path; a class defined at run time
     (as remote code is) cannot be imported there, so prep warns and stays in this process, with the same shards."""
-    from data_prep.prepare import CHUNK_ROWS
+    from multitune.data_prep.prepare import CHUNK_ROWS
 
     class RunTimeTokenizer(type(tokenizer)):
         pass

@@ -46,7 +46,7 @@ def launch(config: str, *args: str, port: int):
 
 
 def free_port():
-    from launch.distributed import free_port
+    from multitune.launch.distributed import free_port
 
     return free_port()
 
@@ -145,8 +145,8 @@ def test_two_machines_train_one_ddp_job_equal_to_one_process(tmp_path, tiny_mode
     steps to 5e-4 relative, because the all-reduce sums gradients in a different order and Adam's update
     (~g/sqrt(v)) amplifies that round-off for near-zero gradient components (measured: 1e-5 at step 3, 1e-4 at
     step 4)."""
-    from recipes.loader import validate_recipe
-    from trainer.loop import train
+    from multitune.recipes.loader import validate_recipe
+    from multitune.trainer.loop import train
 
     def recipe(name, strategy, accum):
         return recipe_dict(tmp_path / name, tiny_model_dir, train={"max_steps": 4, "grad_accum": accum},
@@ -155,7 +155,7 @@ def test_two_machines_train_one_ddp_job_equal_to_one_process(tmp_path, tiny_mode
     path = write_recipe(tmp_path / "ddp.yaml", recipe("ddp", "ddp", 2))
     port = free_port()
     machines = [subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "train", str(path), "--num_processes", "2", "--num_machines", "2",
+        [sys.executable, "-m", "multitune.launch.cli", "train", str(path), "--num_processes", "2", "--num_machines", "2",
          "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)],
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     one = validate_recipe(recipe("one", "single", 4))
@@ -179,7 +179,7 @@ def test_periodic_eval_metrics_run_on_every_rank_when_sharded(tmp_path, tiny_mod
         tmp_path, tiny_model_dir, task="medical_mcq", data={"generator": {"n_train": 40, "n_eval": 4, "seed": 0}},
         train={"max_steps": 2, "grad_accum": 1}, eval={"every_steps": 1, "max_samples": 2},
         checkpoint={"every_steps": None}, distributed={"strategy": "fsdp", "timeout_s": 90}))
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(path), "--num_processes", "2",
+    result = subprocess.run([sys.executable, "-m", "multitune.launch.cli", "train", str(path), "--num_processes", "2",
                              "--main_process_port", str(free_port())], cwd=REPO, env=ENV, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from data_prep.prepare import prepare
-from data_prep.shards import ShardedDataset
-from data_prep.tasks import task_for
-from recipes.loader import validate_recipe
-from trainer.evaluate import answer_nll, common_prefix_length, generate_answers
+from multitune.data_prep.prepare import prepare
+from multitune.data_prep.shards import ShardedDataset
+from multitune.data_prep.tasks import task_for
+from multitune.recipes.loader import validate_recipe
+from multitune.trainer.evaluate import answer_nll, common_prefix_length, generate_answers
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recipes.errors import InputError
-from recipes.schema import ModelConfig
-from trainer.model_source import CONVERTED_FILE, embedded_gguf, resolve_model_path
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import ModelConfig
+from multitune.trainer.model_source import CONVERTED_FILE, embedded_gguf, resolve_model_path
 
 
 def chat_ids(tokenizer, text: str) -> dict:
@@ -51,7 +51,7 @@ def test_every_way_of_naming_the_gguf_is_one_cache_entry_and_a_second_run_is_a_h
 
 
 def test_a_copy_of_the_file_elsewhere_is_the_same_entry_and_a_changed_file_a_new_one(smollm2_folder, tmp_path):
-    from trainer.model_source import gguf_digest
+    from multitune.trainer.model_source import gguf_digest
 
     gguf = embedded_gguf("smollm2-135m-instruct")
     copy = tmp_path / "renamed.gguf"
@@ -126,7 +126,7 @@ def test_export_round_trip_same_answers_and_close_logits(kind, max_error, mean_e
     import gguf
     from peft import PeftModel
 
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     out = tmp_path / f"model-{kind}.gguf"
     assert main(["export", "--adapter", str(smollm2_adapter), "--gguf", str(out), "--type", kind]) == 0
@@ -165,9 +165,9 @@ def test_real_model_trains_a_few_steps_and_its_adapter_and_merge_load(smollm2_fo
     from peft import PeftModel
 
     from conftest import REPO
-    from launch.cli import main
-    from recipes.loader import load_recipe
-    from trainer.loop import train
+    from multitune.launch.cli import main
+    from multitune.recipes.loader import load_recipe
+    from multitune.trainer.loop import train
 
     recipe = load_recipe(REPO / "recipes" / "ticket_classification" / "smollm2-135m-instruct_lora.yaml", [
         f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
@@ -194,7 +194,7 @@ def test_export_refuses_a_sentencepiece_style_tokenizer_in_one_line(tiny_model_d
     """The tiny test model's Mistral tokenizer (BPE with byte fallback) is not the byte-level BPE GGUF writes."""
     from peft import LoraConfig, get_peft_model
 
-    from trainer.gguf_export import export_adapter
+    from multitune.trainer.gguf_export import export_adapter
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     adapter = tmp_path / "adapter"

@@ -57,8 +57,8 @@ def test_builder_quantizes_layer_by_layer_and_never_materialises_layers_ahead():
 
 
 def test_lora_on_built_model_trains_only_adapters():
-    from recipes.schema import AdapterConfig
-    from trainer.model import prepare_for_training
+    from multitune.recipes.schema import AdapterConfig
+    from multitune.trainer.model import prepare_for_training
 
     config = shipped_config("Llama-3.1-8B-Instruct", **{**TINY, "num_hidden_layers": 2})
     model = build_random_nf4(config, CPU, "sdpa")
@@ -85,7 +85,7 @@ def test_flop_count_matches_the_built_model():
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    from launch.plan import model_shape
+    from multitune.launch.plan import model_shape
 
     config = shipped_config("Llama-3.1-8B-Instruct", **TINY)
     shape = model_shape(config, "test")

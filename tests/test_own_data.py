@@ -13,16 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import recipe_dict
-from data_prep.prepare import prepare
-from data_prep.readers import read_rows
-from data_prep.shards import ShardedDataset
-from data_prep.tasks import get_task, task_for
-from data_prep.tasks.json_metrics import class_report
-from data_prep.tokenize import IGNORE
+from multitune.data_prep.prepare import prepare
+from multitune.data_prep.readers import read_rows
+from multitune.data_prep.shards import ShardedDataset
+from multitune.data_prep.tasks import get_task, task_for
+from multitune.data_prep.tasks.json_metrics import class_report
+from multitune.data_prep.tokenize import IGNORE
 from own_data import COLUMNS, excel_csv, german_tickets
-from recipes.errors import InputError
-from recipes.loader import validate_recipe
-from recipes.schema import DataConfig, TaskOptions
+from multitune.recipes.errors import InputError
+from multitune.recipes.loader import validate_recipe
+from multitune.recipes.schema import DataConfig, TaskOptions
 
 FIELDS = ["title", "description", "category", "subcategory", "urgency"]
 TICKET = get_task("ticket_classification")
@@ -190,10 +190,10 @@ def test_class_report_matches_a_hand_computed_example():
 @pytest.mark.slow
 def test_a_german_excel_export_trains_evaluates_infers_and_serves_with_one_prompt(tmp_path, tiny_model_dir,
                                                                                    tokenizer, capsys):
-    from launch.infer import prompt_ids, run_inference
-    from launch.serve import load_chat_model
-    from trainer.evaluate import evaluate_recipe
-    from trainer.loop import train
+    from multitune.launch.infer import prompt_ids, run_inference
+    from multitune.launch.serve import load_chat_model
+    from multitune.trainer.evaluate import evaluate_recipe
+    from multitune.trainer.loop import train
 
     recipe = german_recipe(tmp_path, tiny_model_dir, rows=60, max_seq_len=512)
     recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 2}),
@@ -243,7 +243,7 @@ def test_a_german_excel_export_trains_evaluates_infers_and_serves_with_one_promp
 
 
 def test_chat_jsonl_rows_are_answered_by_infer_one_line_each(tmp_path, tiny_model_dir):
-    from launch.infer import run_inference
+    from multitune.launch.infer import run_inference
 
     recipe = validate_recipe(recipe_dict(tmp_path, tiny_model_dir, task="chat_jsonl", data={
         "generator": {"n_train": 20, "n_eval": 4, "seed": 0},
@@ -259,8 +259,8 @@ def test_chat_jsonl_rows_are_answered_by_infer_one_line_each(tmp_path, tiny_mode
 
 
 def test_prep_warns_when_max_new_tokens_cannot_hold_the_answers(tmp_path, tokenizer, caplog):
-    from recipes.schema import EvalConfig
-    from trainer.evaluate import warn_if_answers_exceed
+    from multitune.recipes.schema import EvalConfig
+    from multitune.trainer.evaluate import warn_if_answers_exceed
 
     path = tmp_path / "export.csv"
     path.write_bytes(excel_csv(german_tickets(30), FIELDS))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.packing import _CapacityTree, best_fit_decreasing, padded_batches
-from trainer.batches import MicroBatchStream, attention_mask_for, plan_efficiency, plan_micro_batches
+from multitune.data_prep.packing import _CapacityTree, best_fit_decreasing, padded_batches
+from multitune.trainer.batches import MicroBatchStream, attention_mask_for, plan_efficiency, plan_micro_batches
 
 
 def test_capacity_tree_matches_brute_force():

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from launch.cli import main
-from launch.plan import CUDA_CONTEXT, Setup, estimate, load_config, model_shape, plan_recipe
-from recipes.loader import load_recipe, validate_recipe
+from multitune.launch.cli import main
+from multitune.launch.plan import CUDA_CONTEXT, Setup, estimate, load_config, model_shape, plan_recipe
+from multitune.recipes.loader import load_recipe, validate_recipe
 
 FSDP_70B = REPO / "recipes/ticket_classification/llama70b_qlora_fsdp_2x24gb.yaml"
 

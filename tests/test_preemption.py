@@ -36,9 +36,9 @@ def signal_at_step(run_dir, step: int, signum: int) -> threading.Thread:
 
 @pytest.mark.slow
 def test_signal_checkpoints_the_current_step_and_resume_is_exact(tmp_path, tiny_model_dir):
-    from recipes.loader import validate_recipe
-    from trainer.loop import train
-    from trainer.preemption import Preempted
+    from multitune.recipes.loader import validate_recipe
+    from multitune.trainer.loop import train
+    from multitune.trainer.preemption import Preempted
 
     def recipe(name):
         return validate_recipe(recipe_dict(tmp_path / name, tiny_model_dir, train={"max_steps": 8},

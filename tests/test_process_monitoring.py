@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_SPEC
-from recipes.errors import InputError
-from recipes.schema import DataConfig, EventColumns, ProcessConfig
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import DataConfig, EventColumns, ProcessConfig
 
 HAND_LOG = """case,activity,time,resource,amount
 A,register,2024-01-01 09:00:00,ann,10
@@ -38,8 +38,8 @@ def write(tmp_path: Path, text: str, name: str = "log.csv") -> Path:
 
 
 def prepared_hand_log(tmp_path, eval_cases=1, text=HAND_LOG):
-    from data_prep.tasks.process_monitoring.eventlog import read_event_log
-    from data_prep.tasks.process_monitoring.features import prepare_events
+    from multitune.data_prep.tasks.process_monitoring.eventlog import read_event_log
+    from multitune.data_prep.tasks.process_monitoring.features import prepare_events
 
     frame = read_event_log(write(tmp_path, text), COLUMNS)
     data = DataConfig(train_file="log.csv", max_seq_len=16, cache_dir=str(tmp_path / "cache"))
@@ -47,15 +47,15 @@ def prepared_hand_log(tmp_path, eval_cases=1, text=HAND_LOG):
 
 
 def case_rows(prepared, split):
-    from data_prep.shards import ShardedDataset
+    from multitune.data_prep.shards import ShardedDataset
 
     data = ShardedDataset(prepared.split(split))
     return {data.record_json(i): i for i in range(len(data))}, data
 
 
 def test_hand_written_log_gives_the_known_features_and_targets(tmp_path):
-    from data_prep.tasks.process_monitoring.eventlog import read_event_log
-    from data_prep.tasks.process_monitoring.features import END, time_features
+    from multitune.data_prep.tasks.process_monitoring.eventlog import read_event_log
+    from multitune.data_prep.tasks.process_monitoring.features import END, time_features
 
     frame = read_event_log(write(tmp_path, HAND_LOG), COLUMNS)
     times = time_features(frame, COLUMNS).assign(case=frame["case"].to_numpy())
@@ -103,8 +103,8 @@ def test_inputs_hold_no_target_and_labels_are_the_next_event(tmp_path):
         ids, labels = train.tokens(i), train.tokens(i, "labels")
         assert labels[:-1].tolist() == ids[1:].tolist() and labels[-1] == end
     # Upstream of normalisation: the inputs of A's first two events are unchanged, their targets are not.
-    from data_prep.tasks.process_monitoring.eventlog import read_event_log
-    from data_prep.tasks.process_monitoring.features import continuous_matrix, time_features
+    from multitune.data_prep.tasks.process_monitoring.eventlog import read_event_log
+    from multitune.data_prep.tasks.process_monitoring.features import continuous_matrix, time_features
 
     def case_a(text, folder):
         frame = read_event_log(write(tmp_path / folder, text), COLUMNS)
@@ -126,8 +126,8 @@ def test_inputs_hold_no_target_and_labels_are_the_next_event(tmp_path):
 def test_model_outputs_at_a_prefix_ignore_later_events_and_other_packed_cases(backbone, tiny_model_dir, tmp_path):
     """Causality and isolation of the backbone: a packed row gives the same predictions as each case alone, and
     editing a case's later events leaves its earlier predictions unchanged."""
-    from trainer.process_monitoring import EventBatch, predict
-    from trainer.sequence_model import build_sequence_model
+    from multitune.trainer.process_monitoring import EventBatch, predict
+    from multitune.trainer.sequence_model import build_sequence_model
 
     torch.manual_seed(0)
     spec = _spec(backbone, tiny_model_dir)
@@ -162,9 +162,9 @@ def test_model_outputs_at_a_prefix_ignore_later_events_and_other_packed_cases(ba
 
 
 def test_split_puts_every_case_on_one_side_latest_starts_in_eval(tmp_path):
-    from data_prep.tasks.process_monitoring.eventlog import check_events
-    from data_prep.tasks.process_monitoring.features import split_by_start
-    from data_prep.tasks.process_monitoring.generator import generate_log
+    from multitune.data_prep.tasks.process_monitoring.eventlog import check_events
+    from multitune.data_prep.tasks.process_monitoring.features import split_by_start
+    from multitune.data_prep.tasks.process_monitoring.generator import generate_log
 
     columns = EventColumns(categorical=[], continuous=[])
     frame = check_events(generate_log(300, seed=3).events.sample(frac=1.0, random_state=0), columns, "gen", 1)
@@ -177,7 +177,7 @@ def test_split_puts_every_case_on_one_side_latest_starts_in_eval(tmp_path):
 
 
 def test_generator_is_seeded_and_its_bayes_predictor_is_the_posterior_argmax():
-    from data_prep.tasks.process_monitoring.generator import CaseState, generate_log, next_distribution
+    from multitune.data_prep.tasks.process_monitoring.generator import CaseState, generate_log, next_distribution
 
     one, two = generate_log(200, seed=5), generate_log(200, seed=5)
     pd.testing.assert_frame_equal(one.events, two.events)
@@ -200,7 +200,7 @@ def test_generator_is_seeded_and_its_bayes_predictor_is_the_posterior_argmax():
 
 
 def test_xes_reads_like_the_same_log_as_csv(tmp_path):
-    from data_prep.tasks.process_monitoring.eventlog import read_event_log
+    from multitune.data_prep.tasks.process_monitoring.eventlog import read_event_log
 
     xes = """<?xml version="1.0" encoding="UTF-8"?>
 <log xes.version="1.0" xmlns="http://www.xes-standard.org/">
@@ -244,7 +244,7 @@ def test_xes_reads_like_the_same_log_as_csv(tmp_path):
      "log.csv: column 'resource' row 8: missing value (or set process.columns.fill_missing)"),
 ])
 def test_bad_event_logs_fail_with_one_line_naming_file_column_row(tmp_path, text, message):
-    from data_prep.tasks.process_monitoring.eventlog import read_event_log
+    from multitune.data_prep.tasks.process_monitoring.eventlog import read_event_log
 
     with pytest.raises(InputError) as error:
         read_event_log(write(tmp_path, text), COLUMNS)
@@ -253,7 +253,7 @@ def test_bad_event_logs_fail_with_one_line_naming_file_column_row(tmp_path, text
 
 
 def test_unsorted_events_are_sorted_stably_with_a_warning(tmp_path, caplog):
-    from data_prep.tasks.process_monitoring.eventlog import read_event_log
+    from multitune.data_prep.tasks.process_monitoring.eventlog import read_event_log
 
     lines = HAND_LOG.splitlines()
     shuffled = "\n".join([lines[0], lines[3], lines[1], lines[2], *lines[4:]]) + "\n"  # A's pay before register
@@ -265,7 +265,7 @@ def test_unsorted_events_are_sorted_stably_with_a_warning(tmp_path, caplog):
 
 
 def test_cli_reports_a_bad_log_in_one_line_with_exit_code_2(tmp_path, capsys):
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     log = write(tmp_path, HAND_LOG.replace("2024-01-02 09:00:00", "yesterday"))
     recipe = write(tmp_path, json.dumps({
@@ -283,8 +283,8 @@ def test_cli_reports_a_bad_log_in_one_line_with_exit_code_2(tmp_path, capsys):
 
 
 def _spec(backbone: str, tiny_model_dir: Path) -> dict:
-    from recipes.schema import AdapterConfig, ModelConfig
-    from trainer.sequence_model import model_spec
+    from multitune.recipes.schema import AdapterConfig, ModelConfig
+    from multitune.trainer.sequence_model import model_spec
 
     manifest = {"categorical": ["activity", "resource", "unit"], "continuous": ["a", "b", "c", "d", "e"],
                 "vocab": {"activity": list("abcdefgh"), "resource": list("abcdefgh"), "unit": list("abcdefgh")},
@@ -299,8 +299,8 @@ def _spec(backbone: str, tiny_model_dir: Path) -> dict:
 def test_heads_and_input_layer_round_trip_with_the_adapter(backbone, tiny_model_dir, tmp_path):
     """Save (PEFT adapter + input layer + heads) and load back: identical predictions. Every trainable weight is
     moved off its initial value first, so a weight that is not saved or not loaded changes the predictions."""
-    from trainer.process_monitoring import EventBatch, predict
-    from trainer.sequence_model import build_sequence_model, load_sequence_model, save_sequence_model
+    from multitune.trainer.process_monitoring import EventBatch, predict
+    from multitune.trainer.sequence_model import build_sequence_model, load_sequence_model, save_sequence_model
 
     torch.manual_seed(1)
     model = build_sequence_model(_spec(backbone, tiny_model_dir), torch.device("cpu"))
@@ -331,12 +331,12 @@ def test_heads_and_input_layer_round_trip_with_the_adapter(backbone, tiny_model_
 def test_debug_recipes_reach_the_bayes_optimal_accuracy(recipe_name, tmp_path, tiny_model_dir):
     """The shipped debug recipes end to end: within 3 points of the Bayes-optimal next-activity accuracy, metrics and
     plot written, and the saved model reloads to the same accuracy."""
-    from data_prep.shards import ShardedDataset
-    from data_prep.tasks import task_for
-    from recipes.loader import load_recipe
-    from trainer.loop import train
-    from trainer.process_monitoring import EventWorkload
-    from trainer.sequence_model import load_sequence_model
+    from multitune.data_prep.shards import ShardedDataset
+    from multitune.data_prep.tasks import task_for
+    from multitune.recipes.loader import load_recipe
+    from multitune.trainer.loop import train
+    from multitune.trainer.process_monitoring import EventWorkload
+    from multitune.trainer.sequence_model import load_sequence_model
 
     overrides = [f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
     if recipe_name == "tiny_process_llm":
@@ -365,8 +365,8 @@ def test_qlora_backbone_checkpoints_and_resumes_to_the_same_run(tmp_path, tiny_m
     checkpoint logs the same losses and ends with the same metrics as the uninterrupted run."""
     import shutil
 
-    from recipes.loader import validate_recipe
-    from trainer.loop import train
+    from multitune.recipes.loader import validate_recipe
+    from multitune.trainer.loop import train
 
     recipe = {
         "task": "process_monitoring", "output_dir": str(tmp_path / "run"),
@@ -399,8 +399,8 @@ def test_qlora_backbone_checkpoints_and_resumes_to_the_same_run(tmp_path, tiny_m
 
 
 def test_frozen_backbone_trains_only_the_input_layer_and_heads(tiny_model_dir):
-    from recipes.schema import AdapterConfig
-    from trainer.sequence_model import build_sequence_model
+    from multitune.recipes.schema import AdapterConfig
+    from multitune.trainer.sequence_model import build_sequence_model
 
     spec = _spec("causal_lm", tiny_model_dir)
     spec["adapter"] = AdapterConfig(kind="none").model_dump()
@@ -420,7 +420,7 @@ def test_frozen_backbone_trains_only_the_input_layer_and_heads(tiny_model_dir):
     ({"process": {"backbone": "transformer"}}, "process.backbone"),
 ])
 def test_recipe_checks_for_process_monitoring(tmp_path, change, message):
-    from recipes.loader import validate_recipe
+    from multitune.recipes.loader import validate_recipe
 
     raw = {"task": "process_monitoring", "output_dir": str(tmp_path), "model": {"name_or_path": "lstm"},
            "process": {"backbone": "lstm"}, "data": {"generator": {"n_train": 10}}}
@@ -428,7 +428,7 @@ def test_recipe_checks_for_process_monitoring(tmp_path, change, message):
     with pytest.raises(InputError, match=message.replace("(", "\\(")):
         validate_recipe({k: v for k, v in raw.items() if v is not None})
     empty = write(tmp_path, "", "empty.csv")
-    from data_prep.tasks.process_monitoring.eventlog import read_event_log
+    from multitune.data_prep.tasks.process_monitoring.eventlog import read_event_log
 
     with pytest.raises(InputError, match="not a readable CSV"):
         read_event_log(empty, COLUMNS)
@@ -437,9 +437,9 @@ def test_recipe_checks_for_process_monitoring(tmp_path, change, message):
 def test_lora_on_chosen_layers_of_the_backbone_round_trips(tiny_model_dir, tmp_path):
     """`adapter.layers_to_transform` on the bare backbone (module names `layers.N.`, no `model.` prefix): LoRA lands
     in exactly the chosen layer, and the saved adapter loads back onto the base with the same predictions."""
-    from recipes.schema import AdapterConfig
-    from trainer.process_monitoring import EventBatch, predict
-    from trainer.sequence_model import build_sequence_model, load_sequence_model, save_sequence_model
+    from multitune.recipes.schema import AdapterConfig
+    from multitune.trainer.process_monitoring import EventBatch, predict
+    from multitune.trainer.sequence_model import build_sequence_model, load_sequence_model, save_sequence_model
 
     spec = _spec("causal_lm", tiny_model_dir)
     spec["adapter"] = AdapterConfig(kind="lora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],

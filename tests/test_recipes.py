@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.errors import InputError
-from recipes.loader import load_recipe, validate_recipe
+from multitune.recipes.errors import InputError
+from multitune.recipes.loader import load_recipe, validate_recipe
 
 from conftest import REPO
 
@@ -107,7 +107,7 @@ def test_bad_override_and_bad_yaml(tmp_path):
 @pytest.mark.parametrize("path", sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "sweeps"),
                          ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_recipe_validates(path: Path):
-    from data_prep.tasks import get_task
+    from multitune.data_prep.tasks import get_task
 
     recipe = load_recipe(path)
     get_task(recipe.task)
@@ -115,8 +115,8 @@ def test_every_shipped_recipe_validates(path: Path):
 
 def test_every_schema_key_is_documented():
     """docs/recipes.md stays true: every key of every section appears as a table row."""
-    from recipes.loader import _section_type
-    from recipes.schema import Recipe
+    from multitune.recipes.loader import _section_type
+    from multitune.recipes.schema import Recipe
 
     doc = (REPO / "docs" / "recipes.md").read_text()
     missing = []

@@ -34,7 +34,7 @@ def small_recipe(tmp_path: Path, model_dir: Path, cache: Path, **sections) -> di
 
 def run_main(capsys, *args) -> tuple[int, str]:
     """`multitune ARGS` in this process: (exit code, stdout + stderr)."""
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     capsys.readouterr()
     try:
@@ -66,7 +66,7 @@ def logged_steps(run: Path) -> list[int]:
 WRITER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from trainer.checkpoint import TrainState, save_checkpoint
+    from multitune.trainer.checkpoint import TrainState, save_checkpoint
 
     model = torch.nn.Linear(64, 64)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -109,7 +109,7 @@ def killed_writers(tmp_path_factory) -> dict[str, tuple[Path, subprocess.Complet
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_kill_9_while_saving_leaves_only_complete_checkpoints(killed_writers, point):
-    from trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+    from multitune.trainer.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 
     newest, leftover = KILL_POINTS[point]
     folder, (returncode, stderr) = killed_writers[point]
@@ -139,7 +139,7 @@ def test_run_killed_mid_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_
     recipe = write_recipe(tmp_path / "r.yaml", small_recipe(tmp_path, tiny_model_dir, prep_cache,
                                                             train={"max_steps": 6},
                                                             checkpoint={"every_steps": 2, "keep_last": 3}))
-    killed = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(recipe)], cwd=REPO, capture_output=True,
+    killed = subprocess.run([sys.executable, "-m", "multitune.launch.cli", "train", str(recipe)], cwd=REPO, capture_output=True,
                             text=True, env={**ENV, "MULTITUNE_KILL_AT": "checkpoint-written@4"}, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run = tmp_path / "run"
@@ -178,7 +178,7 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_disk_full_during_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, prep_cache,
                                                                              small_disk, capsys):
-    from trainer.checkpoint import list_checkpoints, read_state
+    from multitune.trainer.checkpoint import list_checkpoints, read_state
 
     def recipe(out: Path) -> Path:
         return write_recipe(tmp_path / "r.yaml", small_recipe(tmp_path, tiny_model_dir, prep_cache,
@@ -310,7 +310,7 @@ def test_one_rank_killed_ends_the_job_with_an_error_within_60_s(tmp_path, tiny_m
     recipe = write_recipe(tmp_path / "r.yaml", small_recipe(
         tmp_path, tiny_model_dir, prep_cache, train={"max_steps": 500}, checkpoint={"every_steps": 2, "keep_last": 2},
         distributed={"strategy": "ddp", "timeout_s": 30}))
-    launcher = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(recipe), "--num_processes", "2"],
+    launcher = subprocess.Popen([sys.executable, "-m", "multitune.launch.cli", "train", str(recipe), "--num_processes", "2"],
                                 cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.monotonic() + 240
@@ -331,6 +331,6 @@ def test_one_rank_killed_ends_the_job_with_an_error_within_60_s(tmp_path, tiny_m
     assert "a training rank failed" in errors[-1] and "checkpoint" in errors[-1], stderr[-3000:]
     assert "rank      : 1 (local_rank: 1)" in stderr and "Signal 9 (SIGKILL)" in stderr  # the launcher's report
     print(f"rank 1 killed: launcher exited {launcher.returncode} after {took:.1f} s")
-    from trainer.checkpoint import list_checkpoints
+    from multitune.trainer.checkpoint import list_checkpoints
 
     assert all((p / "rng-1.pt").is_file() for p in list_checkpoints(tmp_path / "run" / "checkpoints"))

@@ -12,7 +12,7 @@ from conftest import recipe_dict, write_recipe
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
-    from data_prep.tasks.medical_qa.generator import reference_passages
+    from multitune.data_prep.tasks.medical_qa.generator import reference_passages
 
     folder = tmp_path_factory.mktemp("docs")
     for kind, passages in reference_passages().items():
@@ -24,14 +24,14 @@ def docs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retriever(docs):
-    from trainer.retrieval import Retriever, load_passages
+    from multitune.trainer.retrieval import Retriever, load_passages
 
     return Retriever(load_passages(docs))
 
 
 def test_passages_are_paragraphs_of_text_files(docs, tmp_path):
-    from recipes.errors import InputError
-    from trainer.retrieval import load_passages
+    from multitune.recipes.errors import InputError
+    from multitune.trainer.retrieval import load_passages
 
     passages = load_passages(docs)
     assert passages[0].source == "deficiency.md#1" and passages[0].text.startswith("Scurvy.")
@@ -43,7 +43,7 @@ def test_passages_are_paragraphs_of_text_files(docs, tmp_path):
 
 
 def test_retrieval_returns_the_passage_that_answers_each_question(retriever):
-    from data_prep.tasks.medical_qa.generator import generate_items
+    from multitune.data_prep.tasks.medical_qa.generator import generate_items
 
     items = generate_items(40, seed=5)
     top = retriever.search([item["question"] for item in items], k=1)
@@ -55,10 +55,10 @@ def test_retrieval_returns_the_passage_that_answers_each_question(retriever):
 
 
 def test_eval_with_retrieval_adds_rag_columns(retriever, tiny_model_dir, tmp_path):
-    from data_prep.tasks import get_task
-    from recipes.errors import InputError
-    from recipes.loader import load_recipe
-    from trainer.evaluate import evaluate_recipe
+    from multitune.data_prep.tasks import get_task
+    from multitune.recipes.errors import InputError
+    from multitune.recipes.loader import load_recipe
+    from multitune.trainer.evaluate import evaluate_recipe
 
     path = write_recipe(tmp_path / "recipe.yaml", recipe_dict(
         tmp_path, tiny_model_dir, task="medical_mcq", data={"generator": {"n_train": 8, "n_eval": 3, "seed": 2}},

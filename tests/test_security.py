@@ -74,6 +74,6 @@ def test_the_checker_catches_what_it_should(tmp_path):
 
 
 def test_trust_remote_code_is_off_unless_set():
-    from recipes.schema import ModelConfig
+    from multitune.recipes.schema import ModelConfig
 
     assert ModelConfig(name_or_path="m").trust_remote_code is False

@@ -28,7 +28,7 @@ def server(tiny_model_dir, tmp_path_factory):
     """Base URL of a `multitune serve` subprocess on a free port; always terminated."""
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", str(tiny_model_dir), "--port", "0",
+        proc = subprocess.Popen([sys.executable, "-m", "multitune.launch.cli", "serve", str(tiny_model_dir), "--port", "0",
                                  "--served-name", SERVED], cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         url = _wait_for_address(proc, deadline=time.monotonic() + 180, log=log)
@@ -120,7 +120,7 @@ def _recipe(tmp_path, model_dir):
 
 def test_eval_endpoint_column_matches_base_and_judge_scores_every_column(server, tiny_model_dir, tmp_path,
                                                                          monkeypatch, capsys):
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     monkeypatch.setenv("MT_TEST_KEY", "sk-test-secret-4711")
     recipe = _recipe(tmp_path, tiny_model_dir)
@@ -153,7 +153,7 @@ def _free_port() -> int:
 
 
 def test_server_down_is_one_clear_line_quickly(tiny_model_dir, tmp_path, capsys):
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     recipe = _recipe(tmp_path, tiny_model_dir)
     started = time.monotonic()
@@ -202,8 +202,8 @@ def garbage_server():
     (503, b"upstream overloaded", "HTTP 503: upstream overloaded"),
 ])
 def test_garbage_replies_give_one_clear_error(garbage_server, status, body, message):
-    from recipes.errors import InputError
-    from trainer.endpoint import EndpointClient, EndpointSpec
+    from multitune.recipes.errors import InputError
+    from multitune.trainer.endpoint import EndpointClient, EndpointSpec
 
     Garbage.status, Garbage.body, Garbage.requests = status, body, 0
     client = EndpointClient(EndpointSpec(garbage_server, "m", timeout_s=5, max_retries=1, concurrency=2))
@@ -216,7 +216,7 @@ def test_garbage_replies_give_one_clear_error(garbage_server, status, body, mess
 
 
 def test_endpoint_flags_are_checked_before_any_work(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     recipe = str(_recipe(tmp_path, tiny_model_dir))
     monkeypatch.delenv("MT_UNSET_KEY", raising=False)
@@ -245,6 +245,6 @@ def test_endpoint_flags_are_checked_before_any_work(tiny_model_dir, tmp_path, ca
     ("", None),
 ])
 def test_judge_score_parser(reply, score):
-    from trainer.judge import parse_score
+    from multitune.trainer.judge import parse_score
 
     assert parse_score(reply) == score

@@ -73,7 +73,7 @@ def job_recipe(tmp_path: Path, model_dir: Path, cache: Path, name: str = "job", 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
     """`multitune ARGS` in this process (a job's own processes are what costs start-up time here)."""
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     capsys.readouterr()
     code = main(list(args))
@@ -137,8 +137,8 @@ def at_step(run: Path, step: int, job_id: str, command) -> list:
 @pytest.fixture(scope="module")
 def jobs(cluster, tmp_path_factory, tiny_model_dir, shared_cache):
     """Every job of this file, submitted up front (each test then checks its own), so that two run at a time."""
-    from launch.slurm import SlurmOptions, submit
-    from recipes.loader import load_recipe
+    from multitune.launch.slurm import SlurmOptions, submit
+    from multitune.recipes.loader import load_recipe
 
     def submitted(name: str, options: SlurmOptions, **sections):
         tmp = tmp_path_factory.mktemp(name)
@@ -176,7 +176,7 @@ def jobs(cluster, tmp_path_factory, tiny_model_dir, shared_cache):
 @pytest.fixture(scope="module")
 def reference(jobs, tmp_path_factory, tiny_model_dir, shared_cache) -> dict:
     """The tiny recipe submitted with `multitune slurm ... --wait`, uninterrupted: the losses others must match."""
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     tmp = tmp_path_factory.mktemp("reference")
     recipe = job_recipe(tmp, tiny_model_dir, shared_cache)
@@ -332,7 +332,7 @@ def test_wait_sits_through_a_reason_that_clears_and_ctrl_c_leaves_the_job_queued
     path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
     partition = f"down{os.getpid()}"
     subprocess.run(["scontrol", "create", f"PartitionName={partition}", "Nodes=ALL", "State=DOWN"], check=True)
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "slurm", str(path), "--partition", partition,
+    proc = subprocess.Popen([sys.executable, "-m", "multitune.launch.cli", "slurm", str(path), "--partition", partition,
                              "--cpus-per-task", "1", "--time", "10", "--wait"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     job_id = None
@@ -373,7 +373,7 @@ def test_sweep_array_runs_on_the_cluster_with_its_defaults_and_a_timed_out_trial
     asks for SLURM's one CPU, said before waiting), a short trial completes, and a trial still running at
     --timeout-min fails with one line saying it timed out. (SLURM sends the warning signal, on which submitit ends a
     task, 90 s before the limit and up to 60 s earlier still: 4 minutes leave the short trial time to finish.)"""
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     sweep = sweep_file(tmp_path, tiny_model_dir, shared_cache, {"train.max_steps": {"values": [2, 100_000]}})
     out = tmp_path / "out"
@@ -394,7 +394,7 @@ def test_sweep_array_runs_on_the_cluster_with_its_defaults_and_a_timed_out_trial
 
 def test_sweep_refusals_and_hopeless_arrays_are_one_line_and_leave_nothing_queued(
         cluster, tmp_path, tiny_model_dir, shared_cache, capsys):
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     sweep = sweep_file(tmp_path, tiny_model_dir, shared_cache, {"train.lr": {"values": [1e-3, 2e-3]}})
     out = tmp_path / "refused"
@@ -421,7 +421,7 @@ def test_sweep_refusals_and_hopeless_arrays_are_one_line_and_leave_nothing_queue
 
 def test_ctrl_c_on_a_sweep_cancels_its_array(cluster, tmp_path, tiny_model_dir, shared_cache):
     sweep = sweep_file(tmp_path, tiny_model_dir, shared_cache, {"train.max_steps": {"values": [100_000]}})
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "sweep", "run", str(sweep), "--local", "--slurm",
+    proc = subprocess.Popen([sys.executable, "-m", "multitune.launch.cli", "sweep", "run", str(sweep), "--local", "--slurm",
                              "--out", str(tmp_path / "out")], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -445,7 +445,7 @@ def test_ctrl_c_on_a_sweep_cancels_its_array(cluster, tmp_path, tiny_model_dir, 
 def test_sbatch_template_asks_for_what_submitit_asks_for():
     """slurm/train.sbatch and `multitune slurm --dry-run` with the template's resources: the same directives
     (apart from where logs go and submitit's bookkeeping), and both run launch.slurm_task.run_task per task."""
-    from launch.slurm import SlurmOptions, render_sbatch
+    from multitune.launch.slurm import SlurmOptions, render_sbatch
 
     def directives(script: str) -> dict[str, str]:
         found = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", script, flags=re.MULTILINE))
@@ -454,14 +454,14 @@ def test_sbatch_template_asks_for_what_submitit_asks_for():
     template = (REPO / "slurm" / "train.sbatch").read_text()
     rendered = render_sbatch(Path("/runs/x/slurm"), SlurmOptions())
     assert directives(template) == directives(rendered)
-    assert re.search(r"^srun --unbuffered .* -m launch\.slurm_task ", template, flags=re.MULTILINE)
+    assert re.search(r"^srun --unbuffered .* -m multitune\.launch\.slurm_task ", template, flags=re.MULTILINE)
     assert re.search(r"^srun --unbuffered .* -m submitit\.core\._submit ", rendered, flags=re.MULTILINE)
 
 
 def test_time_formats_and_impossible_layouts_are_checked_before_submitting(tmp_path, tiny_model_dir):
-    from launch.slurm import SlurmOptions, check_options, minutes
-    from recipes.errors import InputError
-    from recipes.loader import validate_recipe
+    from multitune.launch.slurm import SlurmOptions, check_options, minutes
+    from multitune.recipes.errors import InputError
+    from multitune.recipes.loader import validate_recipe
 
     assert [minutes(t) for t in ("90", "1:30", "01:30:00", "1-0", "1-2:30", "0-0:0:30")] == [90, 2, 90, 1440, 1590, 1]
     with pytest.raises(InputError, match="--time '1:2:3:4'"):
@@ -485,7 +485,7 @@ def test_signal_delay_not_shorter_than_the_time_limit_gets_a_one_line_warning(tm
 
 
 def test_the_follow_line_names_every_ranks_logs():
-    from launch.slurm import SlurmOptions, log_paths
+    from multitune.launch.slurm import SlurmOptions, log_paths
 
     folder = Path("/runs/x/slurm")
     assert log_paths(folder, "7", SlurmOptions()).split() == [f"{folder}/7_0_log.out", f"{folder}/7_0_log.err"]
@@ -495,7 +495,7 @@ def test_the_follow_line_names_every_ranks_logs():
 
 
 def test_only_pending_reasons_that_cannot_clear_stop_the_wait():
-    from launch.scheduler import never_clears
+    from multitune.launch.scheduler import never_clears
 
     for reason in ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidQOS",
                    "QOSMaxCpuPerJobLimit", "AssocMaxWallDurationPerJobLimit", "DependencyNeverSatisfied"):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, recipe_dict, write_recipe
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 from test_trainer import assert_one_line_error, run_cli
 
 
@@ -31,7 +31,7 @@ def write_sweep(tmp_path, program, parameters, method="grid", **extra):
 
 @pytest.mark.slow
 def test_local_grid_sweep_runs_every_trial_and_results_table_has_one_row_each(tmp_path, tiny_model_dir, capsys):
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     lrs, ranks = [1e-3, 2e-3], [4, 8]
     sweep = write_sweep(tmp_path, tiny_base(tmp_path, tiny_model_dir),
@@ -92,7 +92,7 @@ def test_sweep_as_job_array_through_submitit(tmp_path, tiny_model_dir):
     ({"train.lr": {"min": 1e-5, "max": 1e-3}}, "grid search needs 'values' for parameter 'train.lr'"),
 ])
 def test_bad_sweep_file_is_rejected_before_anything_runs(tmp_path, tiny_model_dir, capsys, parameters, fragment):
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     sweep = write_sweep(tmp_path, tiny_base(tmp_path, tiny_model_dir), parameters)
     out = tmp_path / "never"
@@ -105,7 +105,7 @@ def test_bad_sweep_file_is_rejected_before_anything_runs(tmp_path, tiny_model_di
 
 def test_sweep_create_and_agent_fail_in_one_line_without_the_wandb_server(tmp_path, tiny_model_dir, capsys,
                                                                           monkeypatch):
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     sweep = write_sweep(tmp_path, tiny_base(tmp_path, tiny_model_dir), {"train.lr": {"values": [1e-3]}})
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -120,7 +120,7 @@ def test_sweep_create_and_agent_fail_in_one_line_without_the_wandb_server(tmp_pa
 
 
 def test_random_sweep_samples_reproducibly_within_ranges(tmp_path, tiny_model_dir):
-    from launch.sweep import load_sweep, local_trials
+    from multitune.launch.sweep import load_sweep, local_trials
 
     sweep = load_sweep(write_sweep(tmp_path, tiny_base(tmp_path, tiny_model_dir), {
         "train.lr": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-2},
@@ -138,7 +138,7 @@ def test_random_sweep_samples_reproducibly_within_ranges(tmp_path, tiny_model_di
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes" / "sweeps").glob("*.yaml")))
 def test_shipped_sweep_files_validate_against_the_recipe_schema(name, monkeypatch):
-    from launch.sweep import load_sweep
+    from multitune.launch.sweep import load_sweep
 
     monkeypatch.chdir(REPO)  # programs are paths relative to the repository root, as the CLI sees them
     sweep = load_sweep(Path("recipes/sweeps") / name)
@@ -146,8 +146,8 @@ def test_shipped_sweep_files_validate_against_the_recipe_schema(name, monkeypatc
 
 
 def test_trial_folder_from_a_different_sweep_is_refused_not_skipped(tmp_path, tiny_model_dir):
-    from launch.sweep import load_sweep, local_trials
-    from recipes.loader import dump_recipe, load_recipe
+    from multitune.launch.sweep import load_sweep, local_trials
+    from multitune.recipes.loader import dump_recipe, load_recipe
 
     base = tiny_base(tmp_path, tiny_model_dir)
     sweep = load_sweep(write_sweep(tmp_path, base, {"train.lr": {"values": [1e-3, 2e-3]}}))

@@ -12,12 +12,12 @@ import torch
 
 from chat_models import CHATML_TEMPLATE, build_model, chatml_tokenizer, no_system_tokenizer
 from conftest import recipe_dict, write_recipe
-from data_prep.chat_encoding import chat_encoder, stop_token_ids
-from data_prep.prepare import prepare
-from data_prep.shards import ShardedDataset
-from data_prep.tasks import get_task
-from data_prep.tokenize import IGNORE, tokenize_examples
-from recipes.schema import DataConfig
+from multitune.data_prep.chat_encoding import chat_encoder, stop_token_ids
+from multitune.data_prep.prepare import prepare
+from multitune.data_prep.shards import ShardedDataset
+from multitune.data_prep.tasks import get_task
+from multitune.data_prep.tokenize import IGNORE, tokenize_examples
+from multitune.recipes.schema import DataConfig
 
 TICKETS = get_task("ticket_classification")
 PASTED = [
@@ -49,7 +49,7 @@ def test_pasted_control_strings_are_text_and_prep_infer_serve_agree(tmp_path, to
     """Item 1, Mistral and ChatML: a row quoting `</s>`, `<s>[INST]` or a fake ChatML system turn has exactly the
     template's control tokens (those of the same row with harmless text), its labels end with exactly one
     end-of-turn, and prep's shard, `infer`'s and `serve`'s prompts are the same ids."""
-    from launch.serve import ChatModel
+    from multitune.launch.serve import ChatModel
 
     records = pasted_records()
     train_file = tmp_path / "pasted.jsonl"
@@ -111,10 +111,10 @@ def chain_model(tokenizer, folder: Path, chain: list[int]) -> Path:
 def test_generation_stops_at_the_templates_end_of_turn(tmp_path, chatml):
     """Item 2: a ChatML model (eos <|endoftext|>) that answers "ok", then <|im_end|>, then keeps writing: eval,
     infer and serve all stop at <|im_end|>, and nothing after it reaches the output."""
-    from launch.infer import run_inference
-    from launch.serve import ChatModel
-    from recipes.loader import validate_recipe
-    from trainer.evaluate import generate_answers
+    from multitune.launch.infer import run_inference
+    from multitune.launch.serve import ChatModel
+    from multitune.recipes.loader import validate_recipe
+    from multitune.trainer.evaluate import generate_answers
 
     newline, ok, leak = (chatml.encode(t, add_special_tokens=False)[0] for t in ("\n", "ok", "LEAK"))
     answer = chatml.decode([ok])
@@ -175,7 +175,7 @@ def test_template_without_system_role_folds_the_system_prompt(tmp_path, capsys):
     """Item 4: a Gemma-style template that raises on the system role: `validate` renders an example and says the
     system prompt goes into the first user turn; prep and a short `train` then work; a template that cannot render
     a user turn at all is one error line at `validate`."""
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     tokenizer = no_system_tokenizer()
     folder = build_model(tokenizer, tmp_path / "gemma-like")
@@ -201,8 +201,8 @@ def test_adapter_finds_its_base_from_anywhere_and_says_when_it_moved(tmp_path, t
     """Item 5: trained with a relative model path, the adapter is merged, served and loaded by its model card's
     snippet from another directory; a moved base is one line naming the expected path and `--base`, which then
     works; a base with another config is refused in one line."""
-    from launch.cli import main
-    from launch.serve import load_chat_model
+    from multitune.launch.cli import main
+    from multitune.launch.serve import load_chat_model
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     shutil.copytree(tiny_model_dir, project / "cache" / "models" / "x")
@@ -248,7 +248,7 @@ def test_serve_answers_a_conversation_its_template_refuses_with_400(tmp_path):
     OpenAI-style 400 naming `messages`, not a server error."""
     from transformers import AutoModelForCausalLM
 
-    from launch.serve import ChatModel, RequestError
+    from multitune.launch.serve import ChatModel, RequestError
 
     tokenizer = chatml_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"

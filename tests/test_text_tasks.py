@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.tasks import get_task, task_for
-from data_prep.tasks.json_metrics import macro_f1, schema_problems, score_extraction
-from data_prep.tasks.medical_qa import answer_log_likelihoods, parse_letter
-from data_prep.tasks.text_metrics import bleu, rouge_l
-from data_prep.tokenize import IGNORE, tokenize_examples
-from recipes.errors import InputError
-from recipes.schema import TaskOptions
+from multitune.data_prep.tasks import get_task, task_for
+from multitune.data_prep.tasks.json_metrics import macro_f1, schema_problems, score_extraction
+from multitune.data_prep.tasks.medical_qa import answer_log_likelihoods, parse_letter
+from multitune.data_prep.tasks.text_metrics import bleu, rouge_l
+from multitune.data_prep.tokenize import IGNORE, tokenize_examples
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import TaskOptions
 
 ORDERS = TaskOptions(json_fields=["product", "quantity", "city"])
 TASKS = {
@@ -160,7 +160,7 @@ def test_user_files_are_validated_with_file_and_line(tmp_path):
 
 def test_a_task_refuses_options_it_does_not_take(tmp_path, tiny_model_dir):
     from conftest import recipe_dict
-    from recipes.loader import validate_recipe
+    from multitune.recipes.loader import validate_recipe
 
     recipe = validate_recipe(recipe_dict(tmp_path, tiny_model_dir, task="it_ticket_extraction",
                                          data={"task_options": {"json_fields": ["a"]}}))

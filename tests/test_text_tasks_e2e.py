@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def tiny(recipe: str, tmp_path, model_dir, *extra: str):
-    from recipes.loader import load_recipe
+    from multitune.recipes.loader import load_recipe
 
     return load_recipe(REPO / "recipes" / "debug" / recipe, [
         f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
@@ -26,7 +26,7 @@ def tiny(recipe: str, tmp_path, model_dir, *extra: str):
     ("tiny_chat_jsonl.yaml", "answer_nll", "lower"),
 ])
 def test_tiny_recipe_beats_its_untrained_baseline(recipe, metric, better, tmp_path, tiny_model_dir):
-    from trainer.loop import train
+    from multitune.trainer.loop import train
 
     metrics = train(tiny(recipe, tmp_path, tiny_model_dir))
     before, after = metrics["before"][metric], metrics["after"][metric]
@@ -35,7 +35,7 @@ def test_tiny_recipe_beats_its_untrained_baseline(recipe, metric, better, tmp_pa
 
 
 def test_mcq_logs_option_accuracy_during_training_and_learns_to_answer(tmp_path, tiny_model_dir):
-    from trainer.loop import train
+    from multitune.trainer.loop import train
 
     recipe = tiny("tiny_medical_mcq.yaml", tmp_path, tiny_model_dir)
     metrics = train(recipe)
@@ -48,9 +48,9 @@ def test_mcq_logs_option_accuracy_during_training_and_learns_to_answer(tmp_path,
 
 
 def test_extraction_trains_then_infers_and_compares_base_with_adapter(tmp_path, tiny_model_dir):
-    from launch.infer import run_inference
-    from trainer.evaluate import evaluate_recipe
-    from trainer.loop import train
+    from multitune.launch.infer import run_inference
+    from multitune.trainer.evaluate import evaluate_recipe
+    from multitune.trainer.loop import train
 
     recipe = tiny("tiny_it_extraction.yaml", tmp_path, tiny_model_dir, "eval.max_samples=8",
                   "eval.max_new_tokens=48")
@@ -81,13 +81,13 @@ def test_extraction_trains_then_infers_and_compares_base_with_adapter(tmp_path, 
 
 
 def recipe_task_rows(n):
-    from data_prep.tasks import get_task
+    from multitune.data_prep.tasks import get_task
 
     return get_task("it_ticket_extraction").generate(n, seed=99)
 
 
 def test_grid_writes_one_table_loss_logs_and_a_plot(tmp_path, tiny_model_dir):
-    from launch.cli import main
+    from multitune.launch.cli import main
 
     recipe = REPO / "recipes" / "debug" / "tiny_rca.yaml"
     code = main(["grid", str(recipe), f"output_dir={tmp_path / 'g'}", f"data.cache_dir={tmp_path / 'cache'}",

@@ -19,8 +19,8 @@ SECRETS = {"WANDB_API_KEY": "wandbkey-0123456789abcdef0123456789abcdef", "HF_TOK
 
 def train_then_resume(tmp_path, tiny_model_dir, tracking: dict):
     """A 4-step run with checkpoints at 2 and 4, then cut back to the step-2 checkpoint and resumed to step 4."""
-    from recipes.loader import validate_recipe
-    from trainer.loop import train
+    from multitune.recipes.loader import validate_recipe
+    from multitune.trainer.loop import train
 
     recipe = validate_recipe(recipe_dict(
         tmp_path, tiny_model_dir, train={"max_steps": 4, "micro_batch_tokens": 512},
@@ -109,7 +109,7 @@ def test_mlflow_local_store_logs_metrics_and_params_and_resume_continues_the_run
 
 
 def test_secrets_from_the_environment_are_redacted_from_logged_values():
-    from trainer.tracking import REDACTED, redact, secret_values
+    from multitune.trainer.tracking import REDACTED, redact, secret_values
 
     environ = {"HF_TOKEN": "hf_abcdefghijkl", "WANDB_API_KEY": "0123456789abcdef", "PATH": "/usr/bin:/bin",
                "DB_PASSWORD": "hunter22hunter", "SHORT_KEY": "abc"}
@@ -124,8 +124,8 @@ def test_secrets_from_the_environment_are_redacted_from_logged_values():
 def test_online_mode_with_the_server_unreachable_logs_offline_instead_of_failing(tmp_path, monkeypatch):
     import socket
 
-    from recipes.schema import TrackingConfig
-    from trainer.tracking import Tracker
+    from multitune.recipes.schema import TrackingConfig
+    from multitune.trainer.tracking import Tracker
 
     with socket.socket() as sock:  # a free port nobody listens on
         sock.bind(("127.0.0.1", 0))

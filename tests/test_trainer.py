@@ -18,12 +18,12 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_tokens(tiny_model
     from accelerate import Accelerator
     from peft import get_peft_model
 
-    from recipes.schema import AdapterConfig
-    from trainer.batches import MicroBatchStream
-    from trainer.loop import accumulate_gradients
-    from trainer.batches import attention_mask_for
-    from trainer.model import lora_config
-    from trainer.workload import token_loss_sum
+    from multitune.recipes.schema import AdapterConfig
+    from multitune.trainer.batches import MicroBatchStream
+    from multitune.trainer.loop import accumulate_gradients
+    from multitune.trainer.batches import attention_mask_for
+    from multitune.trainer.model import lora_config
+    from multitune.trainer.workload import token_loss_sum
     from transformers import AutoModelForCausalLM
 
     from test_packing import ArrayDataset
@@ -59,7 +59,7 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_tokens(tiny_model
 
 
 def run_cli(*args, cwd=None, check=True):
-    result = subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "multitune.launch.cli", *args], capture_output=True, text=True,
                             cwd=cwd or REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"multitune {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -79,8 +79,8 @@ def step_losses(run_dir):
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_model_dir, quantization):
     """Stop after the step-4 checkpoint (later checkpoints and log lines gone), --resume, compare every later step."""
-    from trainer.loop import train
-    from recipes.loader import validate_recipe
+    from multitune.trainer.loop import train
+    from multitune.recipes.loader import validate_recipe
 
     recipe = validate_recipe(recipe_dict(tmp_path, tiny_model_dir, model={"quantization": quantization},
                                          train={"max_steps": 8, "micro_batch_tokens": 512},
@@ -153,9 +153,9 @@ def test_merge_reproduces_base_plus_adapter(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from recipes.loader import validate_recipe
-    from trainer.loop import train
-    from trainer.merge import dequantize_nf4, merge_adapter
+    from multitune.recipes.loader import validate_recipe
+    from multitune.trainer.loop import train
+    from multitune.trainer.merge import dequantize_nf4, merge_adapter
 
     ids = torch.randint(5, 30000, (2, 30))
 
@@ -233,8 +233,8 @@ def test_tiny_model_command_builds_a_loadable_chat_model(tmp_path, arch):
 
 
 def test_debug_model_is_rebuilt_when_its_spec_changes(tmp_path):
-    from recipes.schema import TinyModelSpec
-    from trainer.tiny_model import ensure_tiny_model
+    from multitune.recipes.schema import TinyModelSpec
+    from multitune.trainer.tiny_model import ensure_tiny_model
 
     path = tmp_path / "tiny"
     small = TinyModelSpec(hidden_size=32, num_layers=1, intermediate_size=64)
@@ -254,8 +254,8 @@ def test_a_run_that_builds_its_debug_model_trains_like_one_that_finds_it_built(t
     """The first run on a fresh checkout builds the tiny model and tokenizes the data; the same recipe run again
     finds both. Neither may move the random state the training seed set: every step's loss is the same, exactly."""
     from conftest import TINY_SPEC
-    from recipes.loader import validate_recipe
-    from trainer.loop import train
+    from multitune.recipes.loader import validate_recipe
+    from multitune.trainer.loop import train
 
     def run(name: str) -> dict[int, float]:
         recipe = validate_recipe(recipe_dict(
@@ -275,8 +275,8 @@ def test_a_run_that_builds_its_debug_model_trains_like_one_that_finds_it_built(t
 def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
     """Regression: bitsandbytes repacks 4-bit weights for a no-autograd CPU kernel on the first eval forward,
     which silently cut gradients through frozen layers for the rest of training."""
-    from recipes.schema import AdapterConfig, ModelConfig
-    from trainer.model import load_model
+    from multitune.recipes.schema import AdapterConfig, ModelConfig
+    from multitune.trainer.model import load_model
 
     config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", compute_dtype="float32",
                          quantization="nf4")
@@ -303,10 +303,10 @@ def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
 def test_qlora_with_a_bfloat16_recipe_trains_under_packing_masks(tiny_model_dir, backend):
     """kbit preparation upcasts norms and embeddings to fp32, so the queries are fp32 while the recipe says bf16:
     the packing mask must work whatever the query dtype (a bf16 float mask made sdpa raise)."""
-    from recipes.schema import AdapterConfig, ModelConfig
-    from trainer.batches import MicroBatchStream, attention_mask_for
-    from trainer.model import DTYPES, load_model
-    from trainer.workload import token_loss_sum
+    from multitune.recipes.schema import AdapterConfig, ModelConfig
+    from multitune.trainer.batches import MicroBatchStream, attention_mask_for
+    from multitune.trainer.model import DTYPES, load_model
+    from multitune.trainer.workload import token_loss_sum
 
     from test_packing import ArrayDataset
 

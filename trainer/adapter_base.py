@@ -7,8 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from recipes.errors import InputError
-from trainer.model_source import check_model_path
+from multitune.recipes.errors import InputError
+from multitune.trainer.model_source import check_model_path
 
 # Config keys that change without changing what the weights compute: left out of the fingerprint.
 VOLATILE_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache", "quantization_config",

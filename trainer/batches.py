@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_prep.packing import best_fit_decreasing, padded_batches
-from data_prep.shards import ShardedDataset
-from data_prep.tokenize import IGNORE
+from multitune.data_prep.packing import best_fit_decreasing, padded_batches
+from multitune.data_prep.shards import ShardedDataset
+from multitune.data_prep.tokenize import IGNORE
 
 
 @dataclass(frozen=True)

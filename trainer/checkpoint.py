@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from recipes.errors import InputError, RunStopped, is_disk_full
-from trainer.faults import kill_point
+from multitune.recipes.errors import InputError, RunStopped, is_disk_full
+from multitune.trainer.faults import kill_point
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 LEFTOVER = re.compile(r"^\.step-\d+\.(tmp|del)$")  # a save or a deletion that was killed
@@ -148,7 +148,7 @@ def read_state(path: Path) -> TrainState:
 
 def resume_fingerprint(recipe) -> dict[str, Any]:
     """The recipe's RESUME_KEYS as flat `section.key: value` pairs (stored in each checkpoint's state.json)."""
-    from trainer.tracking import flatten
+    from multitune.trainer.tracking import flatten
 
     flat = flatten(recipe.model_dump(mode="json"))
     return {key: value for key, value in flat.items()

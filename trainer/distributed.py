@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-from recipes.accelerate_config import DeepSpeedSettings
+from multitune.recipes.accelerate_config import DeepSpeedSettings
 
 DEEPSPEED = frozenset({"zero2", "zero3"})
 

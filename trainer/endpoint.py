@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import openai
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 

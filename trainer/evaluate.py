@@ -10,19 +10,19 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from data_prep.chat_encoding import chat_encoder, stop_token_ids
-from data_prep.prepare import prepare
-from data_prep.shards import ShardedDataset
-from data_prep.tasks import Task, task_for
-from data_prep.tokenize import IGNORE
-from recipes.errors import InputError
-from recipes.schema import AdapterConfig, EvalConfig, Recipe
-from trainer.adapter_base import check_base
-from trainer.endpoint import EndpointClient
-from trainer.judge import Judge
-from trainer.model import check_adapter_folder, load_model, load_tokenizer
-from trainer.retrieval import Retriever
-from trainer.run_files import write_atomic, write_class_reports
+from multitune.data_prep.chat_encoding import chat_encoder, stop_token_ids
+from multitune.data_prep.prepare import prepare
+from multitune.data_prep.shards import ShardedDataset
+from multitune.data_prep.tasks import Task, task_for
+from multitune.data_prep.tokenize import IGNORE
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import AdapterConfig, EvalConfig, Recipe
+from multitune.trainer.adapter_base import check_base
+from multitune.trainer.endpoint import EndpointClient
+from multitune.trainer.judge import Judge
+from multitune.trainer.model import check_adapter_folder, load_model, load_tokenizer
+from multitune.trainer.retrieval import Retriever
+from multitune.trainer.run_files import write_atomic, write_class_reports
 
 log = logging.getLogger(__name__)
 

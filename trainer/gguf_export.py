@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 TYPES = ("f16", "q8_0")
 
@@ -154,9 +154,9 @@ def export_adapter(adapter_dir: Path, out: Path, kind: str = "f16", base: str | 
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from trainer.merge import adapter_info, base_model_path, load_base_for_merge
-    from trainer.model import check_adapter_folder
-    from trainer.model_source import CONVERTED_FILE
+    from multitune.trainer.merge import adapter_info, base_model_path, load_base_for_merge
+    from multitune.trainer.model import check_adapter_folder
+    from multitune.trainer.model_source import CONVERTED_FILE
 
     if kind not in TYPES:
         raise InputError(f"--type must be one of {', '.join(TYPES)} (got {kind!r})")

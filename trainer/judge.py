@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import re
 
-from data_prep.tasks.base import Record, Task
-from trainer.endpoint import EndpointClient
+from multitune.data_prep.tasks.base import Record, Task
+from multitune.trainer.endpoint import EndpointClient
 
 RUBRIC = """You grade answers against a reference answer written by an expert.
 Score the candidate answer from 1 to 5:

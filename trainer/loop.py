@@ -14,15 +14,15 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from data_prep.shards import ShardedDataset
-from data_prep.tasks import task_for
-from recipes.accelerate_config import deepspeed_settings, fsdp_offload_params
-from recipes.errors import RunStopped
-from recipes.loader import dump_recipe
-from recipes.schema import Recipe, TrainConfig
-from trainer.adapter_base import resolvable_base
-from trainer.batches import MicroBatch, Position, plan_efficiency, plan_micro_batches
-from trainer.checkpoint import (
+from multitune.data_prep.shards import ShardedDataset
+from multitune.data_prep.tasks import task_for
+from multitune.recipes.accelerate_config import deepspeed_settings, fsdp_offload_params
+from multitune.recipes.errors import RunStopped
+from multitune.recipes.loader import dump_recipe
+from multitune.recipes.schema import Recipe, TrainConfig
+from multitune.trainer.adapter_base import resolvable_base
+from multitune.trainer.batches import MicroBatch, Position, plan_efficiency, plan_micro_batches
+from multitune.trainer.checkpoint import (
     TrainState,
     checkpoint_to_resume,
     list_checkpoints,
@@ -30,13 +30,13 @@ from trainer.checkpoint import (
     resume_fingerprint,
     save_checkpoint,
 )
-from trainer.distributed import Distributed, make_accelerator
-from trainer.memory import peak_memory_gb
-from trainer.model import count_parameters
-from trainer.preemption import Preempted, StopSignals
-from trainer.run_files import RunLog, check_output_dir, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
-from trainer.tracking import Tracker
-from trainer.workload import LossFn, Workload, workload_for
+from multitune.trainer.distributed import Distributed, make_accelerator
+from multitune.trainer.memory import peak_memory_gb
+from multitune.trainer.model import count_parameters
+from multitune.trainer.preemption import Preempted, StopSignals
+from multitune.trainer.run_files import RunLog, check_output_dir, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
+from multitune.trainer.tracking import Tracker
+from multitune.trainer.workload import LossFn, Workload, workload_for
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_resume: bool = False) -> dict:

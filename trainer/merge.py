@@ -17,11 +17,11 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from recipes.errors import InputError
-from trainer.adapter_base import adapter_record, check_base
-from recipes.schema import ModelConfig
-from trainer.model import DTYPES, check_adapter_folder
-from trainer.model_source import resolve_model_path
+from multitune.recipes.errors import InputError
+from multitune.trainer.adapter_base import adapter_record, check_base
+from multitune.recipes.schema import ModelConfig
+from multitune.trainer.model import DTYPES, check_adapter_folder
+from multitune.trainer.model_source import resolve_model_path
 
 
 def adapter_info(adapter_dir: Path) -> dict:

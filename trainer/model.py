@@ -10,9 +10,9 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from recipes.errors import InputError
-from recipes.schema import AdapterConfig, ModelConfig
-from trainer.model_source import resolve_model_path
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import AdapterConfig, ModelConfig
+from multitune.trainer.model_source import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def tokenizer_for_check(config: ModelConfig):
     if config.tiny is not None and not path.exists():
         import tempfile
 
-        from trainer.tiny_model import build_tokenizer
+        from multitune.trainer.tiny_model import build_tokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
             return build_tokenizer(Path(tmp))

@@ -12,9 +12,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.errors import InputError
-from recipes.schema import ModelConfig
-from trainer.tiny_model import ensure_tiny_model
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import ModelConfig
+from multitune.trainer.tiny_model import ensure_tiny_model
 
 CONVERTED_FILE = "multitune_gguf.json"  # marks a folder converted from GGUF: source hash, file, architecture
 CONVERTER_VERSION = 1  # part of the cache key: bump when the converted folder's contents change

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.prepare import PreparedData
-from data_prep.shards import ShardedDataset
-from data_prep.tasks.process_monitoring.features import NO_BAYES
-from data_prep.tokenize import IGNORE
-from recipes.schema import Recipe
-from trainer.batches import MicroBatchStream, Plan, attention_mask_for, plan_micro_batches
-from trainer.model import DTYPES
-from trainer.run_files import write_atomic
-from trainer.sequence_model import (EventSequenceModel, build_sequence_model, load_sequence_model, model_spec,
+from multitune.data_prep.prepare import PreparedData
+from multitune.data_prep.shards import ShardedDataset
+from multitune.data_prep.tasks.process_monitoring.features import NO_BAYES
+from multitune.data_prep.tokenize import IGNORE
+from multitune.recipes.schema import Recipe
+from multitune.trainer.batches import MicroBatchStream, Plan, attention_mask_for, plan_micro_batches
+from multitune.trainer.model import DTYPES
+from multitune.trainer.run_files import write_atomic
+from multitune.trainer.sequence_model import (EventSequenceModel, build_sequence_model, load_sequence_model, model_spec,
                                     save_sequence_model)
 
 
@@ -188,7 +188,7 @@ class EventWorkload:
 from pathlib import Path
 
 import torch
-from trainer.sequence_model import load_sequence_model
+from multitune.trainer.sequence_model import load_sequence_model
 
 model, spec = load_sequence_model(Path("path/to/adapter"), torch.device("cpu"))
 # model(categorical, continuous, position_ids, segment_ids, attention_mask) -> (next-activity logits,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 DOC_SUFFIXES = (".txt", ".md")
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from recipes.errors import InputError
+from multitune.recipes.errors import InputError
 
 # What makes a folder "a run": a lone recipe.resolved.yaml (a start that failed early) does not count.
 RUN_FILES = ("log.jsonl", "metrics.json", "adapter", "checkpoints")
@@ -21,7 +21,7 @@ def check_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other")
     if resume:
-        from trainer.checkpoint import list_checkpoints
+        from multitune.trainer.checkpoint import list_checkpoints
 
         if not list_checkpoints(path / "checkpoints"):
             raise InputError(f"output_dir {path}: no complete checkpoint to resume from")
@@ -110,7 +110,7 @@ def write_class_reports(reports: dict, prefix: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from data_prep.tasks.json_metrics import NO_ANSWER
+    from multitune.data_prep.tasks.json_metrics import NO_ANSWER
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     written = []

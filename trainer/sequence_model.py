@@ -17,9 +17,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoModel
 
-from recipes.errors import InputError
-from recipes.schema import AdapterConfig, ModelConfig, ProcessConfig
-from trainer.model import (
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import AdapterConfig, ModelConfig, ProcessConfig
+from multitune.trainer.model import (
     DTYPES,
     attention_backend,
     bnb_config,
@@ -27,7 +27,7 @@ from trainer.model import (
     keep_4bit_weights_differentiable,
     lora_config,
 )
-from trainer.model_source import resolve_model_path
+from multitune.trainer.model_source import resolve_model_path
 
 CONFIG_FILE = "sequence_model.json"
 WEIGHTS_FILE = "sequence_model.safetensors"  # every trainable weight outside the PEFT adapter

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-from recipes.schema import TinyModelSpec
+from multitune.recipes.schema import TinyModelSpec
 
 SPEC_FILE = "multitune_tiny.json"  # marks a folder as a debug model we built, with the spec it was built from
 

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from recipes.schema import TrackingConfig
+from multitune.recipes.schema import TrackingConfig
 
 # Environment variables whose names look like credentials; their values are scrubbed from anything we log.
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)

@@ -17,16 +17,16 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from data_prep.prepare import PreparedData, prepare
-from data_prep.shards import ShardedDataset
-from data_prep.tasks import Task
-from data_prep.tokenize import IGNORE
-from recipes.schema import Recipe
-from trainer.adapter_base import record_base
-from trainer.batches import MicroBatch, MicroBatchStream, Plan, attention_mask_for
-from trainer.evaluate import eval_records, evaluate_generation, warn_if_answers_exceed
-from trainer.model import DTYPES, load_model, load_tokenizer
-from trainer.run_files import LOAD_CHAT_ADAPTER
+from multitune.data_prep.prepare import PreparedData, prepare
+from multitune.data_prep.shards import ShardedDataset
+from multitune.data_prep.tasks import Task
+from multitune.data_prep.tokenize import IGNORE
+from multitune.recipes.schema import Recipe
+from multitune.trainer.adapter_base import record_base
+from multitune.trainer.batches import MicroBatch, MicroBatchStream, Plan, attention_mask_for
+from multitune.trainer.evaluate import eval_records, evaluate_generation, warn_if_answers_exceed
+from multitune.trainer.model import DTYPES, load_model, load_tokenizer
+from multitune.trainer.run_files import LOAD_CHAT_ADAPTER
 
 
 LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
@@ -95,7 +95,7 @@ class TextWorkload:
 
 def workload_for(recipe: Recipe, task: Task) -> Workload:
     if recipe.process is not None:
-        from trainer.process_monitoring import EventWorkload
+        from multitune.trainer.process_monitoring import EventWorkload
 
         return EventWorkload(recipe, task)
     return TextWorkload(recipe, task)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from data_prep.tasks.base import ChatExample, Record, Task
-from data_prep.tasks.chat_jsonl import ChatJsonl
-from data_prep.tasks.it_ticket_extraction import ITTicketExtraction
-from data_prep.tasks.medical_qa import MedicalMCQ, MedicalQA
-from data_prep.tasks.process_monitoring import ProcessMonitoring
-from data_prep.tasks.rca_generation import RCAGeneration
-from data_prep.tasks.ticket_classification import TicketClassification
-from recipes.errors import InputError
+from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.chat_jsonl import ChatJsonl
+from multitune.data_prep.tasks.it_ticket_extraction import ITTicketExtraction
+from multitune.data_prep.tasks.medical_qa import MedicalMCQ, MedicalQA
+from multitune.data_prep.tasks.process_monitoring import ProcessMonitoring
+from multitune.data_prep.tasks.rca_generation import RCAGeneration
+from multitune.data_prep.tasks.ticket_classification import TicketClassification
+from multitune.recipes.errors import InputError
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     TicketClassification(), ITTicketExtraction(), RCAGeneration(), MedicalQA(), MedicalMCQ(),

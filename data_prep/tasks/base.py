@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.readers import MAX_LINE_BYTES, FieldError, Record, read_rows
-from recipes.errors import InputError
+from multitune.data_prep.readers import MAX_LINE_BYTES, FieldError, Record, read_rows
+from multitune.recipes.errors import InputError
 
 __all__ = ["MAX_LINE_BYTES", "ChatExample", "FieldError", "Record", "Task"]
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import random
 
-from data_prep.tasks.base import ChatExample, Record, Task
-from data_prep.tasks.json_metrics import (class_reports, closed_set_fields, parse_json_object, schema_problems,
+from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.json_metrics import (class_reports, closed_set_fields, parse_json_object, schema_problems,
                                          score_json_fields)
-from data_prep.tasks.text_metrics import text_scores
-from recipes.errors import InputError
-from recipes.schema import TaskOptions
+from multitune.data_prep.tasks.text_metrics import text_scores
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import TaskOptions
 
 
 class ChatJsonl(Task):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from data_prep.tasks.base import ChatExample, Record, Task
-from data_prep.tasks.medical_qa.generator import LETTERS, generate_items
-from data_prep.tasks.text_metrics import text_scores
-from data_prep.tokenize import IGNORE, tokenize_examples
-from recipes.errors import InputError
+from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.medical_qa.generator import LETTERS, generate_items
+from multitune.data_prep.tasks.text_metrics import text_scores
+from multitune.data_prep.tokenize import IGNORE, tokenize_examples
+from multitune.recipes.errors import InputError
 
 if TYPE_CHECKING:  # torch is imported where it is used: prep's worker processes never load it (2 s of start-up)
     import torch

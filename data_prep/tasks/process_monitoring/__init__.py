@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data_prep.tasks.base import ChatExample, Record, Task
-from data_prep.tasks.process_monitoring.eventlog import check_events, read_event_log, read_skpm
-from data_prep.tasks.process_monitoring.generator import COLUMNS, generate_log
-from recipes.errors import InputError
+from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.process_monitoring.eventlog import check_events, read_event_log, read_skpm
+from multitune.data_prep.tasks.process_monitoring.generator import COLUMNS, generate_log
+from multitune.recipes.errors import InputError
 
 if TYPE_CHECKING:
-    from data_prep.prepare import PreparedData
+    from multitune.data_prep.prepare import PreparedData
 
 NOT_CHAT = ("task process_monitoring predicts from event sequences, not chat: train and evaluate it with "
             "`multitune train` (metrics.json holds next_activity_acc and remaining_time_mae_days)")
@@ -44,8 +44,8 @@ class ProcessMonitoring(Task):
     def prepare(self, recipe) -> PreparedData:
         """Shards of the recipe's event log: synthetic (data.generator), a file (data.train_file) or skpm."""
         # Imported here: data_prep.prepare imports the task registry, which imports this module.
-        from data_prep.prepare import _file_sha256
-        from data_prep.tasks.process_monitoring.features import eval_case_count, frame_digest, prepare_events
+        from multitune.data_prep.prepare import _file_sha256
+        from multitune.data_prep.tasks.process_monitoring.features import eval_case_count, frame_digest, prepare_events
 
         data, process = recipe.data, recipe.process
         if data.generator is not None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recipes.errors import InputError
-from recipes.schema import EventColumns
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import EventColumns
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from data_prep.prepare import PreparedData, build_cached
-from data_prep.shards import ShardWriter, list_column
-from recipes.errors import InputError
-from recipes.schema import DataConfig, EventColumns, ProcessConfig
+from multitune.data_prep.prepare import PreparedData, build_cached
+from multitune.data_prep.shards import ShardWriter, list_column
+from multitune.recipes.errors import InputError
+from multitune.recipes.schema import DataConfig, EventColumns, ProcessConfig
 
 FEATURES_VERSION = "2"  # 2: shards carry an index
 PAD, UNK, END = "<pad>", "<unk>", "<end>"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from data_prep.tasks.base import ChatExample, Record, Task
-from data_prep.tasks.rca_generation.generator import generate_incidents
-from data_prep.tasks.text_metrics import text_scores
+from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.rca_generation.generator import generate_incidents
+from multitune.data_prep.tasks.text_metrics import text_scores
 
 SYSTEM_PROMPT = ("You are a site reliability engineer writing the root-cause analysis of an incident. Start with "
                  "'Root cause: <cause>' on its own line when you can name it, then 'Resolution:' and what was done.")

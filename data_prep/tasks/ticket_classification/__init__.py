@@ -7,11 +7,11 @@ import copy
 import json
 from collections.abc import Iterable
 
-from data_prep.readers import FieldError
-from data_prep.tasks.base import ChatExample, Record, Task
-from data_prep.tasks.json_metrics import class_reports, parse_json_object, schema_problems, score_json_fields
-from data_prep.tasks.ticket_classification.generator import TAXONOMY, URGENCIES, generate_tickets
-from recipes.errors import InputError
+from multitune.data_prep.readers import FieldError
+from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.json_metrics import class_reports, parse_json_object, schema_problems, score_json_fields
+from multitune.data_prep.tasks.ticket_classification.generator import TAXONOMY, URGENCIES, generate_tickets
+from multitune.recipes.errors import InputError
 
 FIELDS = ("category", "subcategory", "urgency")
 INSTRUCTION = 'Classify the support ticket. Reply with JSON only: {"category": ..., "subcategory": ..., "urgency": ...}.'
