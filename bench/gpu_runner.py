@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from multitune.compat import attn_implementation
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear, Llama
 
 
@@ -108,7 +110,7 @@ def multitune(spec: Spec) -> dict:
     model = prepare_for_training(model, True, adapter, spec.gradient_checkpointing)
     model, optimizer = dist.prepare(model, lambda m: torch.optim.AdamW(
         [p for p in m.parameters() if p.requires_grad], lr=spec.lr))
-    backend = dist.unwrap(model).config._attn_implementation
+    backend = attn_implementation(dist.unwrap(model).config)
     # The hidden states' dtype: fp32 after kbit preparation, the storage dtype after FSDP2 (no mask under flash-attn).
     mask_dtype = dist.unwrap(model).get_input_embeddings().weight.dtype
     data = InMemorySamples(samples(spec, config.vocab_size))
@@ -200,7 +202,7 @@ def trl(spec: Spec) -> dict:
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {"seconds": clock.seconds, "tokens": float(clock.tokens), "tokens_per_s": clock.tokens / clock.seconds,
-            "losses": losses, "attn": trainer.model.config._attn_implementation,
+            "losses": losses, "attn": attn_implementation(trainer.model.config),
             "linear4bit": _count_linear4bit(trainer.model), **_memory(device)}
 
 

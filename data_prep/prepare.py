@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from multitune.compat import single_threaded_tokenizers
 from multitune.data_prep.shards import SCHEMA, ShardWriter, list_column
 from multitune.data_prep.tasks import Record, Task
 from multitune.data_prep.chat_encoding import chat_encoder
@@ -382,8 +383,7 @@ _WORKER: tuple | None = None
 
 def _start_worker(task: Task, data: DataConfig, tokenizer_class: type, tokenizer_folder: str) -> None:
     global _WORKER
-    # One process per core already: the tokenizer's own thread pool would only oversubscribe the cores.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    single_threaded_tokenizers()
     # The class itself rather than AutoTokenizer, which imports the model's config and modeling code (5 s of start-up).
     _WORKER = (task, data, tokenizer_class.from_pretrained(tokenizer_folder))
 

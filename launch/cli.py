@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import sys
 from pathlib import Path
 
+from multitune.compat import quiet_library_noise
 from multitune.launch import results, slurm, sweep
 from multitune.recipes.errors import InputError, RunStopped, is_disk_full
 
@@ -122,17 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parser(sub)
     results.add_parser(sub)
     return parser
-
-
-def quiet_library_noise() -> None:
-    """Silence start-up chatter that is not about the user's run (stderr should carry their errors)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes tries to fetch an optional CPU kernel from the hub on import and warns when it cannot.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on every import that it guessed
 
 
 def main(argv: list[str] | None = None) -> int:

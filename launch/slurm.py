@@ -7,12 +7,12 @@ import contextlib
 import io
 import math
 import re
-import shlex
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from multitune.compat import submitit_sbatch_script
 from multitune.launch.scheduler import scheduler_reason
 from multitune.recipes.errors import InputError
 
@@ -111,11 +111,7 @@ def job_folder(recipe) -> Path:
 
 def render_sbatch(folder: Path, options: SlurmOptions) -> str:
     """The sbatch script submitit writes for this job, from submitit's own renderer (no SLURM needed)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    # What SlurmExecutor._submitit_command_str builds; the test compares with the script a real submission used.
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder, **executor_parameters(options))
+    return submitit_sbatch_script(folder, sys.executable, executor_parameters(options))
 
 
 def submit(recipe, recipe_path: str, overrides: list[str], options: SlurmOptions, overwrite: bool = False,

@@ -42,7 +42,7 @@ def run_task(recipe_path: str, overrides: list[str], overwrite: bool, max_requeu
     """Train as this task's rank; with `resume`, or after a requeue (SLURM_RESTART_COUNT > 0), continue from the
     newest checkpoint."""
     os.environ.update(rendezvous_env(os.environ))
-    from multitune.launch.cli import quiet_library_noise
+    from multitune.compat import quiet_library_noise
     from multitune.recipes.loader import load_recipe
     from multitune.trainer.checkpoint import list_checkpoints
 

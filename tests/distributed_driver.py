@@ -59,7 +59,8 @@ def check_loading(recipe) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from multitune.recipes.accelerate_config import deepspeed_settings
-    from multitune.trainer.distributed import Distributed, _without_zero3_init, make_accelerator
+    from multitune.compat import without_hf_deepspeed_config
+    from multitune.trainer.distributed import Distributed, make_accelerator
     from multitune.trainer.model import load_model
 
     accelerator = make_accelerator(recipe.distributed.strategy, recipe.model.dtype, 1, None,
@@ -71,7 +72,7 @@ def check_loading(recipe) -> None:
     model, _ = dist_.prepare(model, lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0))
     set_seed(recipe.train.seed)
     plugin = accelerator.state.deepspeed_plugin if dist_.deepspeed else None
-    with _without_zero3_init(plugin) if plugin else nullcontext():  # the ordinary load, no zero.Init
+    with without_hf_deepspeed_config(plugin) if plugin else nullcontext():  # the ordinary load, no zero.Init
         reference = load_model(recipe.model, recipe.adapter, torch.device("cpu"), False)
     ids = torch.arange(1, 33).reshape(2, 16)
     model.eval()

@@ -49,3 +49,11 @@ def test_pyproject_installs_every_package_folder():
                                for layer in LAYERS for init in (REPO / layer).rglob("__init__.py")}
     assert set(setuptools["packages"]) == folders
     assert {k: v for k, v in setuptools["package-dir"].items()} == {f"multitune.{name}": name for name in LAYERS}
+
+
+def test_the_package_root_modules_import_no_layer():
+    """multitune/compat.py (and its siblings) sit under every layer: any layer may import them, they import none."""
+    wrong = [f"{p.relative_to(REPO)}:{line}: import {name}" for p in (REPO / "multitune").glob("*.py")
+             if p.name != "__main__.py" for line, name in imported_modules(p)
+             if ".".join(name.split(".")[:2]) in {f"multitune.{layer}" for layer in LAYERS}]
+    assert not wrong, "\n".join(wrong)

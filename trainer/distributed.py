@@ -4,7 +4,6 @@ sync, clipping and gathering the trainable weights. The loop calls these and sta
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+from multitune.compat import fsdp_offloads_to_cpu, without_accelerate_fsdp, without_hf_deepspeed_config
 from multitune.recipes.accelerate_config import DeepSpeedSettings
 
 DEEPSPEED = frozenset({"zero2", "zero3"})
@@ -67,7 +67,7 @@ def make_accelerator(strategy: str, dtype: str, grad_accum: int, max_grad_norm: 
         precision = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
         return Accelerator(deepspeed_plugin=plugin, mixed_precision=precision, kwargs_handlers=handlers)
     if strategy == "fsdp":
-        os.environ.pop("ACCELERATE_USE_FSDP", None)  # we shard with fully_shard; accelerate only gives the group
+        without_accelerate_fsdp()  # we shard with fully_shard; accelerate only gives the process group
     return Accelerator(cpu=on_cpu, kwargs_handlers=handlers)
 
 
@@ -128,7 +128,7 @@ class Distributed:
         plugin = self.accelerator.state.deepspeed_plugin if self.deepspeed else None
         if plugin is None or not (quantized or not plugin.zero3_init_flag):
             return nullcontext()
-        return _without_zero3_init(plugin)
+        return without_hf_deepspeed_config(plugin)
 
     def prepare(self, model, build_optimizer: Callable):
         """Wrap the model for the strategy and build its optimizer (after sharding, for FSDP2)."""
@@ -169,7 +169,7 @@ class Distributed:
                 "wrapper": type(inner).__name__, "local_param_fraction": round(local / max(total, 1), 4)}
         if self.strategy == "fsdp":
             info["fsdp_units"] = sum(1 for m in self.unwrap(model).modules() if type(m).__name__.startswith("FSDP"))
-            info["offloaded_units"] = sum(_offloads_to_cpu(m) for m in self.unwrap(model).modules())
+            info["offloaded_units"] = sum(fsdp_offloads_to_cpu(m) for m in self.unwrap(model).modules())
             info["param_devices"] = sorted({str(_local(p).device) for p in params})
         if self.deepspeed:
             info["zero_stage"] = model.zero_optimization_stage()
@@ -232,17 +232,6 @@ def shard_fsdp2(model, world_size: int, from_rank0: bool = False, offload: bool 
     return model
 
 
-def _offloads_to_cpu(module) -> bool:
-    """Whether `module` is an FSDP2 unit whose shards live in CPU RAM. torch has no public accessor for a unit's
-    offload policy: this reads `_get_fsdp_state()._fsdp_param_group` (checked against torch 2.13)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
-
-    if not isinstance(module, FSDPModule):  # not hasattr: PEFT wrappers forward attribute lookups to the model
-        return False
-    group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
-    return group is not None and isinstance(group.offload_policy, CPUOffloadPolicy)
-
-
 def _local(p):
     return p.to_local() if hasattr(p, "to_local") else p
 
@@ -267,19 +256,6 @@ def _fsdp_sync(model, sync: bool):
         yield
     finally:
         inner.set_requires_gradient_sync(True)
-
-
-@contextmanager
-def _without_zero3_init(plugin):
-    """transformers decides on zero.Init from the global DeepSpeed config accelerate registers (whatever the
-    plugin's zero3_init_flag says): unregister it while loading, register it again for generation and saving."""
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()
 
 
 @contextmanager

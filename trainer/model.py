@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from multitune.compat import keep_4bit_weights_differentiable
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import AdapterConfig, ModelConfig
 from multitune.trainer.model_source import resolve_model_path
@@ -107,20 +108,6 @@ def prepare_for_training(model, quantized: bool, adapter: AdapterConfig, gradien
     if adapter.kind == "lora":
         model = get_peft_model(model, lora_config(adapter, model))
     return model
-
-
-def keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
-
-    On CPUs with AVX512-BF16, the first no-grad forward in eval mode (our before-training evaluation) repacks each
-    Linear4bit for `gemv_4bit`, permanently; that kernel has no autograd, so every later training step silently
-    loses the gradient through the frozen 4-bit layers (only LoRA branches and residuals carry it).
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def bnb_config(config: ModelConfig) -> BitsAndBytesConfig:

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from multitune.compat import gguf_architectures
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import ModelConfig
 from multitune.trainer.tiny_model import ensure_tiny_model
@@ -149,7 +150,6 @@ def check_gguf(path: Path) -> str:
     Raises InputError (one line) for a file that is not GGUF, is cut short, or holds an unsupported architecture.
     """
     from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     try:
         reader = GGUFReader(path)
@@ -162,7 +162,7 @@ def check_gguf(path: Path) -> str:
     if ends and max(ends) > size:
         raise InputError(f"model.name_or_path: {path} is cut short: its tensors need {max(ends):,} bytes, the file "
                          f"has {size:,} (an interrupted download or copy?)")
-    supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # mapping sections, not models
+    supported = gguf_architectures()
     if architecture not in supported:
         raise InputError(f"model.name_or_path: {path}: GGUF architecture '{architecture}' is not supported by "
                          f"transformers' GGUF reader (supported: {', '.join(supported)})")

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoModel
 
+from multitune.compat import attn_implementation, keep_4bit_weights_differentiable
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import AdapterConfig, ModelConfig, ProcessConfig
 from multitune.trainer.model import (
@@ -24,7 +25,6 @@ from multitune.trainer.model import (
     attention_backend,
     bnb_config,
     check_adapter_folder,
-    keep_4bit_weights_differentiable,
     lora_config,
 )
 from multitune.trainer.model_source import resolve_model_path
@@ -100,7 +100,7 @@ class EventSequenceModel(nn.Module):
     @property
     def attention(self) -> str | None:
         """The LM backbone's attention implementation (decides the packed-row mask); None for an RNN."""
-        return None if self.recurrent else self.backbone.config._attn_implementation
+        return None if self.recurrent else attn_implementation(self.backbone.config)
 
 
 def model_spec(model: ModelConfig, adapter: AdapterConfig, process: ProcessConfig, manifest: dict) -> dict:

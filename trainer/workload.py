@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from multitune.compat import attn_implementation
 from multitune.data_prep.prepare import PreparedData, prepare
 from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tasks import Task
@@ -73,7 +74,7 @@ class TextWorkload:
 
     def load_model(self, device, gradient_checkpointing, weights=True):
         model = load_model(self.recipe.model, self.recipe.adapter, device, gradient_checkpointing, weights)
-        self.backend = model.config._attn_implementation
+        self.backend = attn_implementation(model.config)
         return model
 
     def loss_sum(self, model, batch) -> torch.Tensor:

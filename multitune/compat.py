@@ -1,0 +1,104 @@
+"""Every place multitune leans on a library's internals or changes a library's global state, in one module.
+
+Each entry names the version it was checked against (`CHECKED_AGAINST`, the pins in constraints.txt) and has a test
+in tests/test_compat.py that fails when the library changes under it; pyproject.toml caps the libraries whose
+private API is used here. Imports no multitune layer: recipes, data_prep, trainer and launch may all use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+CHECKED_AGAINST = {"torch": "2.13.0", "transformers": "5.23.0", "accelerate": "1.15.0", "bitsandbytes": "0.50.2",
+                   "submitit": "1.5.4"}
+
+
+def quiet_library_noise() -> None:
+    """Silence start-up chatter that is not about the user's run (stderr should carry their errors). Environment
+    variables only where the user set none."""
+    # Tokenizers warn (and disable themselves) when a process forks after using their thread pool.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes 0.50 tries to fetch an optional CPU kernel from the hub on import and warns when it cannot.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on every import that it guessed
+
+
+def single_threaded_tokenizers() -> None:
+    """For a tokenizing worker process (one per core): the tokenizers' own thread pool would only oversubscribe."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def without_accelerate_fsdp() -> None:
+    """accelerate 1.15 turns `prepare` into its own FSDP wrapping when ACCELERATE_USE_FSDP is set (as `accelerate
+    launch` with an FSDP config does); we shard with torch's `fully_shard` ourselves and want only its process
+    group."""
+    os.environ.pop("ACCELERATE_USE_FSDP", None)
+
+
+def keep_4bit_weights_differentiable(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    bitsandbytes 0.50 (private flag `Linear4bit.support_avx512bf16_for_cpu`): on CPUs with AVX512-BF16, the first
+    no-grad forward in eval mode (our before-training evaluation) repacks each Linear4bit for `gemv_4bit`,
+    permanently; that kernel has no autograd, so every later training step silently loses the gradient through the
+    frozen 4-bit layers (only LoRA branches and residuals carry it).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def attn_implementation(config) -> str:
+    """The attention backend transformers 5.23 really chose for a loaded model (`config._attn_implementation`,
+    private: the public `attn_implementation` is what was asked for, not what a fallback gave)."""
+    return config._attn_implementation
+
+
+def fsdp_offloads_to_cpu(module) -> bool:
+    """Whether `module` is an FSDP2 unit whose shards live in CPU RAM. torch 2.13 has no public accessor for a
+    unit's offload policy: this reads `_get_fsdp_state()._fsdp_param_group.offload_policy`."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    if not isinstance(module, FSDPModule):  # not hasattr: PEFT wrappers forward attribute lookups to the model
+        return False
+    group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+    return group is not None and isinstance(group.offload_policy, CPUOffloadPolicy)
+
+
+@contextmanager
+def without_hf_deepspeed_config(plugin):
+    """transformers 5.23 decides on zero.Init from the global DeepSpeed config accelerate 1.15 registers (whatever
+    the plugin's zero3_init_flag says): unregister it while loading, register it again for generation and saving."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def gguf_architectures() -> list[str]:
+    """Model architectures transformers 5.23's GGUF reader loads (its mapping table lives in a private-looking
+    module, `modeling_gguf_pytorch_utils`)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # mapping sections, not models
+
+
+def submitit_sbatch_script(folder, python: str, parameters: dict) -> str:
+    """The sbatch script submitit 1.5.4 writes for a job in `folder`, from its own (private) renderer and the command
+    `SlurmExecutor._submitit_command_str` builds; tests/test_slurm.py compares it with a real submission's."""
+    import shlex
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder, **parameters)

@@ -1,0 +1,105 @@
+"""multitune/compat.py, entry by entry: each test fails when the library it leans on changes under it."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from importlib.metadata import version
+
+import pytest
+import torch
+
+from multitune import compat
+
+
+def test_installed_libraries_are_the_versions_compat_was_checked_against():
+    """Bumping a pin in constraints.txt lands here first: re-check every entry of compat.py, then the version."""
+    installed = {name: version(name).split("+")[0] for name in compat.CHECKED_AGAINST}
+    assert installed == compat.CHECKED_AGAINST
+
+
+def test_4bit_layers_keep_their_gradient_path_after_a_no_grad_forward():
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
+    # The flag we clear is what bitsandbytes' forward reads before repacking for its no-autograd CPU kernel.
+    assert "support_avx512bf16_for_cpu" in vars(layer)
+    assert "self.support_avx512bf16_for_cpu" in inspect.getsource(bnb.nn.Linear4bit.forward)
+    model = torch.nn.Sequential(layer)
+    compat.keep_4bit_weights_differentiable(model)
+    assert layer.support_avx512bf16_for_cpu is False
+
+
+@pytest.mark.parametrize("requested", ["eager", "sdpa"])
+def test_attn_implementation_is_the_backend_the_model_runs(requested):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=requested)
+    assert compat.attn_implementation(model.config) == requested
+
+
+def test_fsdp_offload_policy_is_read_from_each_unit(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        offloaded, kept = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        fully_shard(offloaded, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False))
+        fully_shard(kept, mesh=mesh)
+        assert compat.fsdp_offloads_to_cpu(offloaded) is True
+        assert compat.fsdp_offloads_to_cpu(kept) is False
+        assert compat.fsdp_offloads_to_cpu(torch.nn.Linear(4, 4)) is False  # not an FSDP unit at all
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hf_deepspeed_config_is_off_inside_and_back_after():
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    plugin = DeepSpeedPlugin(zero_stage=3, zero3_init_flag=True)
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+    plugin.set_deepspeed_weakref()
+    assert is_deepspeed_zero3_enabled()
+    with compat.without_hf_deepspeed_config(plugin):
+        assert not is_deepspeed_zero3_enabled()  # from_pretrained here loads normally, no zero.Init
+    assert is_deepspeed_zero3_enabled()
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def test_accelerate_reads_the_fsdp_variable_we_clear(monkeypatch):
+    import accelerate.state
+
+    assert "ACCELERATE_USE_FSDP" in inspect.getsource(accelerate.state)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    compat.without_accelerate_fsdp()
+    assert "ACCELERATE_USE_FSDP" not in os.environ
+
+
+def test_gguf_reader_architectures_include_llama_and_qwen2():
+    architectures = compat.gguf_architectures()
+    assert {"llama", "qwen2"} <= set(architectures)
+    assert "tokenizer" not in architectures and "general" not in architectures
+
+
+def test_submitit_renders_the_script_it_submits(tmp_path):
+    script = compat.submitit_sbatch_script(tmp_path, "/usr/bin/python3", {"nodes": 2, "ntasks_per_node": 4})
+    assert script.startswith("#!/bin/bash")
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert f"-u -m submitit.core._submit {tmp_path}" in script
+
+
+def test_library_noise_settings_leave_the_users_own_values(monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    compat.quiet_library_noise()
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    if not torch.cuda.is_available():
+        assert os.environ["DS_ACCELERATOR"] == "cpu"
