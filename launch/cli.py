@@ -10,7 +10,8 @@ from pathlib import Path
 
 from multitune.compat import quiet_library_noise
 from multitune.launch import results, slurm, sweep
-from multitune.recipes.errors import InputError, RunStopped, is_disk_full
+from multitune.launch.run import exit_code, run_training
+from multitune.recipes.errors import InputError, RunStopped
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -133,30 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     quiet_library_noise()
-    from jinja2 import TemplateError
-
     try:
         return COMMANDS[args.command](args) or 0
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RunStopped as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError, TemplateError) as exc:
-        if isinstance(exc, OSError) and is_disk_full(exc):
-            # Checkpoints and the prep cache are written to temporary names and renamed when complete, so what is
-            # there is whole; a checkpoint that did not fit is reported by the checkpoint code itself, with what
-            # was kept.
-            where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
-            print(f"error: no space left on the device{where} ({exc}); free some space and run the command again",
-                  file=sys.stderr)
-            return 1
-        if args.command not in USER_INPUT_COMMANDS:
+    except Exception as exc:  # noqa: BLE001 - ours re-raised below with their traceback
+        code = exit_code(exc, args.command, args.command in USER_INPUT_COMMANDS)
+        if code is None:
             raise
-        print(f"error: multitune {args.command}: {type(exc).__name__}: {' '.join(str(exc).split())[:400]}",
-              file=sys.stderr)
-        return 2
+        return code
+
 
 def _load(args):
     from multitune.data_prep.tasks import task_for
@@ -236,28 +221,8 @@ def cmd_train(args) -> int:
     recipe = _load(args)
     if recipe.distributed.strategy != "single" and "LOCAL_RANK" not in os.environ:
         return _launch(recipe, args)  # not yet inside a launched rank: start this machine's ranks
-    import torch.distributed
-
-    from multitune.trainer.distributed import leave_process_group
-    from multitune.trainer.loop import train
-    from multitune.trainer.preemption import Preempted
-
-    try:
-        train(recipe, resume=args.resume or args.force_resume, overwrite=args.overwrite,
-              force_resume=args.force_resume)
-    except Preempted as stop:
-        print(f"[multitune] {stop}; continue with --resume", file=sys.stderr, flush=True)
-        return 3
-    except RuntimeError as exc:  # a peer rank died or hung: say so in one line instead of gloo's/NCCL's traceback
-        lost_peer = isinstance(exc, torch.distributed.DistError) or any(s in str(exc) for s in ("gloo", "NCCL"))
-        if not (torch.distributed.is_initialized() and lost_peer):
-            raise
-        raise RunStopped(f"rank {torch.distributed.get_rank()}: a collective with the other ranks failed "
-                         f"({' '.join(str(exc).split())[:160]}): a rank died, or hung longer than "
-                         f"distributed.timeout_s={recipe.distributed.timeout_s}") from None
-    finally:
-        leave_process_group()  # a launched rank: leave the group cleanly
-    return 0
+    return run_training(recipe, resume=args.resume or args.force_resume, overwrite=args.overwrite,
+                        force_resume=args.force_resume)
 
 
 def _launch(recipe, args) -> int:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import itertools
 import re
 from pathlib import Path
 
-from multitune.recipes.errors import InputError
+from multitune.recipes.errors import InputError, RunStopped
 
 
 def parse_params(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -28,8 +29,8 @@ def parse_params(items: list[str]) -> list[tuple[str, list[str]]]:
 
 def run_grid(recipe_path: str, overrides: list[str], params: list[tuple[str, list[str]]]) -> Path:
     """Runs go to `<output_dir>/grid/<name>/`; writes `results.csv`, `losses.csv` and `loss.png` beside them."""
+    from multitune.launch.run import run_training
     from multitune.recipes.loader import load_recipe
-    from multitune.trainer.loop import train
     from multitune.trainer.run_files import RunLog
 
     base = load_recipe(recipe_path, overrides)
@@ -46,7 +47,10 @@ def run_grid(recipe_path: str, overrides: list[str], params: list[tuple[str, lis
     rows, losses = [], []
     for name, settings, recipe in runs:
         print(f"[multitune grid] run {name}", flush=True)
-        metrics = train(recipe, overwrite=True)
+        code = run_training(recipe, resume=False, overwrite=True)
+        if code != 0:
+            raise RunStopped(f"grid stopped in run {name} (exit code {code}); runs before it are in {grid_dir}")
+        metrics = json.loads((recipe.output_path / "metrics.json").read_text())
         row = {"run": name, **settings, "final_loss": metrics["final_loss"],
                "train_seconds": metrics["train_seconds"], "tokens_per_s": round(metrics["tokens_per_s"], 1)}
         row.update({f"before_{k}": v for k, v in (metrics["before"] or {}).items() if _is_number(v)})

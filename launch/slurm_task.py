@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from multitune.launch.run import exit_code
 from multitune.recipes.errors import InputError
 
 # The lowest port of the range a job's rendezvous port is taken from (job id and restart pick one in 20000).
@@ -47,9 +48,7 @@ def run_task(recipe_path: str, overrides: list[str], overwrite: bool, max_requeu
     from multitune.trainer.checkpoint import list_checkpoints
 
     quiet_library_noise()
-    from multitune.trainer.distributed import leave_process_group
-    from multitune.trainer.loop import train
-    from multitune.trainer.preemption import Preempted
+    from multitune.launch.run import run_training
 
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     recipe = load_recipe(recipe_path, overrides)
@@ -62,21 +61,21 @@ def run_task(recipe_path: str, overrides: list[str], overwrite: bool, max_requeu
     print(f"[multitune] rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} on {os.uname().nodename} "
           f"pid {os.getpid()}, job {os.environ.get('SLURM_JOB_ID')} restart {restarts}, rendezvous "
           f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, {'resume' if resume else 'start'}", flush=True)
-    try:
-        train(recipe, resume=resume, overwrite=overwrite)
-    except Preempted as stop:
-        print(f"[multitune] {stop}", flush=True)
-        # An exit, not a return: under submitit a return would record the job as finished.
-        raise SystemExit(_after_preemption(stop.signum, restarts, max_requeues)) from None
-    finally:
-        leave_process_group()
-    return 0
+    return run_training(recipe, resume=resume, overwrite=overwrite,
+                        after_preemption=lambda stop: _after_preemption(stop, restarts, max_requeues))
 
 
-def _after_preemption(signum: int, restarts: int, max_requeues: int) -> int:
+def _after_preemption(stop, restarts: int, max_requeues: int) -> int:
     """SIGTERM comes from whoever ends the job (preemption, `scontrol requeue`, scancel), who also decides whether
     it runs again. SIGUSR1/SIGUSR2 is the warning before the time limit (or a user's request): rank 0 requeues the
-    job itself, up to `max_requeues` times, so a run longer than the limit chains until done."""
+    job itself, up to `max_requeues` times, so a run longer than the limit chains until done.
+
+    Raises SystemExit, never returns: under submitit a return would record the job as finished."""
+    print(f"[multitune] {stop}", flush=True)
+    raise SystemExit(_requeue(stop.signum, restarts, max_requeues))
+
+
+def _requeue(signum: int, restarts: int, max_requeues: int) -> int:
     if signum == signal.SIGTERM or os.environ["RANK"] != "0":
         return 0
     job = os.environ["SLURM_JOB_ID"]
@@ -130,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(job_folder(load_recipe(args.recipe, args.overrides)))
         return 0
-    return run_task(args.recipe, args.overrides, args.overwrite, args.max_requeues, args.resume)
+    try:
+        return run_task(args.recipe, args.overrides, args.overwrite, args.max_requeues, args.resume)
+    except Exception as exc:  # noqa: BLE001 - ours re-raised with their traceback
+        code = exit_code(exc, "slurm task", user_input=False)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -57,3 +57,13 @@ def test_the_package_root_modules_import_no_layer():
              if p.name != "__main__.py" for line, name in imported_modules(p)
              if ".".join(name.split(".")[:2]) in {f"multitune.{layer}" for layer in LAYERS}]
     assert not wrong, "\n".join(wrong)
+
+
+def test_training_runs_through_one_entry():
+    """`multitune train` (single process and launched ranks), the SLURM task and sweep trials all train through
+    launch/run.py's `run_training`: it alone calls the loop, so signals, lost peers and teardown are handled once."""
+    callers = sorted(str(p.relative_to(REPO)) for p in python_files(*LAYERS)
+                     for node in ast.walk(ast.parse(p.read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.module == "multitune.trainer.loop"
+                     and any(alias.name == "train" for alias in node.names))
+    assert callers == ["launch/run.py"]
