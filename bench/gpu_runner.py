@@ -175,7 +175,8 @@ def trl(spec: Spec) -> dict:
         output_dir=str(WORK / "gpu" / "trl"), packing=True, padding_free=True, max_length=spec.seq_len,
         per_device_train_batch_size=1, gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr,
         lr_scheduler_type="constant", max_steps=spec.warmup + spec.steps,
-        gradient_checkpointing=spec.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=on_gpu, use_cpu=not on_gpu, max_grad_norm=1.0,
+        gradient_checkpointing=spec.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=on_gpu, use_cpu=not on_gpu, max_grad_norm=1.0,
         optim="adamw_torch", save_strategy="no", report_to=[], logging_steps=1, dataloader_num_workers=0,
         seed=spec.seed, disable_tqdm=True, include_num_input_tokens_seen="non_padding")
     lora = LoraConfig(r=spec.r, lora_alpha=2 * spec.r, lora_dropout=0.0, target_modules=LORA_TARGETS,

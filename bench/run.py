@@ -79,7 +79,7 @@ def startup() -> dict:
     log = WORK / "startup" / "run" / "log.jsonl"
     shutil.rmtree(log.parent, ignore_errors=True)
     launched = time.time()
-    process = subprocess.Popen([python(), "-m", "multitune.launch.cli", "train", str(path), "--overwrite"], cwd=REPO, env=ENV,
+    process = subprocess.Popen([python(), "-m", "multitune", "train", str(path), "--overwrite"], cwd=REPO, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (log.is_file() and '"step": 1' in log.read_text()):
         if process.poll() is not None and not log.is_file():
@@ -124,7 +124,8 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes; does not touch results.json or BENCHMARKS.md")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes; does not touch results.json or BENCHMARKS.md")
     args = parser.parse_args(argv)
     rows = [2_000, 20_000] if args.quick else [100_000, 1_000_000]
     if args.quick:
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                                for k in ("multitune", "trl_packed", "trl_unpacked")},
         "shard_load_s": {k: v["seconds"] for k, v in loads.items()},
     }
-    details = {"packing": packing, "prep": prep_results, "train": train_results, "startup": startup_results, "step_profile": profile,
+    details = {"packing": packing, "prep": prep_results, "train": train_results, "startup": startup_results,
+               "step_profile": profile,
                "shard_load": loads, "minutes": round(minutes, 1), "machine": machine(),
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     print(json.dumps(results, indent=2))
@@ -204,7 +206,7 @@ def write_benchmarks_md(results: dict, d: dict) -> None:
               "| what | value |", "|---|---|",
               f"| launch → first optimizer step, multitune (prep cache warm) | {s['multitune_s']:.1f} s |",
               f"| launch → first optimizer step, TRL SFTTrainer script | {s['trl_s']:.1f} s |"]
-    for label, r in sl.items():
+    for r in sl.values():
         lines.append(f"| open memory-mapped train shards, {r['rows']:,} rows | {r['seconds'] * 1000:.1f} ms |")
     lines += ["", END]
     text = BENCHMARKS.read_text()

@@ -1,7 +1,7 @@
 """Time to open a split's memory-mapped shards and read one row: `python -m bench.shard_load SPLIT_DIR`.
 
-One open first (it pays pyarrow's lazy imports and brings the index into the page cache), then the median of 21. Planning then reads the length
-column, which is O(rows) by nature (4 MB per million rows) and is not counted here.
+One open first (it pays pyarrow's lazy imports and brings the index into the page cache), then the median of 21.
+Planning then reads the length column, which is O(rows) by nature (4 MB per million rows) and is not counted here.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def multitune(out: Path) -> dict:
     }
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    subprocess.run([sys.executable, "-m", "multitune.launch.cli", "train", str(path), "--overwrite"], cwd=REPO, env=ENV,
+    subprocess.run([sys.executable, "-m", "multitune", "train", str(path), "--overwrite"], cwd=REPO, env=ENV,
                    check=True, capture_output=True)
     steps = [e for e in map(json.loads, (out / "run" / "log.jsonl").read_text().splitlines()) if "eval" not in e]
     seconds = sum(e["tokens"] / e["tokens_per_s"] for e in steps)

@@ -1,4 +1,5 @@
-"""`multitune prep`: records → tokenized Arrow shards + manifest, once per content hash (a second call is a cache hit)."""
+"""`multitune prep`: records → tokenized Arrow shards + manifest, once per content hash (a second call is a
+cache hit)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 
 from multitune.compat import single_threaded_tokenizers
+from multitune.data_prep.chat_encoding import chat_encoder
 from multitune.data_prep.shards import SCHEMA, ShardWriter, list_column
 from multitune.data_prep.tasks import Record, Task
-from multitune.data_prep.chat_encoding import chat_encoder
 from multitune.data_prep.tokenize import IGNORE, TokenizedBatch, labelled, tokenize_examples, tokenizer_fingerprint
 from multitune.recipes.errors import InputError, RunStopped
 from multitune.recipes.schema import DataConfig

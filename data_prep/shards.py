@@ -113,7 +113,8 @@ class ShardedDataset:
             if file not in self._readers:
                 self._readers[file] = pa.ipc.open_file(pa.memory_map(str(self._files[file]), "r"))
             batch = self._readers[file].get_batch(int(self._in_file[k]))
-            views = {field.name: (batch.column(field.name).offsets.to_numpy(), batch.column(field.name).values.to_numpy())
+            views = {field.name: (batch.column(field.name).offsets.to_numpy(),
+                                  batch.column(field.name).values.to_numpy())
                      for field in batch.schema if pa.types.is_list(field.type)}
             self._cache[k] = (batch, views)
         return self._cache[k]

@@ -13,7 +13,6 @@ from multitune.launch import results, slurm, sweep
 from multitune.launch.run import exit_code, run_training
 from multitune.recipes.errors import InputError, RunStopped
 
-
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 # Commands that read models, adapters and files a user points at: an OSError, ValueError or template error from
 # there is about that input (a folder without config.json, a malformed adapter_config.json, a port in use), so it

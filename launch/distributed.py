@@ -1,4 +1,5 @@
-"""`multitune train` for multi-process strategies: build the `accelerate launch ... -m multitune train RECIPE` command."""
+"""`multitune train` for multi-process strategies: build the `accelerate launch ... -m multitune train
+RECIPE` command."""
 
 from __future__ import annotations
 

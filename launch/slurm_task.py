@@ -1,8 +1,8 @@
 """One rank of a SLURM training job (submitit's or the sbatch template's): rendezvous from the SLURM environment,
 train (resuming after a requeue), and on a preemption/time-limit signal checkpoint and requeue the job.
 
-`srun python -m multitune.launch.slurm_task [--max-requeues N] [--overwrite] RECIPE [key=value ...]` in slurm/train.sbatch;
-`multitune slurm` pickles a `SlurmTraining` that calls the same `run_task`.
+`srun python -m multitune.launch.slurm_task [--max-requeues N] [--overwrite] RECIPE [key=value ...]` in
+slurm/train.sbatch; `multitune slurm` pickles a `SlurmTraining` that calls the same `run_task`.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ def trial_command(program: Path, overrides: list[str], output_dir: Path) -> list
     """A trial is a plain `multitune train`; continue a started trial, replace one that never checkpointed."""
     from multitune.trainer.checkpoint import list_checkpoints
 
-    command = [sys.executable, "-m", "multitune.launch.cli", "train", str(program), *overrides, override("output_dir",
+    command = [sys.executable, "-m", "multitune", "train", str(program), *overrides, override("output_dir",
                                                                                               str(output_dir))]
     if list_checkpoints(output_dir / "checkpoints"):
         command.append("--resume")
@@ -450,7 +450,7 @@ def main(args) -> int:
         if args.slurm:
             require_wandb_online("sweep agent")
             out = Path(args.out or Path("runs/sweeps") / args.sweep_id.split("/")[-1])
-            command = [sys.executable, "-m", "multitune.launch.cli", "sweep", "agent", args.sweep_id, "--count",
+            command = [sys.executable, "-m", "multitune", "sweep", "agent", args.sweep_id, "--count",
                        str(args.count), "--out", str(out)]
             command += [f"--{k}={v}" for k, v in (("project", args.project), ("entity", args.entity)) if v]
             jobs = submit_array([command] * args.jobs, _array_options(args, out))

@@ -66,7 +66,8 @@ def resolve_accelerate_config(recipe) -> Path:
     try:
         config = yaml.safe_load(found.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InputError(f"distributed.accelerate_config: {name} is not valid YAML: {' '.join(str(exc).split())}")
+        raise InputError(f"distributed.accelerate_config: {name} is not valid YAML: "
+                         f"{' '.join(str(exc).split())}") from None
     if not isinstance(config, dict):
         raise InputError(f"distributed.accelerate_config: {name} is not an accelerate config (not a mapping)")
     problem = config_problem(recipe, config)

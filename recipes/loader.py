@@ -1,4 +1,5 @@
-"""Read a recipe YAML, apply `key.sub=value` overrides, validate into a `Recipe`; every failure is one InputError line."""
+"""Read a recipe YAML, apply `key.sub=value` overrides, validate into a `Recipe`; every failure is one
+InputError line."""
 
 from __future__ import annotations
 

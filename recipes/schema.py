@@ -1,4 +1,5 @@
-"""The typed recipe: every section of a run, validated once at load (pydantic), read everywhere else as plain objects."""
+"""The typed recipe: every section of a run, validated once at load (pydantic), read everywhere else as
+plain objects."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ import json
 import shutil
 import sys
 from contextlib import nullcontext
-
 from pathlib import Path
 
 import torch.distributed as dist
@@ -58,8 +57,8 @@ def check_loading(recipe) -> None:
     from accelerate.utils import set_seed
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from multitune.recipes.accelerate_config import deepspeed_settings
     from multitune.compat import without_hf_deepspeed_config
+    from multitune.recipes.accelerate_config import deepspeed_settings
     from multitune.trainer.distributed import Distributed, make_accelerator
     from multitune.trainer.model import load_model
 

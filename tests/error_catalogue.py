@@ -271,7 +271,7 @@ CASES: list[BadInput] = [
                   "bad.csv:2: field 'category' (column 'Kategorie') must be one of billing|account|technical|"
                   "shipping|product|unrelated (got 'Hardware')", name="bad.csv", extra=GERMAN_COLUMNS),
     data_case("data-column-missing", "`data.columns` naming a column the CSV does not have",
-              "Betreff;Beschreibung\r\nx;y\r\n".encode(),
+              b"Betreff;Beschreibung\r\nx;y\r\n",
               "data.columns.description: column 'Text' is not in", name="bad.csv", extra=GERMAN_COLUMNS),
     data_case("data-csv-ambiguous", "a CSV that `,` and `;` both split evenly (say which: `data.csv_delimiter`)",
               b"title;description,category;subcategory\nt;d,billing;refund\n",

@@ -18,10 +18,8 @@ def main() -> None:
         int(sys.argv[4]), float(sys.argv[5])
     import torch
     import torch.nn.functional as F
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from peft import LoraConfig
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(config_dir)

@@ -14,7 +14,8 @@ COLUMNS = {"title": "Betreff", "description": "Beschreibung", "category": "Kateg
 TICKETS = [
     ("Hardware", "Drucker", "Drucker im 2. OG druckt leer", "Der Drucker im zweiten Stock zieht Papier ein, aber die "
      "Seiten bleiben weiß. Toner wurde gestern getauscht."),
-    ("Hardware", "Drucker", "Papierstau, schon wieder", "Seit heute Morgen meldet der Etagendrucker ständig Papierstau; "
+    ("Hardware", "Drucker", "Papierstau, schon wieder",
+     "Seit heute Morgen meldet der Etagendrucker ständig Papierstau; "
      "wir haben Fach 2 geleert, hilft nicht."),
     ("Hardware", "Laptop", "Akku hält keine Stunde", "Mein Dienstlaptop geht nach 40 Minuten aus, obwohl der Akku "
      "laut Anzeige voll ist."),

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO
 
 from multitune.recipes.errors import InputError
 from multitune.recipes.loader import validate_recipe
 
-from conftest import REPO
+pytestmark = pytest.mark.unit
 
 FSDP2 = {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_reshard_after_forward": True,
          "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
@@ -121,12 +122,12 @@ def test_cli_validate_names_the_config_problem_in_one_line(tmp_path):
     raw = recipe(tmp_path, "fsdp", fsdp(fsdp_sharding_strategy="FULL_SHARD"))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
-    result = subprocess.run([sys.executable, "-m", "multitune.launch.cli", "validate", str(path)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "multitune", "validate", str(path)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "fsdp_sharding_strategy" in result.stderr
     raw["distributed"]["accelerate_config"] = str(tmp_path / "missing.yaml")
     path.write_text(yaml.safe_dump(raw))
-    result = subprocess.run([sys.executable, "-m", "multitune.launch.cli", "validate", str(path)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "multitune", "validate", str(path)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "file not found" in result.stderr

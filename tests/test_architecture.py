@@ -4,11 +4,12 @@ layers (recipes → data_prep → trainer → launch) never import upper ones, a
 from __future__ import annotations
 
 import ast
-import tomllib
 
 import pytest
-
+import tomllib
 from conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 LAYERS = ["recipes", "data_prep", "trainer", "launch"]
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, recipe_dict, write_recipe
+from error_catalogue import CASES, BadInput, render_table
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, recipe_dict, write_recipe
-from error_catalogue import CASES, BadInput, render_table
 from multitune.recipes.errors import InputError
 
 
@@ -29,10 +29,9 @@ def small_vocab_model(tmp_path_factory) -> Path:
     """A model folder with a 300-token byte-level BPE tokenizer and a chat template: loads in milliseconds where
     the 32k-token Mistral tokenizer of the tiny test model takes ~1 s, and every train/prep case loads one. The
     cases fail before any weights are read."""
+    from error_catalogue import TICKETS
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from error_catalogue import TICKETS
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
@@ -106,7 +105,7 @@ def test_catalogue_is_large_varied_and_documented():
 def test_a_real_process_prints_one_line_and_exits_2(case_id, workspace):
     case = next(case for case in CASES if case.id == case_id)
     before = tree_digest(workspace / "run")
-    result = subprocess.run([sys.executable, "-m", "multitune.launch.cli", *argv(case, workspace)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "multitune", *argv(case, workspace)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

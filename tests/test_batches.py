@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
+from test_packing import ArrayDataset
 
 from multitune.trainer.batches import MicroBatchStream, Position, plan_micro_batches
 
-from test_packing import ArrayDataset
+pytestmark = pytest.mark.unit
 
 
 def make_stream(world=1, rank=0, n=101):

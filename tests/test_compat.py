@@ -11,6 +11,8 @@ import torch
 
 from multitune import compat
 
+pytestmark = pytest.mark.unit
+
 
 def test_installed_libraries_are_the_versions_compat_was_checked_against():
     """Bumping a pin in constraints.txt lands here first: re-check every entry of compat.py, then the version."""

@@ -10,13 +10,15 @@ import signal
 import numpy as np
 import pytest
 
+from multitune.data_prep.chat_encoding import chat_encoder
 from multitune.data_prep.prepare import prepare
 from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tasks import get_task
-from multitune.data_prep.chat_encoding import chat_encoder
 from multitune.data_prep.tokenize import IGNORE, tokenize_examples
 from multitune.recipes.errors import InputError, RunStopped
 from multitune.recipes.schema import DataConfig, GeneratorSpec, TaskOptions
+
+pytestmark = pytest.mark.unit
 
 TASK = get_task("ticket_classification")
 
@@ -214,6 +216,7 @@ def test_empty_user_file_is_an_error(tmp_path, tokenizer):
         prepare(TASK, DataConfig(train_file=str(empty), cache_dir=str(tmp_path / "c")), tokenizer)
 
 
+@pytest.mark.slow  # worker processes: seconds, not the unit tier's milliseconds
 def test_worker_processes_write_the_same_shards_as_one_process(tmp_path, tokenizer):
     """Past the first chunk, prep renders and tokenizes in spawned workers; order and content must not change."""
     from multitune.data_prep.prepare import CHUNK_ROWS
@@ -243,6 +246,7 @@ def test_a_bad_row_in_a_later_chunk_names_its_line_and_writes_nothing(tmp_path, 
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
 
 
+@pytest.mark.slow  # worker processes: seconds, not the unit tier's milliseconds
 def test_a_killed_prep_worker_stops_prep_in_one_line_and_writes_nothing(tmp_path, tokenizer):
     """multiprocessing.Pool waits forever for a killed worker's result; prep must fail at once instead."""
     from multitune.data_prep.prepare import CHUNK_ROWS
@@ -257,6 +261,7 @@ def test_a_killed_prep_worker_stops_prep_in_one_line_and_writes_nothing(tmp_path
     assert len(prepare(TASK, config, tokenizer).manifest["splits"]) == 2  # the same data in one piece is fine
 
 
+@pytest.mark.slow  # worker processes: seconds, not the unit tier's milliseconds
 def test_a_tokenizer_workers_cannot_rebuild_is_used_in_one_process(tmp_path, tokenizer, caplog):
     """Workers rebuild the tokenizer from its saved files and its class's import path; a class defined at run time
     (as remote code is) cannot be imported there, so prep warns and stays in this process, with the same shards."""

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, recipe_dict, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -38,7 +37,8 @@ def steps(path):
 
 
 def launch(config: str, *args: str, port: int):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(REPO / "accelerate_configs" / config),
            "--num_processes", "2", "--main_process_port", str(port), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
@@ -155,7 +155,7 @@ def test_two_machines_train_one_ddp_job_equal_to_one_process(tmp_path, tiny_mode
     path = write_recipe(tmp_path / "ddp.yaml", recipe("ddp", "ddp", 2))
     port = free_port()
     machines = [subprocess.Popen(
-        [sys.executable, "-m", "multitune.launch.cli", "train", str(path), "--num_processes", "2", "--num_machines", "2",
+        [sys.executable, "-m", "multitune", "train", str(path), "--num_processes", "2", "--num_machines", "2",
          "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)],
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     one = validate_recipe(recipe("one", "single", 4))
@@ -179,7 +179,7 @@ def test_periodic_eval_metrics_run_on_every_rank_when_sharded(tmp_path, tiny_mod
         tmp_path, tiny_model_dir, task="medical_mcq", data={"generator": {"n_train": 40, "n_eval": 4, "seed": 0}},
         train={"max_steps": 2, "grad_accum": 1}, eval={"every_steps": 1, "max_samples": 2},
         checkpoint={"every_steps": None}, distributed={"strategy": "fsdp", "timeout_s": 90}))
-    result = subprocess.run([sys.executable, "-m", "multitune.launch.cli", "train", str(path), "--num_processes", "2",
+    result = subprocess.run([sys.executable, "-m", "multitune", "train", str(path), "--num_processes", "2",
                              "--main_process_port", str(free_port())], cwd=REPO, env=ENV, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

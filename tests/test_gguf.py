@@ -162,9 +162,9 @@ def test_export_round_trip_same_answers_and_close_logits(kind, max_error, mean_e
 def test_real_model_trains_a_few_steps_and_its_adapter_and_merge_load(smollm2_folder, tmp_path):
     """The demo recipe on SmolLM2, a few steps: the adapter loads with PeftModel, the merged model with
     from_pretrained, and both compute the same logits."""
+    from conftest import REPO
     from peft import PeftModel
 
-    from conftest import REPO
     from multitune.launch.cli import main
     from multitune.recipes.loader import load_recipe
     from multitune.trainer.loop import train

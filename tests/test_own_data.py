@@ -11,15 +11,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import recipe_dict
+from own_data import COLUMNS, excel_csv, german_tickets
+
 from multitune.data_prep.prepare import prepare
 from multitune.data_prep.readers import read_rows
 from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tasks import get_task, task_for
 from multitune.data_prep.tasks.json_metrics import class_report
 from multitune.data_prep.tokenize import IGNORE
-from own_data import COLUMNS, excel_csv, german_tickets
 from multitune.recipes.errors import InputError
 from multitune.recipes.loader import validate_recipe
 from multitune.recipes.schema import DataConfig, TaskOptions
@@ -35,7 +35,7 @@ def german_recipe(tmp_path, model_dir, rows: int = 60, **data):
         "generator": None, "train_file": str(path), "eval_fraction": 0.2, "columns": COLUMNS, **data}))
 
 
-# --- readers -----------------------------------------------------------------------------------------------------------
+# --- readers ----------------------------------------------------------------------------------------------------
 
 def test_an_excel_csv_reads_as_written(tmp_path):
     rows = german_tickets(17)

@@ -9,6 +9,8 @@ import torch
 from multitune.data_prep.packing import _CapacityTree, best_fit_decreasing, padded_batches
 from multitune.trainer.batches import MicroBatchStream, attention_mask_for, plan_efficiency, plan_micro_batches
 
+pytestmark = pytest.mark.unit
+
 
 def test_capacity_tree_matches_brute_force():
     rng = np.random.default_rng(0)

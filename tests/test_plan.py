@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from multitune.launch.cli import main
 from multitune.launch.plan import CUDA_CONTEXT, Setup, estimate, load_config, model_shape, plan_recipe
 from multitune.recipes.loader import load_recipe, validate_recipe

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, TINY_SPEC
+
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import DataConfig, EventColumns, ProcessConfig
 
@@ -99,7 +99,7 @@ def test_inputs_hold_no_target_and_labels_are_the_next_event(tmp_path):
     rows, train = case_rows(prepared, "train")
     rows2, train2 = case_rows(changed, "train")
     end = prepared.manifest["vocab"]["activity"].index("<end>")
-    for case, i in rows.items():
+    for i in rows.values():
         ids, labels = train.tokens(i), train.tokens(i, "labels")
         assert labels[:-1].tolist() == ids[1:].tolist() and labels[-1] == end
     # Upstream of normalisation: the inputs of A's first two events are unchanged, their targets are not.

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from multitune.recipes.errors import InputError
 from multitune.recipes.loader import load_recipe, validate_recipe
 
-from conftest import REPO
+pytestmark = pytest.mark.unit
 
 BASE = {"task": "ticket_classification", "output_dir": "runs/x", "model": {"name_or_path": "m"},
         "data": {"generator": {}}}

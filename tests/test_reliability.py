@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, recipe_dict, write_recipe
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -139,7 +138,7 @@ def test_run_killed_mid_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_
     recipe = write_recipe(tmp_path / "r.yaml", small_recipe(tmp_path, tiny_model_dir, prep_cache,
                                                             train={"max_steps": 6},
                                                             checkpoint={"every_steps": 2, "keep_last": 3}))
-    killed = subprocess.run([sys.executable, "-m", "multitune.launch.cli", "train", str(recipe)], cwd=REPO, capture_output=True,
+    killed = subprocess.run([sys.executable, "-m", "multitune", "train", str(recipe)], cwd=REPO, capture_output=True,
                             text=True, env={**ENV, "MULTITUNE_KILL_AT": "checkpoint-written@4"}, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run = tmp_path / "run"
@@ -310,7 +309,7 @@ def test_one_rank_killed_ends_the_job_with_an_error_within_60_s(tmp_path, tiny_m
     recipe = write_recipe(tmp_path / "r.yaml", small_recipe(
         tmp_path, tiny_model_dir, prep_cache, train={"max_steps": 500}, checkpoint={"every_steps": 2, "keep_last": 2},
         distributed={"strategy": "ddp", "timeout_s": 30}))
-    launcher = subprocess.Popen([sys.executable, "-m", "multitune.launch.cli", "train", str(recipe), "--num_processes", "2"],
+    launcher = subprocess.Popen([sys.executable, "-m", "multitune", "train", str(recipe), "--num_processes", "2"],
                                 cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.monotonic() + 240

@@ -9,8 +9,9 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 SOURCES = sorted(p for folder in ("launch", "trainer", "data_prep", "recipes", "bench")
                  for p in (REPO / folder).rglob("*.py"))

@@ -16,7 +16,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
-
 from conftest import REPO, recipe_dict, write_recipe
 
 SERVED = "tiny"
@@ -28,7 +27,7 @@ def server(tiny_model_dir, tmp_path_factory):
     """Base URL of a `multitune serve` subprocess on a free port; always terminated."""
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "multitune.launch.cli", "serve", str(tiny_model_dir), "--port", "0",
+        proc = subprocess.Popen([sys.executable, "-m", "multitune", "serve", str(tiny_model_dir), "--port", "0",
                                  "--served-name", SERVED], cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         url = _wait_for_address(proc, deadline=time.monotonic() + 180, log=log)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, recipe_dict, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -258,7 +257,8 @@ def test_sbatch_template_chains_through_time_limit_signals(jobs, reference):
 
 
 def node_cpus() -> int:
-    return int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True).stdout.split()[0])
+    return int(subprocess.run(["sinfo", "-h", "-o",
+                               "%c"], capture_output=True, text=True, check=True).stdout.split()[0])
 
 
 @pytest.mark.parametrize("flags, reason", [
@@ -332,7 +332,7 @@ def test_wait_sits_through_a_reason_that_clears_and_ctrl_c_leaves_the_job_queued
     path = job_recipe(tmp_path, tiny_model_dir, shared_cache)
     partition = f"down{os.getpid()}"
     subprocess.run(["scontrol", "create", f"PartitionName={partition}", "Nodes=ALL", "State=DOWN"], check=True)
-    proc = subprocess.Popen([sys.executable, "-m", "multitune.launch.cli", "slurm", str(path), "--partition", partition,
+    proc = subprocess.Popen([sys.executable, "-m", "multitune", "slurm", str(path), "--partition", partition,
                              "--cpus-per-task", "1", "--time", "10", "--wait"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     job_id = None
@@ -353,7 +353,8 @@ def test_wait_sits_through_a_reason_that_clears_and_ctrl_c_leaves_the_job_queued
             subprocess.run(["scancel", job_id])
             wait_for_state(job_id, timeout=60)
         for _ in range(60):
-            if subprocess.run(["scontrol", "delete", f"PartitionName={partition}"], capture_output=True).returncode == 0:
+            if subprocess.run(["scontrol",
+                               "delete", f"PartitionName={partition}"], capture_output=True).returncode == 0:
                 break
             time.sleep(2)
 
@@ -389,7 +390,8 @@ def test_sweep_array_runs_on_the_cluster_with_its_defaults_and_a_timed_out_trial
     assert [t["status"] for t in manifest["trials"]] == ["done", "failed"], stdout
     assert (out / "trial-000" / "metrics.json").is_file()
     timed_out = [line for line in stdout.splitlines() if line.startswith("[sweep] trial-001: ")]
-    assert len(timed_out) == 1 and f"timed out: array task {job_id}_1 reached its time limit (--timeout-min 4)" in timed_out[0], stdout
+    expected = f"timed out: array task {job_id}_1 reached its time limit (--timeout-min 4)"
+    assert len(timed_out) == 1 and expected in timed_out[0], stdout
 
 
 def test_sweep_refusals_and_hopeless_arrays_are_one_line_and_leave_nothing_queued(
@@ -421,7 +423,7 @@ def test_sweep_refusals_and_hopeless_arrays_are_one_line_and_leave_nothing_queue
 
 def test_ctrl_c_on_a_sweep_cancels_its_array(cluster, tmp_path, tiny_model_dir, shared_cache):
     sweep = sweep_file(tmp_path, tiny_model_dir, shared_cache, {"train.max_steps": {"values": [100_000]}})
-    proc = subprocess.Popen([sys.executable, "-m", "multitune.launch.cli", "sweep", "run", str(sweep), "--local", "--slurm",
+    proc = subprocess.Popen([sys.executable, "-m", "multitune", "sweep", "run", str(sweep), "--local", "--slurm",
                              "--out", str(tmp_path / "out")], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

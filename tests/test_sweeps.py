@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, recipe_dict, write_recipe
-from multitune.recipes.errors import InputError
 from test_trainer import assert_one_line_error, run_cli
+
+from multitune.recipes.errors import InputError
 
 
 def tiny_base(tmp_path, tiny_model_dir):

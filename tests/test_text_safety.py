@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from chat_models import CHATML_TEMPLATE, build_model, chatml_tokenizer, no_system_tokenizer
 from conftest import recipe_dict, write_recipe
+
 from multitune.data_prep.chat_encoding import chat_encoder, stop_token_ids
 from multitune.data_prep.prepare import prepare
 from multitune.data_prep.shards import ShardedDataset

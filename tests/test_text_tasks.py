@@ -1,4 +1,5 @@
-"""The text tasks: formatters, generators, metrics on hand-made cases, user files, inference and the MC log-likelihood."""
+"""The text tasks: formatters, generators, metrics on hand-made cases, user files, inference and the MC log-
+likelihood."""
 
 from __future__ import annotations
 
@@ -160,6 +161,7 @@ def test_user_files_are_validated_with_file_and_line(tmp_path):
 
 def test_a_task_refuses_options_it_does_not_take(tmp_path, tiny_model_dir):
     from conftest import recipe_dict
+
     from multitune.recipes.loader import validate_recipe
 
     recipe = validate_recipe(recipe_dict(tmp_path, tiny_model_dir, task="it_ticket_extraction",

@@ -1,4 +1,5 @@
-"""Each tiny text-task recipe trains and evaluates end to end and beats its untrained baseline; infer, eval table, grid."""
+"""Each tiny text-task recipe trains and evaluates end to end and beats its untrained baseline; infer, eval
+table, grid."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import csv
 import json
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow

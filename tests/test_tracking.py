@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import recipe_dict
 from wandb_records import config as wandb_config
 from wandb_records import history as wandb_history

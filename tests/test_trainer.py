@@ -10,23 +10,21 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, recipe_dict, write_recipe
 
 
+@pytest.mark.unit
 def test_accumulated_micro_batches_equal_one_batch_of_the_same_tokens(tiny_model_dir):
     from accelerate import Accelerator
     from peft import get_peft_model
-
-    from multitune.recipes.schema import AdapterConfig
-    from multitune.trainer.batches import MicroBatchStream
-    from multitune.trainer.loop import accumulate_gradients
-    from multitune.trainer.batches import attention_mask_for
-    from multitune.trainer.model import lora_config
-    from multitune.trainer.workload import token_loss_sum
+    from test_packing import ArrayDataset
     from transformers import AutoModelForCausalLM
 
-    from test_packing import ArrayDataset
+    from multitune.recipes.schema import AdapterConfig
+    from multitune.trainer.batches import MicroBatchStream, attention_mask_for
+    from multitune.trainer.loop import accumulate_gradients
+    from multitune.trainer.model import lora_config
+    from multitune.trainer.workload import token_loss_sum
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -59,7 +57,7 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_tokens(tiny_model
 
 
 def run_cli(*args, cwd=None, check=True):
-    result = subprocess.run([sys.executable, "-m", "multitune.launch.cli", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "multitune", *args], capture_output=True, text=True,
                             cwd=cwd or REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"multitune {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -79,8 +77,8 @@ def step_losses(run_dir):
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_model_dir, quantization):
     """Stop after the step-4 checkpoint (later checkpoints and log lines gone), --resume, compare every later step."""
-    from multitune.trainer.loop import train
     from multitune.recipes.loader import validate_recipe
+    from multitune.trainer.loop import train
 
     recipe = validate_recipe(recipe_dict(tmp_path, tiny_model_dir, model={"quantization": quantization},
                                          train={"max_steps": 8, "micro_batch_tokens": 512},
@@ -95,7 +93,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_model_dir, quantiz
     for name in ("adapter", "metrics.json", "loss.png"):
         shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
     lines = (run / "log.jsonl").read_text().splitlines()
-    (run / "log.jsonl").write_text("\n".join(l for l in lines if json.loads(l).get("step", 0) <= 5) + "\n")
+    (run / "log.jsonl").write_text("\n".join(line for line in lines if json.loads(line).get("step", 0) <= 5) + "\n")
     train(recipe, resume=True)
     resumed = step_losses(run)
     assert sorted(resumed) == list(range(1, 9))
@@ -254,6 +252,7 @@ def test_a_run_that_builds_its_debug_model_trains_like_one_that_finds_it_built(t
     """The first run on a fresh checkout builds the tiny model and tokenizes the data; the same recipe run again
     finds both. Neither may move the random state the training seed set: every step's loss is the same, exactly."""
     from conftest import TINY_SPEC
+
     from multitune.recipes.loader import validate_recipe
     from multitune.trainer.loop import train
 
@@ -303,12 +302,12 @@ def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
 def test_qlora_with_a_bfloat16_recipe_trains_under_packing_masks(tiny_model_dir, backend):
     """kbit preparation upcasts norms and embeddings to fp32, so the queries are fp32 while the recipe says bf16:
     the packing mask must work whatever the query dtype (a bf16 float mask made sdpa raise)."""
+    from test_packing import ArrayDataset
+
     from multitune.recipes.schema import AdapterConfig, ModelConfig
     from multitune.trainer.batches import MicroBatchStream, attention_mask_for
     from multitune.trainer.model import DTYPES, load_model
     from multitune.trainer.workload import token_loss_sum
-
-    from test_packing import ArrayDataset
 
     config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", compute_dtype="bfloat16",
                          quantization="nf4", attn_implementation=backend)

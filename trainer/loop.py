@@ -1,4 +1,5 @@
-"""The training loop: recipe → data → model → optimizer steps → checkpoints → adapter and metrics. Read top to bottom."""
+"""The training loop: recipe → data → model → optimizer steps → checkpoints → adapter and metrics. Read top
+to bottom."""
 
 from __future__ import annotations
 
@@ -34,7 +35,15 @@ from multitune.trainer.distributed import Distributed, make_accelerator
 from multitune.trainer.memory import peak_memory_gb
 from multitune.trainer.model import count_parameters
 from multitune.trainer.preemption import Preempted, StopSignals
-from multitune.trainer.run_files import RunLog, check_output_dir, claim_output_dir, model_card, plot_loss, summary_table, write_atomic
+from multitune.trainer.run_files import (
+    RunLog,
+    check_output_dir,
+    claim_output_dir,
+    model_card,
+    plot_loss,
+    summary_table,
+    write_atomic,
+)
 from multitune.trainer.tracking import Tracker
 from multitune.trainer.workload import LossFn, Workload, workload_for
 

@@ -18,8 +18,8 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from multitune.recipes.errors import InputError
-from multitune.trainer.adapter_base import adapter_record, check_base
 from multitune.recipes.schema import ModelConfig
+from multitune.trainer.adapter_base import adapter_record, check_base
 from multitune.trainer.model import DTYPES, check_adapter_folder
 from multitune.trainer.model_source import resolve_model_path
 

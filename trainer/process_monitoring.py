@@ -22,8 +22,13 @@ from multitune.recipes.schema import Recipe
 from multitune.trainer.batches import MicroBatchStream, Plan, attention_mask_for, plan_micro_batches
 from multitune.trainer.model import DTYPES
 from multitune.trainer.run_files import write_atomic
-from multitune.trainer.sequence_model import (EventSequenceModel, build_sequence_model, load_sequence_model, model_spec,
-                                    save_sequence_model)
+from multitune.trainer.sequence_model import (
+    EventSequenceModel,
+    build_sequence_model,
+    load_sequence_model,
+    model_spec,
+    save_sequence_model,
+)
 
 
 @dataclass
@@ -82,7 +87,8 @@ class EventBatchStream(MicroBatchStream):
         return EventBatch(categorical=stack(fields["cat"], 0, np.int64),
                           continuous=stack(fields["cont"], 0, np.float32),
                           position_ids=stack(fields["pos"], 0, np.int64),
-                          segment_ids=stack(fields["seg"], -1, np.int64), targets=targets, remaining=stack(fields["rem"], 0, np.float32),
+                          segment_ids=stack(fields["seg"], -1, np.int64), targets=targets,
+                          remaining=stack(fields["rem"], 0, np.float32),
                           bayes_pred=stack(fields["bayes"], NO_BAYES, np.int64), real_tokens=real,
                           target_tokens=int((targets != IGNORE).sum()))
 

@@ -151,7 +151,8 @@ def write_class_reports(reports: dict, prefix: Path) -> list[Path]:
         fig.savefig(tmp, dpi=110)
         plt.close(fig)
         os.replace(tmp, png)
-        written += [base.with_name(base.name + suffix) for suffix in ("_report.csv", "_confusion.csv", "_confusion.png")]
+        written += [base.with_name(base.name + suffix) for suffix in ("_report.csv", "_confusion.csv",
+                                                                      "_confusion.png")]
     return written
 
 

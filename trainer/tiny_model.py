@@ -1,4 +1,5 @@
-"""Random-init tiny Llama/Qwen2-style causal LMs with a real tokenizer (shipped in mistral-common), for debug runs and tests."""
+"""Random-init tiny Llama/Qwen2-style causal LMs with a real tokenizer (shipped in mistral-common), for debug runs and
+tests."""
 
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ class Tracker:
         try:
             call(*args)
         except Exception as exc:  # noqa: BLE001 - any backend/network failure
-            warnings.warn(f"tracking disabled after an error from {type(self.backend).__name__}: {exc}")
+            warnings.warn(f"tracking disabled after an error from {type(self.backend).__name__}: {exc}", stacklevel=2)
             self.backend = None
 
 

@@ -29,7 +29,6 @@ from multitune.trainer.evaluate import eval_records, evaluate_generation, warn_i
 from multitune.trainer.model import DTYPES, load_model, load_tokenizer
 from multitune.trainer.run_files import LOAD_CHAT_ADAPTER
 
-
 LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
 
 

@@ -1,4 +1,5 @@
-"""The task interface: what a task brings (records, generator, chat formatting, metrics); the loop needs nothing else."""
+"""The task interface: what a task brings (records, generator, chat formatting, metrics); the loop needs
+nothing else."""
 
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ def parse_json_object(text: str) -> dict[str, Any] | None:
     return None
 
 
-def score_json_fields(outputs: list[str], references: list[dict[str, Any]], fields: tuple[str, ...]) -> dict[str, float]:
+def score_json_fields(outputs: list[str], references: list[dict[str, Any]],
+                      fields: tuple[str, ...]) -> dict[str, float]:
     """Unparsable outputs count as wrong on every field; values compare case- and space-insensitively."""
     if len(outputs) != len(references):
         raise ValueError(f"{len(outputs)} outputs for {len(references)} references")

@@ -7,8 +7,13 @@ import json
 import random
 
 from multitune.data_prep.tasks.base import ChatExample, Record, Task
-from multitune.data_prep.tasks.json_metrics import (class_reports, closed_set_fields, parse_json_object, schema_problems,
-                                         score_json_fields)
+from multitune.data_prep.tasks.json_metrics import (
+    class_reports,
+    closed_set_fields,
+    parse_json_object,
+    schema_problems,
+    score_json_fields,
+)
 from multitune.data_prep.tasks.text_metrics import text_scores
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import TaskOptions
@@ -19,8 +24,8 @@ class ChatJsonl(Task):
     formatter_version = "1"
     option_keys = frozenset({"messages_field", "prompt_field", "completion_field", "system_prompt", "json_fields"})
 
-    def __init__(self, options: TaskOptions = TaskOptions()):
-        self.options = options
+    def __init__(self, options: TaskOptions | None = None):
+        self.options = options = options if options is not None else TaskOptions()
         fields = tuple(options.json_fields)
         self.headline_metrics = ("parse_rate", "exact_match", *fields) if fields else ("rougeL", "bleu")
 

@@ -10,8 +10,15 @@ from collections.abc import Iterable
 from multitune.data_prep.readers import FieldError
 from multitune.data_prep.tasks.base import ChatExample, Record, Task
 from multitune.data_prep.tasks.it_ticket_extraction.generator import generate_incidents
-from multitune.data_prep.tasks.json_metrics import (CLOSED_SET_MAX, class_reports, closed_set_fields, is_closed_set,
-                                         parse_json_object, schema_problems, score_extraction)
+from multitune.data_prep.tasks.json_metrics import (
+    CLOSED_SET_MAX,
+    class_reports,
+    closed_set_fields,
+    is_closed_set,
+    parse_json_object,
+    schema_problems,
+    score_extraction,
+)
 from multitune.recipes.errors import InputError
 
 FIELDS = ("category", "subcategory", "assignment_group", "priority", "impact", "affected_service",

@@ -1,4 +1,5 @@
-"""Seeded synthetic IT incident tickets (ServiceNow-style): varied phrasings per scenario, CI names, impact and urgency cues."""
+"""Seeded synthetic IT incident tickets (ServiceNow-style): varied phrasings per scenario, CI names, impact and urgency
+cues."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ SCENARIOS: list[dict] = [
               "VPN shows 'connected' but no internal site loads; we are routed through {ci}."]},
     {"category": "network", "subcategory": "wifi", "group": "Network Operations", "service": "Corporate Wi-Fi",
      "ci": "ap-{site}-{floor}f-{d}{d}",
-     "short": ["Wi-Fi down on floor {floor}", "No wireless in meeting rooms", "Wi-Fi very slow", "Cannot join CORP-WLAN"],
+     "short": ["Wi-Fi down on floor {floor}", "No wireless in meeting rooms", "Wi-Fi very slow",
+                                     "Cannot join CORP-WLAN"],
      "body": ["Laptops cannot join CORP-WLAN near access point {ci}; the SSID is not even visible.",
               "Wireless keeps dropping in the {site} office, access point {ci} blinks orange.",
               "Wi-Fi speed is below 1 Mbit/s on floor {floor}, the closest AP is {ci}.",
@@ -49,7 +51,8 @@ SCENARIOS: list[dict] = [
      "ci": "sfdc-integration-0{d}",
      "short": ["Leads not syncing to Salesforce", "CRM integration failing", "Salesforce reports empty",
                "Opportunity updates lost"],
-     "body": ["New leads from the website have not appeared in Salesforce since {time}; integration job {ci} errors out.",
+     "body": ["New leads from the website have not appeared in Salesforce since {time}; "
+              "integration job {ci} errors out.",
               "The nightly sync on {ci} fails with {code} and opportunities are not updated.",
               "Sales dashboards show no data for this week; the feed from {ci} seems stuck.",
               "Updates to accounts are overwritten by the integration user on {ci}."]},
@@ -177,7 +180,7 @@ def generate_incidents(n: int, seed: int) -> list[dict]:
 
 
 def _code(rng: random.Random) -> str:
-    return rng.choice(["0x{:08X}".format(rng.randint(0, 2**32 - 1)), f"ERR-{rng.randint(100, 999)}",
+    return rng.choice([f"0x{rng.randint(0, 2**32 - 1):08X}", f"ERR-{rng.randint(100, 999)}",
                        f"5.{rng.randint(1, 7)}.{rng.randint(0, 9)}", f"E{rng.randint(1000, 9999)}"])
 
 

@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # torch is imported where it is used: prep's worker processes
     import torch
 
 QA_SYSTEM = "You are a careful medical assistant. Answer the question in one or two sentences."
-MC_SYSTEM = "You are a careful medical assistant. Answer the multiple-choice question with the letter of the best option only."
+MC_SYSTEM = ("You are a careful medical assistant. "
+             "Answer the multiple-choice question with the letter of the best option only.")
 LETTER = re.compile(r"\b([A-E])\b")
 
 

@@ -44,7 +44,8 @@ CAUSES: dict[str, tuple[list[str], list[str], list[str], list[str]]] = {
         ["Services cannot reach {svc} by name.", "Intermittent 'host not found' errors for {svc}.",
          "After the network change, {svc} is unreachable from some sites."],
         ["name resolution failures", "works by IP but not by name", "only some clients affected"],
-        ["{ts} ERROR getaddrinfo ENOTFOUND {svc}.internal", "{ts} WARN DNS lookup for {svc}.internal returned NXDOMAIN"],
+        ["{ts} ERROR getaddrinfo ENOTFOUND {svc}.internal",
+                                            "{ts} WARN DNS lookup for {svc}.internal returned NXDOMAIN"],
         ["A DNS record for {svc}.internal was removed during the zone migration. We restored the record, "
          "lowered its TTL and added the zone file to change review.",
          "The new resolver on {host} pointed to a stale zone. Corrected the forwarder configuration and "
@@ -84,9 +85,11 @@ CAUSES: dict[str, tuple[list[str], list[str], list[str], list[str]]] = {
          "homing for the affected servers."],
     ),
     "expired service account password": (
-        ["Scheduled jobs of {svc} fail with authentication errors.", "{svc} cannot read from the file share since today.",
+        ["Scheduled jobs of {svc} fail with authentication errors.",
+                             "{svc} cannot read from the file share since today.",
          "Integrations using the {svc} service account stopped."],
-        ["authentication failures for one technical account", "interactive users unaffected", "started on a fixed date"],
+        ["authentication failures for one technical account", "interactive users unaffected",
+         "started on a fixed date"],
         ["{ts} ERROR LDAP bind failed for svc_{svc}: password expired",
          "{ts} WARN 401 Unauthorized for service account svc_{svc}"],
         ["The password of service account svc_{svc} expired under the 90-day policy. We reset it, stored it in "
@@ -107,7 +110,8 @@ def generate_incidents(n: int, seed: int) -> list[dict]:
         cause = rng.choice(causes)
         descriptions, symptoms, logs, resolutions = CAUSES[cause]
         when = start + dt.timedelta(seconds=rng.randint(0, 365 * 86400))
-        slots = {"svc": rng.choice(SERVICES), "host": f"{rng.choice(['app', 'db', 'web', 'k8s-node'])}-{rng.randint(1, 40):02d}",
+        slots = {"svc": rng.choice(SERVICES),
+                 "host": f"{rng.choice(['app', 'db', 'web', 'k8s-node'])}-{rng.randint(1, 40):02d}",
                  "pct": rng.randint(96, 100), "n": rng.randint(8, 120), "ts": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
                  "ver": f"v{rng.randint(1, 9)}.{rng.randint(0, 30)}.{rng.randint(0, 9)}"}
         record = {

@@ -14,7 +14,8 @@ from multitune.data_prep.tasks.ticket_classification.generator import TAXONOMY, 
 from multitune.recipes.errors import InputError
 
 FIELDS = ("category", "subcategory", "urgency")
-INSTRUCTION = 'Classify the support ticket. Reply with JSON only: {"category": ..., "subcategory": ..., "urgency": ...}.'
+INSTRUCTION = ('Classify the support ticket. '
+               'Reply with JSON only: {"category": ..., "subcategory": ..., "urgency": ...}.')
 
 
 class Taxonomy:

@@ -1,4 +1,5 @@
-"""Seeded synthetic support tickets: varied phrasings per (category, subcategory), urgency cues, names, dates, products."""
+"""Seeded synthetic support tickets: varied phrasings per (category, subcategory), urgency cues, names,
+dates, products."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ FIRST = ["Anna", "Ben", "Chiara", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "
          "Maya", "Noah", "Olga", "Pedro", "Quinn", "Rosa", "Samir", "Tara", "Ugo", "Vera", "Wen", "Yusuf", "Zoe"]
 LAST = ["Schmidt", "Okafor", "Rossi", "Novak", "Garcia", "Tanaka", "Nguyen", "Larsen", "Haddad", "Dubois",
         "Kowalski", "Silva", "Murphy", "Ivanova", "Chen", "Patel"]
-OPENERS = ["Hi,", "Hello support,", "Dear team,", "Hey there,", "Good morning,", "Hi all,", "", "To whom it may concern,"]
+OPENERS = ["Hi,", "Hello support,", "Dear team,", "Hey there,", "Good morning,", "Hi all,", "",
+           "To whom it may concern,"]
 CLOSERS = ["Thanks, {first}", "Regards,\n{first} {last}", "Best, {first}", "Cheers", "", "Thank you in advance.",
            "Kind regards, {first} {last}"]
 
@@ -115,7 +117,8 @@ FEATURES = ["dark mode", "CSV export", "single sign-on", "offline mode", "keyboa
 SYSTEMS = ["Windows 11", "macOS Sonoma", "Ubuntu 24.04", "Salesforce", "SAP", "Jira", "Google Workspace"]
 
 URGENCY_CUES: dict[str, list[str]] = {
-    "high": ["This is urgent, our whole team is blocked.", "Please treat this as top priority, we lose money every hour.",
+    "high": ["This is urgent, our whole team is blocked.",
+             "Please treat this as top priority, we lose money every hour.",
              "URGENT: need a fix today.", "Production is down because of this, please respond ASAP.",
              "Critical for a customer demo tomorrow morning!"],
     "medium": ["Could you look into this this week?", "Would appreciate an answer in the next few days.",
