@@ -4,8 +4,8 @@ SPEC a JSON object (see `Spec`). Prints one JSON line. The same code runs on CPU
 
 Systems:
 - `matmul_peak`: the card's sustained bf16 matmul rate (the MFU denominator).
-- `multitune`: multitune's step, driven directly with the functions `trainer/loop.py` uses (make_accelerator,
-  Distributed.prepare, accumulate_gradients, clip, AdamW step) on a random NF4 model from bench/gpu_model.py —
+- `multitune`: multitune's step, driven directly with the functions `trainer/loop.py` uses (create_strategy,
+  Strategy.prepare, accumulate_gradients, clip, AdamW step) on a random NF4 model from bench/gpu_model.py —
   not `multitune train` end to end, which would need the model's weights on disk. Strategies single, fsdp, zero3
   (run under torchrun for the last two).
 - `trl`: TRL's SFTTrainer on the same model, samples, LoRA and tokens per step (packing + padding_free).
@@ -92,14 +92,15 @@ def multitune(spec: Spec) -> dict:
     from bench.gpu_model import build_random_nf4, shipped_config
     from multitune.recipes.schema import AdapterConfig
     from multitune.trainer.batches import MicroBatchStream, Position, attention_mask_for, plan_micro_batches
-    from multitune.trainer.distributed import Distributed, make_accelerator
+    from multitune.trainer.distributed import create_strategy
     from multitune.trainer.loop import accumulate_gradients
     from multitune.trainer.model import prepare_for_training
     from multitune.trainer.workload import token_loss_sum
 
     torch.manual_seed(spec.seed)
-    accelerator = make_accelerator(spec.strategy, "bfloat16", spec.grad_accum, 1.0)
-    dist = Distributed(spec.strategy, accelerator, offload_params=spec.offload)
+    dist = create_strategy(spec.strategy, dtype="bfloat16", grad_accum=spec.grad_accum, max_grad_norm=1.0,
+                           offload_params=spec.offload)
+    accelerator = dist.accelerator
     device = accelerator.device
     config = shipped_config(spec.model, **spec.overrides)
     storage = torch.bfloat16 if dist.sharded else torch.uint8  # FSDP/ZeRO-3 shard float storage only

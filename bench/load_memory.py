@@ -30,12 +30,13 @@ def main(model_dir: str, ordinary: bool, qlora: bool) -> None:
     import torch.distributed as dist
 
     from multitune.recipes.schema import AdapterConfig, ModelConfig, TinyModelSpec
-    from multitune.trainer.distributed import Distributed, make_accelerator, shard_fsdp2
+    from multitune.trainer.distributed import create_strategy, shard_fsdp2
     from multitune.trainer.model import load_model
     from multitune.trainer.tiny_model import ensure_tiny_model
 
     spec = TinyModelSpec(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=2816)
-    accelerator = make_accelerator("fsdp", "float32", 1, None)
+    d = create_strategy("fsdp")
+    accelerator = d.accelerator
     with accelerator.main_process_first():
         ensure_tiny_model(spec, model_dir)
     quant = {"quantization": "nf4", "quant_storage": "float32", "compute_dtype": "float32"} if qlora else {}
@@ -47,7 +48,6 @@ def main(model_dir: str, ordinary: bool, qlora: bool) -> None:
         model = load_model(config, adapter, torch.device("cpu"), False)
         model = shard_fsdp2(model, dist.get_world_size())
     else:
-        d = Distributed("fsdp", accelerator)
         model = d.load_model(lambda device, weights: load_model(config, adapter, device, False, weights), qlora)
         model, _ = d.prepare(model, lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad]))
     gc.collect()

@@ -59,18 +59,18 @@ def check_loading(recipe) -> None:
 
     from multitune.compat import without_hf_deepspeed_config
     from multitune.recipes.accelerate_config import deepspeed_settings
-    from multitune.trainer.distributed import Distributed, make_accelerator
+    from multitune.trainer.distributed import DeepSpeed, create_strategy
     from multitune.trainer.model import load_model
 
-    accelerator = make_accelerator(recipe.distributed.strategy, recipe.model.dtype, 1, None,
-                                   deepspeed_settings(recipe))
-    dist_ = Distributed(recipe.distributed.strategy, accelerator)
+    dist_ = create_strategy(recipe.distributed.strategy, dtype=recipe.model.dtype,
+                            deepspeed=deepspeed_settings(recipe))
+    accelerator = dist_.accelerator
     set_seed(recipe.train.seed)
     model = dist_.load_model(lambda device, weights: load_model(recipe.model, recipe.adapter, device, False, weights),
                              quantized=recipe.model.quantization == "nf4")
     model, _ = dist_.prepare(model, lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0))
     set_seed(recipe.train.seed)
-    plugin = accelerator.state.deepspeed_plugin if dist_.deepspeed else None
+    plugin = accelerator.state.deepspeed_plugin if isinstance(dist_, DeepSpeed) else None
     with without_hf_deepspeed_config(plugin) if plugin else nullcontext():  # the ordinary load, no zero.Init
         reference = load_model(recipe.model, recipe.adapter, torch.device("cpu"), False)
     ids = torch.arange(1, 33).reshape(2, 16)
@@ -78,7 +78,7 @@ def check_loading(recipe) -> None:
     reference.eval()
     with torch.no_grad():
         logits_diff = (model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max().item()
-    if dist_.strategy == "fsdp":
+    if dist_.name == "fsdp":
         gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         import deepspeed
@@ -92,7 +92,7 @@ def check_loading(recipe) -> None:
     if dist.get_rank() == 0:
         result["state_keys_compared"] = len(gathered)
         # DeepSpeed's gather is of parameters only; FSDP's state dict must have exactly the ordinary keys
-        unmatched = set(gathered) ^ set(expected) if dist_.strategy == "fsdp" else set(gathered) - set(expected)
+        unmatched = set(gathered) ^ set(expected) if dist_.name == "fsdp" else set(gathered) - set(expected)
         result["unmatched_keys"] = sorted(unmatched)[:5]
         result["state_max_diff"] = max((gathered[k].float() - expected[k].float()).abs().max().item()
                                        for k in gathered)

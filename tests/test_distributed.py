@@ -172,13 +172,15 @@ def test_two_machines_train_one_ddp_job_equal_to_one_process(tmp_path, tiny_mode
         assert two_ranks[step] == pytest.approx(one_rank[step], rel=5e-4), (two_ranks, one_rank)
 
 
-def test_periodic_eval_metrics_run_on_every_rank_when_sharded(tmp_path, tiny_model_dir):
-    """The MCQ option log-likelihoods every `eval.every_steps` are a forward pass: under FSDP2 every rank must take
-    part, or rank 0 waits in the all-gather until the collective timeout (it did: a hang at step 2)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+def test_every_eval_hook_runs_under_every_strategy(tmp_path, tiny_model_dir, strategy):
+    """Evaluation before training, the MCQ option log-likelihoods every `eval.every_steps` and the final evaluation
+    are model calls: when the parameters are sharded every rank must take part, or rank 0 waits in the all-gather
+    until the collective timeout (it did under FSDP2: a hang at step 2); when they are not, only the main rank."""
     path = write_recipe(tmp_path / "mcq.yaml", recipe_dict(
         tmp_path, tiny_model_dir, task="medical_mcq", data={"generator": {"n_train": 40, "n_eval": 4, "seed": 0}},
-        train={"max_steps": 2, "grad_accum": 1}, eval={"every_steps": 1, "max_samples": 2},
-        checkpoint={"every_steps": None}, distributed={"strategy": "fsdp", "timeout_s": 90}))
+        train={"max_steps": 2, "grad_accum": 1}, eval={"every_steps": 1, "max_samples": 2, "before_training": True},
+        checkpoint={"every_steps": None}, distributed={"strategy": strategy, "timeout_s": 90}))
     result = subprocess.run([sys.executable, "-m", "multitune", "train", str(path), "--num_processes", "2",
                              "--main_process_port", str(free_port())], cwd=REPO, env=ENV, capture_output=True,
                             text=True, timeout=600)
@@ -186,3 +188,6 @@ def test_periodic_eval_metrics_run_on_every_rank_when_sharded(tmp_path, tiny_mod
     periodic = [e for e in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
                 if e.get("eval") == "loss"]
     assert [e["step"] for e in periodic] == [1] and "accuracy_loglik" in periodic[0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "accuracy_loglik" in metrics["before"] and "accuracy_loglik" in metrics["after"], metrics
+    assert metrics["distributed"]["strategy"] == strategy

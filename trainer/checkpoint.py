@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -25,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from multitune.recipes.errors import InputError, RunStopped, is_disk_full
+from multitune.trainer.distributed import Strategy, load_tensors
 from multitune.trainer.faults import kill_point
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -53,14 +52,14 @@ class TrainState:
     nonfinite_skips: int = 0  # steps skipped for a NaN/inf loss or gradient (train.nonfinite=skip)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, keep_last: int,
-                    rank: int = 0, barrier=lambda: None, strategy: str = "single", world_size: int = 1) -> Path:
-    """Every rank calls this: each writes its shards (when sharded) and RNG state, the main rank (0) the rest,
-    then renames the whole. `model` is the wrapped model (DeepSpeed engine, FSDP2 module, DDP)."""
+                    strategy: Strategy | None = None) -> Path:
+    """Every rank calls this: each writes its part of the weights (as `strategy` lays them out) and its RNG state,
+    the main rank the rest, then renames the whole. `model` is the wrapped model (DeepSpeed engine, FSDP2 module,
+    DDP). `strategy` None: a single process. Raises RunStopped (one line) when the disk is full or a rank did not
+    finish; the earlier checkpoints are kept either way."""
+    strategy = strategy or Strategy()
+    rank = strategy.rank
     final = folder / f"step-{state.step}"
     tmp = folder / f".step-{state.step}.tmp"
     if rank == 0:
@@ -68,30 +67,23 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
         for leftover in [p for p in folder.iterdir() if LEFTOVER.match(p.name)]:
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
-    barrier()
+    strategy.barrier()
     error = None
     try:
-        if strategy == "fsdp":
-            _save_fsdp2(tmp / "sharded", model, optimizer)
-        elif strategy in ("zero2", "zero3"):
-            model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
-        elif rank == 0:
-            save_file(trainable_state(_unwrap(model)), str(tmp / "trainable.safetensors"))
-            kill_point("checkpoint-weights", state.step)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        strategy.save_weights(tmp, model, optimizer, state.step)
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
         if rank == 0:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
     except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are released
         error = exc
-    barrier()
+    strategy.barrier()
     if error is not None:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise _save_failure(error, folder, state.step) from error
     if rank == 0:
-        missing = [r for r in range(world_size) if not (tmp / f"rng-{r}.pt").is_file()]
+        missing = [r for r in range(strategy.world_size) if not (tmp / f"rng-{r}.pt").is_file()]
         if missing:
             raise RunStopped(f"checkpoint step-{state.step}: rank {missing[0]} did not finish writing it; "
                              f"not saved, earlier checkpoints kept")
@@ -104,7 +96,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
         kill_point("checkpoint-renamed", state.step)
         for old in list_checkpoints(folder)[:-keep_last]:
             _retire(old)
-    barrier()
+    strategy.barrier()
     return final
 
 
@@ -180,79 +172,17 @@ def resume_problems(state: TrainState, fingerprint: dict[str, Any], data_hash: s
     return problems
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, strategy: str = "single") -> TrainState:
-    """Restore a checkpoint written under the same strategy (and, when sharded, the same number of ranks)."""
-    layout = {"fsdp": "sharded", "zero2": "deepspeed", "zero3": "deepspeed"}.get(strategy, "trainable.safetensors")
-    if not (path / layout).exists():
-        raise InputError(f"{path}: not written under distributed.strategy={strategy} (no {layout}); "
-                         f"resume with the strategy the run was started with")
-    if strategy == "fsdp":
-        _load_fsdp2(path / "sharded", model, optimizer)
-    elif strategy in ("zero2", "zero3"):
-        loaded, _ = model.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
-        if loaded is None:
-            raise InputError(f"{path}: DeepSpeed could not load its checkpoint (different number of ranks?)")
-    else:
-        _load_replicated(path, _unwrap(model), optimizer)
+def load_checkpoint(path: Path, model, optimizer, scheduler, strategy: Strategy | None = None) -> TrainState:
+    """Restore a checkpoint written under the same strategy (and, when sharded, the same number of ranks).
+    Raises InputError for one written under another strategy, or that does not fit the model."""
+    strategy = strategy or Strategy()
+    if not (path / strategy.checkpoint_layout).exists():
+        raise InputError(f"{path}: not written under distributed.strategy={strategy.name} (no "
+                         f"{strategy.checkpoint_layout}); resume with the strategy the run was started with")
+    strategy.load_weights(path, model, optimizer)
     scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
-    set_rng_state(load_tensors(path / f"rng-{rank}.pt"))
+    set_rng_state(load_tensors(path / f"rng-{strategy.rank}.pt"))
     return read_state(path)
-
-
-def load_tensors(path: Path):
-    """torch.load restricted to tensors and plain containers: a checkpoint file is never arbitrary pickle."""
-    try:
-        return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise InputError(f"{path}: refused to load, it holds more than tensors and plain values "
-                         f"({' '.join(str(exc).split())[:120]})") from None
-
-
-def _load_replicated(path: Path, model, optimizer) -> None:
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
-    if missing:
-        raise InputError(f"{path}: checkpoint lacks trainable parameters such as {missing[0]}")
-    wrong = [name for name, value in weights.items() if name in params and params[name].shape != value.shape]
-    if wrong:
-        raise InputError(f"{path}: {wrong[0]} has shape {tuple(weights[wrong[0]].shape)} in the checkpoint but "
-                         f"{tuple(params[wrong[0]].shape)} in the model (adapter or model changed)")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
-
-
-def _fsdp2_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # The frozen (maybe 4-bit) base is reloaded from the model, never saved; loading leaves it alone.
-    return StateDictOptions(ignore_frozen_params=True, strict=False)
-
-
-def _save_fsdp2(folder: Path, model, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer, options=_fsdp2_options())
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
-
-
-def _load_fsdp2(folder: Path, model, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer, options=_fsdp2_options())
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_fsdp2_options())
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def rng_state() -> dict:

@@ -1,22 +1,24 @@
-"""What differs between strategies (single, DDP, FSDP2, DeepSpeed ZeRO-2/3): process group, wrapping, gradient
-sync, clipping and gathering the trainable weights. The loop calls these and stays strategy-agnostic."""
+"""Distributed strategies: single process, DDP, FSDP2, DeepSpeed ZeRO-2/3, one class each. A strategy owns every
+decision that differs between them: the process group, how the model is loaded and wrapped, gradient sync,
+clipping, which ranks take part in a model call, gathering the trainable weights, and the checkpoint layout.
+The loop names no strategy; a new strategy is one class here (and its name in `STRATEGIES`)."""
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from safetensors.torch import load_file, save_file
 
 from multitune.compat import fsdp_offloads_to_cpu, without_accelerate_fsdp, without_hf_deepspeed_config
-from multitune.recipes.accelerate_config import DeepSpeedSettings
-
-DEEPSPEED = frozenset({"zero2", "zero3"})
+from multitune.recipes.errors import InputError
+from multitune.trainer.faults import kill_point
 
 
 def leave_process_group() -> None:
@@ -31,25 +33,260 @@ def leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def make_accelerator(strategy: str, dtype: str, grad_accum: int, max_grad_norm: float | None,
-                     deepspeed: DeepSpeedSettings | None = None, timeout_s: int = 600) -> Accelerator:
-    """The process group and device for `strategy`, with the CPU traps of accelerate 1.15 handled explicitly.
+class Strategy:
+    """Single process (also the base of the others): the model on one device, nothing partitioned, the main rank
+    writes the checkpoint's `trainable.safetensors` + `optimizer.pt`.
 
-    `timeout_s` bounds every collective: a rank whose peer hangs (not dead: a dead peer's closed connection
-    fails the collective at once, and the launcher then ends the job) raises after that long instead of
-    waiting for torch's default of 30 minutes (gloo) / 10 (NCCL).
-
-    On CPU: DDP/FSDP need accelerate's CPU flag (MULTI_CPU over gloo); DeepSpeed must NOT get it (each rank would
-    think it is alone) but needs gloo named explicitly. FSDP is applied by us (`shard_fsdp2`), never by accelerate,
-    which on CPU would silently give DDP instead. DeepSpeed's stage and offload come from `deepspeed` (the
-    recipe's accelerate config), every field explicit, so nothing falls back to the launcher's environment.
+    `accelerator` None: a bare single-process strategy (rank 0 of 1), e.g. for saving a checkpoint outside a run.
     """
-    on_cpu = not torch.cuda.is_available()
-    timeout = timedelta(seconds=timeout_s)
-    handlers = [] if strategy == "single" else [
-        InitProcessGroupKwargs(backend="gloo", timeout=timeout) if on_cpu else InitProcessGroupKwargs(timeout=timeout)]
-    if strategy in DEEPSPEED:
-        deepspeed = deepspeed or DeepSpeedSettings(zero_stage=int(strategy[-1]))
+
+    name = "single"
+    # Parameters are partitioned: every model call (forward, generation) must run on all ranks together.
+    sharded = False
+    # The engine steps (and clips, per its config) inside backward, and may report no gradient norm.
+    steps_in_backward = False
+    checkpoint_layout = "trainable.safetensors"  # what a checkpoint written under this strategy holds
+
+    def __init__(self, accelerator: Accelerator | None = None, offload_params: bool = False):
+        self.accelerator = accelerator
+        self.offload_params = offload_params  # FSDP2 only (validated at the recipe)
+        self.load_info: dict = {}  # how this rank built its model: init kind, bytes it held
+
+    @classmethod
+    def make_accelerator(cls, dtype: str, grad_accum: int, max_grad_norm: float | None, deepspeed, timeout_s: int):
+        """The process group and device. `timeout_s` bounds every collective: a rank whose peer hangs (not dead:
+        a dead peer's closed connection fails the collective at once, and the launcher then ends the job) raises
+        after that long instead of torch's default of 30 minutes (gloo) / 10 (NCCL). On CPU, accelerate 1.15
+        needs its CPU flag for a multi-process (gloo) group."""
+        on_cpu = not torch.cuda.is_available()
+        handlers = [] if cls.name == "single" else [_process_group_kwargs(timeout_s)]
+        return Accelerator(cpu=on_cpu, kwargs_handlers=handlers)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index if self.accelerator else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes if self.accelerator else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device if self.accelerator else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.accelerator:
+            self.accelerator.wait_for_everyone()
+
+    def model_call(self, fn: Callable):
+        """`fn()` (a forward pass, an evaluation) on the ranks that must take part: the main one, or all of them
+        when the parameters are partitioned (a rank left out would leave the others waiting in a collective).
+        Returns its result there, None on ranks that sat out. Only logging and file writing stay on the main rank."""
+        return fn() if self.main or self.sharded else None
+
+    def loss_factor(self, grad_accum: int) -> float:
+        """What each micro-batch's loss is multiplied by before backward, beyond our own normalisation."""
+        return 1.0
+
+    def load_model(self, build: Callable[[torch.device, bool], torch.nn.Module], quantized: bool):
+        """The model as this rank should hold it before `prepare`.
+
+        `build(device, weights)` makes the model; weights=False asks for it on the meta device, from the config
+        alone (a builder that cannot may load real weights: rank 0's overwrite them when sharding).
+        """
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        weights = self.main or not self.broadcasts_weights(quantized)
+        with self._model_loading(quantized):
+            model = build(self._load_device(quantized), weights)
+            init = "meta" if not weights else "zero.Init" if is_deepspeed_zero3_enabled() else "full"
+        self.load_info = {"init": init, "bytes": _materialised_bytes(model)}
+        return model
+
+    def broadcasts_weights(self, quantized: bool) -> bool:
+        """Only rank 0 reads the weights; the others get theirs from it when the model is wrapped."""
+        return False
+
+    def _load_device(self, quantized: bool) -> torch.device:
+        return self.device
+
+    def _model_loading(self, quantized: bool):
+        return nullcontext()
+
+    def prepare(self, model, build_optimizer: Callable):
+        """Wrap the model for the strategy and build its optimizer."""
+        if self.accelerator is None:
+            return model, build_optimizer(model)
+        return self.accelerator.prepare(model, build_optimizer(model))
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model) if self.accelerator else model
+
+    def gradient_sync(self, model, sync: bool):
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+        return nullcontext() if sync else self.accelerator.no_sync(model)
+
+    def clip_grad_norm(self, model, max_norm: float | None) -> float:
+        """Clip and return the global gradient norm (NaN where the engine does not report it)."""
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+        return float(norm) if norm is not None else float("nan")
+
+    def describe(self, model) -> dict:
+        """What the run really is (recorded in metrics.json; tests assert it, so a silent fallback shows)."""
+        params = list(self.unwrap(model).parameters())
+        total = sum(_full_numel(p) for p in params)
+        local = sum(_local_numel(p) for p in params)
+        return {"strategy": self.name, "world_size": self.world_size, "wrapper": type(self._wrapper(model)).__name__,
+                "local_param_fraction": round(local / max(total, 1), 4), **self._describe(model, params),
+                "load_per_rank": _all_ranks(self.load_info)}
+
+    def _wrapper(self, model):
+        return model
+
+    def _describe(self, model, params) -> dict:
+        return {}
+
+    def gather_trainable(self, model) -> dict[str, torch.Tensor]:
+        """Full trainable weights, on CPU, named as in the unwrapped model. Collective: every rank must call;
+        only the frozen base stays sharded, so this gathers megabytes for LoRA, not the model."""
+        return {n: p.detach().cpu() for n, p in self.unwrap(model).named_parameters() if p.requires_grad}
+
+    def save_weights(self, folder: Path, model, optimizer, step: int) -> None:
+        """This rank's part of a checkpoint's weights and optimizer state for `step`, written into `folder` (which
+        exists)."""
+        if self.main:
+            unwrapped = self.unwrap(model)
+            save_file({n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad},
+                      str(folder / "trainable.safetensors"))
+            kill_point("checkpoint-weights", step)
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load_weights(self, folder: Path, model, optimizer) -> None:
+        """Restore what `save_weights` wrote. Raises InputError for a checkpoint that does not fit the model."""
+        weights = load_file(str(folder / "trainable.safetensors"))
+        params = dict(self.unwrap(model).named_parameters())
+        missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
+        if missing:
+            raise InputError(f"{folder}: checkpoint lacks trainable parameters such as {missing[0]}")
+        wrong = [name for name, value in weights.items() if name in params and params[name].shape != value.shape]
+        if wrong:
+            raise InputError(f"{folder}: {wrong[0]} has shape {tuple(weights[wrong[0]].shape)} in the checkpoint but "
+                             f"{tuple(params[wrong[0]].shape)} in the model (adapter or model changed)")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value.to(params[name].device))
+        optimizer.load_state_dict(load_tensors(folder / "optimizer.pt"))
+
+
+class DDP(Strategy):
+    """DistributedDataParallel (accelerate's `prepare`): every rank holds the whole model, gradients all-reduced;
+    replicated state, so the main rank writes the checkpoint as under a single process."""
+
+    name = "ddp"
+
+
+class FSDP2(Strategy):
+    """FSDP2 (torch's `fully_shard`, applied by us: accelerate on CPU would silently give DDP): parameters,
+    gradients and optimizer states sharded per decoder layer; optionally offloaded to CPU RAM (`CPUOffloadPolicy`).
+    Checkpoints: `sharded/`, torch.distributed.checkpoint, one file per rank with its shards of the trainable
+    weights and their optimizer state (the frozen base is reloaded from the model, never saved)."""
+
+    name = "fsdp"
+    sharded = True
+    checkpoint_layout = "sharded"
+
+    @classmethod
+    def make_accelerator(cls, dtype, grad_accum, max_grad_norm, deepspeed, timeout_s):
+        without_accelerate_fsdp()  # we shard with fully_shard; accelerate only gives the process group
+        return super().make_accelerator(dtype, grad_accum, max_grad_norm, deepspeed, timeout_s)
+
+    def broadcasts_weights(self, quantized: bool) -> bool:
+        """Full/LoRA: only rank 0 reads the weights; the others build the model on the meta device and get their
+        shard from rank 0 after sharding. (4-bit weights cannot be built without reading them: under QLoRA every
+        rank quantizes while loading, one weight at a time, and holds the 4-bit model until sharding.)"""
+        return not quantized and self.world_size > 1
+
+    def _load_device(self, quantized: bool) -> torch.device:
+        # fully_shard moves each unit to the device, one at a time; offloaded shards stay in CPU RAM: either way
+        # the whole model is never on the accelerator.
+        if self.broadcasts_weights(quantized) or self.offload_params:
+            return torch.device("cpu")
+        return self.device
+
+    def prepare(self, model, build_optimizer):
+        quantized = any(type(p).__name__ == "Params4bit" for p in model.parameters())
+        model = shard_fsdp2(model, self.world_size, self.broadcasts_weights(quantized), self.offload_params)
+        return model, build_optimizer(model)  # after sharding: the optimizer sees the shards, on their device
+
+    def unwrap(self, model):
+        return model
+
+    @contextmanager
+    def gradient_sync(self, model, sync: bool):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+
+    def clip_grad_norm(self, model, max_norm):
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _wrapper(self, model):
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _describe(self, model, params) -> dict:
+        modules = list(self.unwrap(model).modules())
+        return {"fsdp_units": sum(1 for m in modules if type(m).__name__.startswith("FSDP")),
+                "offloaded_units": sum(fsdp_offloads_to_cpu(m) for m in modules),
+                "param_devices": sorted({str(_local(p).device) for p in params})}
+
+    def gather_trainable(self, model):
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                for n, p in model.named_parameters() if p.requires_grad}
+
+    def save_weights(self, folder, model, optimizer, step):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer, options=_fsdp2_state_options())
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / "sharded"))
+
+    def load_weights(self, folder, model, optimizer):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer, options=_fsdp2_state_options())
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(folder / "sharded"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=_fsdp2_state_options())
+
+
+class DeepSpeed(Strategy):
+    """DeepSpeed ZeRO-2 (optimizer states + gradients partitioned) or ZeRO-3 (parameters too), through accelerate.
+    Checkpoints: `deepspeed/`, its own per-rank partitioned files (frozen weights excluded)."""
+
+    name = "zero2"
+    stage = 2
+    steps_in_backward = True
+    checkpoint_layout = "deepspeed"
+
+    @classmethod
+    def make_accelerator(cls, dtype, grad_accum, max_grad_norm, deepspeed, timeout_s):
+        """Stage and offload come from `deepspeed` (the recipe's accelerate config), every field explicit, so
+        nothing falls back to the launcher's environment. On CPU DeepSpeed must NOT get accelerate's CPU flag
+        (each rank would think it is alone) but needs gloo named explicitly."""
+        from multitune.recipes.accelerate_config import DeepSpeedSettings
+
+        deepspeed = deepspeed or DeepSpeedSettings(zero_stage=cls.stage)
         plugin = DeepSpeedPlugin(
             zero_stage=deepspeed.zero_stage,
             gradient_accumulation_steps=grad_accum,
@@ -65,131 +302,86 @@ def make_accelerator(strategy: str, dtype: str, grad_accum: int, max_grad_norm: 
         # optimizer works too, slower on the CPU side of a GPU run.
         plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
         precision = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
-        return Accelerator(deepspeed_plugin=plugin, mixed_precision=precision, kwargs_handlers=handlers)
-    if strategy == "fsdp":
-        without_accelerate_fsdp()  # we shard with fully_shard; accelerate only gives the process group
-    return Accelerator(cpu=on_cpu, kwargs_handlers=handlers)
-
-
-@dataclass
-class Distributed:
-    strategy: str
-    accelerator: Accelerator
-    # FSDP2 only: sharded parameters (and so their gradients and optimizer states) live in CPU RAM between uses.
-    offload_params: bool = False
-    load_info: dict = field(default_factory=dict)  # how this rank built its model: init kind, bytes it held
-
-    @property
-    def deepspeed(self) -> bool:
-        return self.strategy in DEEPSPEED
-
-    @property
-    def sharded(self) -> bool:
-        """Parameters are partitioned: every forward (also generation) must run on all ranks together."""
-        return self.strategy in ("fsdp", "zero3")
+        return Accelerator(deepspeed_plugin=plugin, mixed_precision=precision,
+                           kwargs_handlers=[_process_group_kwargs(timeout_s)])
 
     def loss_factor(self, grad_accum: int) -> float:
         """DeepSpeed divides each micro-batch's loss by its gradient_accumulation_steps; undo it, since our loss
         is already normalised by the whole step's target tokens."""
-        return float(grad_accum) if self.deepspeed else 1.0
-
-    def broadcasts_weights(self, quantized: bool) -> bool:
-        """FSDP2 full/LoRA: only rank 0 reads the weights; the others build the model on the meta device and get
-        their shard from rank 0 after sharding. (4-bit weights cannot be built without reading them: under QLoRA
-        every rank quantizes while loading, one weight at a time, and holds the 4-bit model until sharding.)"""
-        return self.strategy == "fsdp" and not quantized and self.accelerator.num_processes > 1
-
-    def load_model(self, build: Callable[[torch.device, bool], torch.nn.Module], quantized: bool):
-        """The model as this rank should hold it before `prepare`, without every rank holding all of it: meta on
-        FSDP2 ranks other than 0 (see `broadcasts_weights`), partitioned while loading under ZeRO-3 (zero.Init).
-
-        `build(device, weights)` makes the model; weights=False asks for it on the meta device, from the config
-        alone (a builder that cannot may load real weights: rank 0's overwrite them when sharding).
-        """
-        rank0 = self.accelerator.process_index == 0
-        device = self.accelerator.device
-        # fully_shard moves each unit to the device, one at a time; offloaded shards stay in CPU RAM: either way the
-        # whole model is never on the accelerator.
-        if self.broadcasts_weights(quantized) or self.offload_params:
-            device = torch.device("cpu")
-        with self._model_loading(quantized):
-            from transformers.integrations import is_deepspeed_zero3_enabled
-
-            weights = rank0 or not self.broadcasts_weights(quantized)
-            model = build(device, weights)
-            init = "meta" if not weights else "zero.Init" if is_deepspeed_zero3_enabled() else "full"
-        self.load_info = {"init": init, "bytes": _materialised_bytes(model)}
-        return model
+        return float(grad_accum)
 
     def _model_loading(self, quantized: bool):
-        """Context for `from_pretrained`. ZeRO-3 partitions full/LoRA weights while loading (zero.Init, from the
-        config's zero3_init_flag); 4-bit loading needs a device map, which zero.Init refuses, so QLoRA loads
-        quantized on each rank and is partitioned by `prepare`."""
-        plugin = self.accelerator.state.deepspeed_plugin if self.deepspeed else None
+        """ZeRO-3 partitions full/LoRA weights while loading (zero.Init, from the config's zero3_init_flag);
+        4-bit loading needs a device map, which zero.Init refuses, so QLoRA loads quantized on each rank and is
+        partitioned by `prepare`."""
+        plugin = self.accelerator.state.deepspeed_plugin
         if plugin is None or not (quantized or not plugin.zero3_init_flag):
             return nullcontext()
         return without_hf_deepspeed_config(plugin)
 
-    def prepare(self, model, build_optimizer: Callable):
-        """Wrap the model for the strategy and build its optimizer (after sharding, for FSDP2)."""
-        if self.strategy == "fsdp":
-            quantized = any(type(p).__name__ == "Params4bit" for p in model.parameters())
-            model = shard_fsdp2(model, self.accelerator.num_processes, self.broadcasts_weights(quantized),
-                                self.offload_params)
-            return model, build_optimizer(model)
-        return self.accelerator.prepare(model, build_optimizer(model))
-
-    def unwrap(self, model):
-        return model if self.strategy == "fsdp" else self.accelerator.unwrap_model(model)
-
+    @contextmanager
     def gradient_sync(self, model, sync: bool):
-        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
-        if self.strategy == "fsdp":
-            return _fsdp_sync(model, sync)
-        if self.deepspeed:
-            return _deepspeed_sync(self.accelerator, model, sync)
-        return nullcontext() if sync else self.accelerator.no_sync(model)
+        """DeepSpeed steps inside `backward` at an accumulation boundary, which accelerate derives from its own
+        count of micro-batches in `accumulate`; ours must line up with it, or DeepSpeed would step mid-window."""
+        with self.accelerator.accumulate(model):
+            if self.accelerator.sync_gradients != sync:
+                raise RuntimeError("DeepSpeed accumulation boundary out of step with the micro-batch window")
+            yield
 
-    def clip_grad_norm(self, model, max_norm: float | None) -> float:
-        """Clip (DeepSpeed clipped inside its step, per its config) and return the global gradient norm."""
-        if self.strategy == "fsdp":
-            params = [p for p in model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
-            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
-        return float(norm) if norm is not None else float("nan")
+    def _describe(self, model, params) -> dict:
+        return {"zero_stage": model.zero_optimization_stage(), "offload": bool(model.zero_cpu_offload())}
 
-    def describe(self, model) -> dict:
-        """What the run really is (recorded in metrics.json; tests assert it, so a silent fallback shows)."""
-        params = list(self.unwrap(model).parameters())
-        total = sum(_full_numel(p) for p in params)
-        local = sum(_local_numel(p) for p in params)
-        inner = model.get_base_model() if self.strategy == "fsdp" and hasattr(model, "get_base_model") else model
-        info = {"strategy": self.strategy, "world_size": self.accelerator.num_processes,
-                "wrapper": type(inner).__name__, "local_param_fraction": round(local / max(total, 1), 4)}
-        if self.strategy == "fsdp":
-            info["fsdp_units"] = sum(1 for m in self.unwrap(model).modules() if type(m).__name__.startswith("FSDP"))
-            info["offloaded_units"] = sum(fsdp_offloads_to_cpu(m) for m in self.unwrap(model).modules())
-            info["param_devices"] = sorted({str(_local(p).device) for p in params})
-        if self.deepspeed:
-            info["zero_stage"] = model.zero_optimization_stage()
-            info["offload"] = bool(model.zero_cpu_offload())
-        info["load_per_rank"] = _all_ranks(self.load_info)
-        return info
+    def save_weights(self, folder, model, optimizer, step):
+        model.save_checkpoint(str(folder), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
 
-    def gather_trainable(self, model) -> dict[str, torch.Tensor]:
-        """Full trainable weights, on CPU, named as in the unwrapped model. Collective: every rank must call;
-        only the frozen base stays sharded, so this gathers megabytes for LoRA, not the model."""
-        unwrapped = self.unwrap(model)
-        named = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
-        if self.strategy == "fsdp":
-            return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n, p in named}
-        if self.strategy == "zero3":
-            import deepspeed
+    def load_weights(self, folder, model, optimizer):
+        loaded, _ = model.load_checkpoint(str(folder), tag="deepspeed", load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise InputError(f"{folder}: DeepSpeed could not load its checkpoint (different number of ranks?)")
 
-            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-                return {n: p.detach().cpu().clone() for n, p in named}
-        return {n: p.detach().cpu() for n, p in named}
+
+class ZeRO3(DeepSpeed):
+    name = "zero3"
+    stage = 3
+    sharded = True
+
+    def gather_trainable(self, model):
+        import deepspeed
+
+        named = [(n, p) for n, p in self.unwrap(model).named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in named}
+
+
+def _process_group_kwargs(timeout_s: int) -> InitProcessGroupKwargs:
+    timeout = timedelta(seconds=timeout_s)
+    if torch.cuda.is_available():
+        return InitProcessGroupKwargs(timeout=timeout)
+    return InitProcessGroupKwargs(backend="gloo", timeout=timeout)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Strategy, DDP, FSDP2, DeepSpeed, ZeRO3)}
+
+
+def create_strategy(name: str, *, dtype: str = "float32", grad_accum: int = 1, max_grad_norm: float | None = None,
+                    deepspeed=None, timeout_s: int = 600, offload_params: bool = False) -> Strategy:
+    """The strategy `distributed.strategy` names, with its process group joined. `deepspeed`: the
+    `DeepSpeedSettings` of the recipe's accelerate config (ZeRO only)."""
+    cls = STRATEGIES[name]
+    return cls(cls.make_accelerator(dtype, grad_accum, max_grad_norm, deepspeed, timeout_s), offload_params)
+
+
+def load_tensors(path: Path):
+    """torch.load restricted to tensors and plain containers: a checkpoint file is never arbitrary pickle.
+    Raises InputError for a file that holds more."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"{path}: refused to load, it holds more than tensors and plain values "
+                         f"({' '.join(str(exc).split())[:120]})") from None
 
 
 def shard_fsdp2(model, world_size: int, from_rank0: bool = False, offload: bool = False):
@@ -248,24 +440,11 @@ def _uniform_float_dtype(model) -> None:
             p.data = p.data.to(dtype)
 
 
-@contextmanager
-def _fsdp_sync(model, sync: bool):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner.set_requires_gradient_sync(sync)
-    try:
-        yield
-    finally:
-        inner.set_requires_gradient_sync(True)
+def _fsdp2_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-
-@contextmanager
-def _deepspeed_sync(accelerator: Accelerator, model, sync: bool):
-    """DeepSpeed steps inside `backward` at an accumulation boundary, which accelerate derives from its own count
-    of micro-batches in `accumulate`; ours must line up with it, or DeepSpeed would step mid-window."""
-    with accelerator.accumulate(model):
-        if accelerator.sync_gradients != sync:
-            raise RuntimeError("DeepSpeed accumulation boundary out of step with the micro-batch window")
-        yield
+    # The frozen (maybe 4-bit) base is reloaded from the model, never saved; loading leaves it alone.
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _materialised_bytes(model) -> int:

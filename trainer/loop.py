@@ -31,7 +31,7 @@ from multitune.trainer.checkpoint import (
     resume_fingerprint,
     save_checkpoint,
 )
-from multitune.trainer.distributed import Distributed, make_accelerator
+from multitune.trainer.distributed import Strategy, create_strategy
 from multitune.trainer.memory import peak_memory_gb
 from multitune.trainer.model import count_parameters
 from multitune.trainer.preemption import Preempted, StopSignals
@@ -51,11 +51,12 @@ from multitune.trainer.workload import LossFn, Workload, workload_for
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_resume: bool = False) -> dict:
     task = task_for(recipe)
     work = workload_for(recipe, task)  # what differs between text and event-sequence tasks
-    strategy = recipe.distributed.strategy
-    accelerator = make_accelerator(strategy, recipe.model.dtype, recipe.train.grad_accum, recipe.train.max_grad_norm,
-                                   deepspeed_settings(recipe), recipe.distributed.timeout_s)
-    dist = Distributed(strategy, accelerator, offload_params=fsdp_offload_params(recipe))
-    main = accelerator.is_main_process
+    # Every decision that differs between single process, DDP, FSDP2 and DeepSpeed is the strategy's.
+    dist = create_strategy(recipe.distributed.strategy, dtype=recipe.model.dtype, grad_accum=recipe.train.grad_accum,
+                           max_grad_norm=recipe.train.max_grad_norm, deepspeed=deepspeed_settings(recipe),
+                           timeout_s=recipe.distributed.timeout_s, offload_params=fsdp_offload_params(recipe))
+    accelerator = dist.accelerator
+    main = dist.main
     run_dir = recipe.output_path
     check_output_dir(run_dir, resume=resume, overwrite=overwrite)
     cfg = recipe.train
@@ -98,16 +99,17 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
                      "total_params": total})
     before = None
     if resume:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, accelerator.process_index, strategy)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
         state.data_hash, state.recipe = data_hash, fingerprint  # what later checkpoints of this run stand for
         if main:
             log.truncate_after(state.step)
         before = next((e for e in log.entries() if e.get("eval") == "before"), None)
     else:
         state = TrainState(data_hash=data_hash, recipe=fingerprint)
-        if recipe.eval.before_training and (main or dist.sharded):  # sharded: every rank takes part in forward
-            before, _ = work.evaluate(dist.unwrap(model), eval_set, accelerator.device,
-                                      reports=run_dir / "per_class" / "before" if main else None)
+        if recipe.eval.before_training:
+            before, _ = dist.model_call(lambda: work.evaluate(
+                dist.unwrap(model), eval_set, accelerator.device,
+                reports=run_dir / "per_class" / "before" if main else None)) or (None, None)
             if main:
                 log.append({"eval": "before", "step": 0, **before})
                 tracker.log({f"eval_before/{k}": v for k, v in before.items()}, step=0)
@@ -138,7 +140,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
             state.epoch, state.index = position.epoch, position.index
             # Loss and norm are global (reduced over ranks), so every rank takes the same branch. DeepSpeed has
             # already stepped inside backward and may not report a norm: only its loss is checked.
-            if not (math.isfinite(loss) and (math.isfinite(grad_norm) or dist.deepspeed)):
+            if not (math.isfinite(loss) and (math.isfinite(grad_norm) or dist.steps_in_backward)):
                 skips_in_a_row += 1
                 handle_nonfinite(cfg, state, loss, grad_norm, skips_in_a_row, run_dir / "checkpoints", main)
                 optimizer.zero_grad(set_to_none=True)  # skipped: this window's data is consumed, nothing updated
@@ -166,13 +168,12 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
             saved = None
             if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
                 saved = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state,
-                                        recipe.checkpoint.keep_last, accelerator.process_index,
-                                        accelerator.wait_for_everyone, strategy, accelerator.num_processes)
+                                        recipe.checkpoint.keep_last, dist)
             if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
                 eval_entry = {"eval": "loss", "step": state.step,
                               "loss": eval_loss(model, eval_set, recipe, accelerator, work)}
-                if main or dist.sharded:  # sharded: every rank takes part in each forward, or rank 0 waits forever
-                    eval_entry.update(work.step_metrics(dist.unwrap(model), eval_set, accelerator.device))
+                eval_entry.update(dist.model_call(
+                    lambda: work.step_metrics(dist.unwrap(model), eval_set, accelerator.device)) or {})
                 if main:
                     log.append(eval_entry)
                     tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
@@ -182,8 +183,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
             signum = stop.agreed(accelerator.device)
             if signum:
                 saved = saved or save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state,
-                                                 recipe.checkpoint.keep_last, accelerator.process_index,
-                                                 accelerator.wait_for_everyone, strategy, accelerator.num_processes)
+                                                 recipe.checkpoint.keep_last, dist)
                 tracker.finish()
                 raise Preempted(signum, state.step, saved)
 
@@ -195,9 +195,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     metrics = None
     if main:
         adapter_dir = work.save(unwrapped, weights, run_dir, data_hash)
-    if main or dist.sharded:
-        after, examples = work.evaluate(unwrapped, eval_set, accelerator.device,
-                                        reports=run_dir / "per_class" / "after" if main else None)
+    # Evaluation is a model call: on every rank when sharded, else on the main one (None elsewhere).
+    after, examples = dist.model_call(lambda: work.evaluate(
+        unwrapped, eval_set, accelerator.device, reports=run_dir / "per_class" / "after" if main else None)) \
+        or (None, None)
     if main:
         log.append({"eval": "after", "step": state.step, **after})
         tracker.log({f"eval/{k}": v for k, v in after.items()}, step=state.step)
@@ -230,7 +231,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
 
 
 def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerator, loss_fn: LossFn,
-                         dist: Distributed | None = None) -> tuple[float, float, float]:
+                         dist: Strategy | None = None) -> tuple[float, float, float]:
     """Backward over one optimizer step's micro-batches; returns (summed loss, target tokens, real tokens), global.
 
     `loss_fn(model, batch)` is the loss summed over the batch's targets. The loss is normalised by the target tokens
@@ -238,7 +239,7 @@ def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerat
     micro-batch); DDP, FSDP and DeepSpeed average gradients over ranks, hence the world size; DeepSpeed also
     divides by its accumulation steps, which `loss_factor` undoes.
     """
-    dist = dist or Distributed("single", accelerator)
+    dist = dist or Strategy(accelerator)
     counts = torch.tensor([sum(b.target_tokens for b in window), sum(b.real_tokens for b in window)],
                           device=accelerator.device, dtype=torch.float64)
     global_targets, global_tokens = accelerator.reduce(counts, reduction="sum").tolist()
