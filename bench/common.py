@@ -18,7 +18,9 @@ MODEL_SPEC = {"arch": "llama", "hidden_size": 256, "num_layers": 4, "num_heads":
               "intermediate_size": 512}
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+# The repo first; a PYTHONPATH the caller set (packages carried to a GPU machine) stays behind it.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def model_dir() -> Path:

@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 
 from bench.common import ENV, REPO, WORK
@@ -114,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", help="run only these keys (default: all); others keep their recorded "
                         "figures")
+    parser.add_argument("--attn", help="attention backend for every run (default: each run's own, flash-attn); "
+                        "sdpa on a machine without the flash-attn wheel")
     parser.add_argument("--dry-run", action="store_true", help="print runs and planner estimates; no GPU needed")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB, for --dry-run's planner verdicts")
     args = parser.parse_args(argv)
-    selected = {k: v for k, v in runs().items() if not args.only or k in args.only}
+    selected = {k: replace(v, attn=args.attn or v.attn) for k, v in runs().items() if not args.only or k in args.only}
     if args.dry_run:
         for key, spec in selected.items():
             print(key, json.dumps(asdict(spec)), json.dumps(planner_estimate(spec, args.gpu_mem)))

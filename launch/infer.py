@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
+from multitune.atomic import atomic_file
 from multitune.recipes.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -45,16 +45,13 @@ def run_inference(recipe, adapter: Path | None, input_path: Path, output_path: P
     prompts = prompt_ids(task, tokenizer, rows)
     outputs = generate_answers(model, tokenizer, prompts, max_new_tokens or recipe.eval.max_new_tokens,
                                batch_size or recipe.eval.batch_size, device)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(f".{output_path.name}.tmp")
     valid = 0
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_file(output_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for index, (row, text) in enumerate(zip(rows, outputs)):
             parsed = task.parse_output(text)
             valid += bool(parsed["valid"])
             handle.write(json.dumps({"row": index, "input": row, "output": text, **parsed}, ensure_ascii=False,
                                     default=str) + "\n")
-    os.replace(tmp, output_path)
     return {"rows": len(rows), "valid": valid, "invalid": len(rows) - valid}
 
 

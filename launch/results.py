@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from multitune.atomic import atomic_file, write_atomic
 from multitune.recipes.errors import InputError
 from multitune.trainer.tracking import flatten
 
@@ -106,7 +107,7 @@ def build_table(runs: list[RunResult]) -> tuple[list[str], list[list[Any]]]:
 
 
 def write_csv(columns: list[str], rows: list[list[Any]], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         writer.writerows([["" if v is None else v for v in row] for row in rows])
@@ -145,7 +146,8 @@ def plot_results(runs: list[RunResult], metric: str, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
+    with atomic_file(out / "loss_curves.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     written.append(out / "loss_curves.png")
     for param in params:
@@ -176,7 +178,8 @@ def plot_results(runs: list[RunResult], metric: str, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{metric}_vs_{param}.png".replace("/", "_")
-        fig.savefig(path, dpi=120)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120)
         plt.close(fig)
         written.append(path)
     return written
@@ -216,7 +219,7 @@ def main(args) -> int:
     columns, rows = build_table(runs)
     write_csv(columns, rows, out / "results.csv")
     table = markdown(columns, rows)
-    (out / "results.md").write_text(table, encoding="utf-8")
+    write_atomic(out / "results.md", table)
     metric = args.metric or _default_metric(runs)
     if metric not in columns:
         raise InputError(f"--metric {metric}: not among the runs' metrics ({', '.join(columns[1:])})")

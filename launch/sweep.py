@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from multitune.atomic import write_atomic
 from multitune.launch import scheduler
 from multitune.launch.jobs import ArrayOptions, check_array_options, run_command, submit_array
 from multitune.recipes.errors import InputError, RunStopped
@@ -335,9 +336,7 @@ def _cancel(jobs: list) -> None:
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    tmp = out / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "sweep.json")
+    write_atomic(out / "sweep.json", json.dumps(manifest, indent=2))
 
 
 # W&B server side: register a sweep, run agents that pull trials from it.

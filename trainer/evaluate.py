@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from multitune.atomic import write_atomic
 from multitune.data_prep.chat_encoding import chat_encoder, stop_token_ids
 from multitune.data_prep.prepare import prepare
 from multitune.data_prep.shards import ShardedDataset
@@ -22,7 +23,7 @@ from multitune.trainer.endpoint import EndpointClient
 from multitune.trainer.judge import Judge
 from multitune.trainer.model import check_adapter_folder, load_model, load_tokenizer
 from multitune.trainer.retrieval import Retriever
-from multitune.trainer.run_files import write_atomic, write_class_reports
+from multitune.trainer.run_files import write_class_reports
 
 log = logging.getLogger(__name__)
 

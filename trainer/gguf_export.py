@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from multitune.atomic import atomic_file
 from multitune.recipes.errors import InputError
 
 TYPES = ("f16", "q8_0")
@@ -103,47 +103,44 @@ def write_gguf(model, tokenizer, out: Path, kind: str, tokenizer_pre: str = "def
     if rope.get("rope_type", "default") != "default":
         raise InputError(f"--gguf: RoPE scaling '{rope['rope_type']}' is not exported yet")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-    try:
-        writer.add_name(name or out.stem)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(blocks)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(kv_heads)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_vocab(writer, tokenizer, config.vocab_size, tokenizer_pre)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        try:
+            writer.add_name(name or out.stem)
+            writer.add_context_length(config.max_position_embeddings)
+            writer.add_embedding_length(config.hidden_size)
+            writer.add_block_count(blocks)
+            writer.add_feed_forward_length(config.intermediate_size)
+            writer.add_head_count(heads)
+            writer.add_head_count_kv(kv_heads)
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+            writer.add_rope_dimension_count(head_dim)
+            writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+            writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+            writer.add_vocab_size(config.vocab_size)
+            writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            write_vocab(writer, tokenizer, config.vocab_size, tokenizer_pre)
 
-        tied = config.tie_word_embeddings
-        for hf_name, weight in model.state_dict().items():
-            if tied and hf_name == "lm_head.weight":
-                continue  # llama.cpp reads the output projection from token_embd when output.weight is absent
-            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise InputError(f"--gguf: no GGUF name for tensor {hf_name} of a {config.model_type} model")
-            if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-                weight = permute_for_rope(weight, heads if "q_proj" in hf_name else kv_heads)
-            data, raw_type = tensor_data(hf_name, weight, kind)
-            writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+            tied = config.tie_word_embeddings
+            for hf_name, weight in model.state_dict().items():
+                if tied and hf_name == "lm_head.weight":
+                    continue  # llama.cpp reads the output projection from token_embd when output.weight is absent
+                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:
+                    raise InputError(f"--gguf: no GGUF name for tensor {hf_name} of a {config.model_type} model")
+                if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                    weight = permute_for_rope(weight, heads if "q_proj" in hf_name else kv_heads)
+                data, raw_type = tensor_data(hf_name, weight, kind)
+                writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        except BaseException:
+            writer.close()  # the handle first; atomic_file then removes the partial file
+            raise
     return out
 
 

@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from multitune.atomic import write_atomic
 from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tasks import task_for
 from multitune.recipes.accelerate_config import deepspeed_settings, fsdp_offload_params
@@ -42,7 +43,6 @@ from multitune.trainer.run_files import (
     model_card,
     plot_loss,
     summary_table,
-    write_atomic,
 )
 from multitune.trainer.tracking import Tracker
 from multitune.trainer.workload import LossFn, Workload, workload_for

@@ -9,14 +9,13 @@ to the run's dtype and merge there: the merged model computes exactly what base+
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from multitune.atomic import atomic_dir
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import ModelConfig
 from multitune.trainer.adapter_base import adapter_record, check_base
@@ -87,10 +86,7 @@ def merge_adapter(adapter_dir: Path, out: Path, base: str | None = None, onto: s
     base = base_model_path(info, base)
     model = load_base_for_merge(info, base, onto)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
-    os.rename(tmp, out)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
     return out

@@ -6,12 +6,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from multitune.atomic import atomic_dir
 from multitune.compat import gguf_architectures
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import ModelConfig
@@ -117,22 +115,13 @@ def converted_folder(gguf: Path, cache_root: Path) -> Path:
     if (out / CONVERTED_FILE).is_file():
         return out
     architecture = check_gguf(gguf)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=cache_root))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the shared cache from other users
-    try:
+    # Another process (a rank, a sweep trial) may finish the same conversion first: then theirs is kept.
+    with atomic_dir(out, keep_existing=lambda done: (done / CONVERTED_FILE).is_file()) as tmp:
         convert_gguf(gguf, tmp)
         (tmp / CONVERTED_FILE).write_text(json.dumps(
             {"source": str(gguf), "sha256": digest, "architecture": architecture,
              "tokenizer_pre": gguf_field(gguf, "tokenizer.ggml.pre"), "converter_version": CONVERTER_VERSION},
             indent=2))
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished the same conversion first: keep theirs
-            if not (out / CONVERTED_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

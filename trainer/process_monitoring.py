@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from multitune.atomic import atomic_file, write_atomic
 from multitune.data_prep.prepare import PreparedData
 from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tasks.process_monitoring.features import NO_BAYES
@@ -21,7 +22,6 @@ from multitune.data_prep.tokenize import IGNORE
 from multitune.recipes.schema import Recipe
 from multitune.trainer.batches import MicroBatchStream, Plan, attention_mask_for, plan_micro_batches
 from multitune.trainer.model import DTYPES
-from multitune.trainer.run_files import write_atomic
 from multitune.trainer.sequence_model import (
     EventSequenceModel,
     build_sequence_model,
@@ -180,7 +180,8 @@ def plot_per_prefix(metrics: dict, path: Path) -> None:
     for ax in (acc_ax, mae_ax):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 

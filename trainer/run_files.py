@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from multitune.atomic import atomic_file, write_atomic
 from multitune.recipes.errors import InputError
 
 # What makes a folder "a run": a lone recipe.resolved.yaml (a start that failed early) does not count.
@@ -45,12 +45,6 @@ def claim_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
             elif target.exists():
                 target.unlink()
     path.mkdir(parents=True, exist_ok=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class RunLog:
@@ -94,7 +88,8 @@ def plot_loss(entries: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -146,11 +141,9 @@ def write_class_reports(reports: dict, prefix: Path) -> list[Path]:
         ax.set_ylabel("reference")
         ax.set_title(f"{field}: accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}")
         fig.tight_layout()
-        png = base.with_name(base.name + "_confusion.png")
-        tmp = png.with_name(f".{png.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
+        with atomic_file(base.with_name(base.name + "_confusion.png")) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
-        os.replace(tmp, png)
         written += [base.with_name(base.name + suffix) for suffix in ("_report.csv", "_confusion.csv",
                                                                       "_confusion.png")]
     return written

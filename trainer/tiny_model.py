@@ -4,7 +4,6 @@ tests."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
+from multitune.atomic import atomic_dir
 from multitune.recipes.schema import TinyModelSpec
 
 SPEC_FILE = "multitune_tiny.json"  # marks a folder as a debug model we built, with the spec it was built from
@@ -54,9 +54,10 @@ def build_tiny_model(spec: TinyModelSpec, out: str | Path, tokenizer=None) -> Pa
     """Write a random-init model + tokenizer to `out` atomically (temporary folder, then rename). The tokenizer is
     the Mistral one unless given (tests use other chat formats); its eos is the model's eos."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    # Trials of a sweep start side by side on a fresh checkout and may all build the same model: whoever is first
+    # wins, the others keep its (identical) folder rather than deleting it under a running trial. An outdated debug
+    # model of ours (see ensure_tiny_model) is replaced.
+    with atomic_dir(out, keep_existing=lambda done: _built_from(done, spec)) as tmp:
         if tokenizer is None:
             tokenizer = build_tokenizer(tmp)
         else:
@@ -86,19 +87,6 @@ def build_tiny_model(spec: TinyModelSpec, out: str | Path, tokenizer=None) -> Pa
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
         (tmp / SPEC_FILE).write_text(json.dumps(spec.model_dump(), sort_keys=True))
-        # Trials of a sweep start side by side on a fresh checkout and may all build the same model: whoever is
-        # first wins, the others keep its (identical) folder rather than deleting it under a running trial.
-        if out.exists() and not _built_from(out, spec):  # an outdated debug model of ours (see ensure_tiny_model)
-            shutil.rmtree(out)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not _built_from(out, spec):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
