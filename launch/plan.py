@@ -251,9 +251,11 @@ def trainable_params(recipe: Recipe, shape: ModelShape, strategy: str) -> tuple[
 def host_memory(recipe: Recipe, shape: ModelShape, setup: Setup, gpus_per_node: int) -> tuple[list, float]:
     """CPU RAM per node: (items of (component, bytes, how), peak bytes). Steady state: what offload keeps in RAM for
     this node's ranks (parameter shards, gradients and optimizer states under FSDP2 offload; parameters and/or
-    optimizer states under ZeRO-3 offload) plus each rank's process. Loading: what ranks hold before sharding
-    (docs/memory.md, *CPU RAM while loading*): QLoRA quantizes the whole model on every rank; FSDP2 full/LoRA
-    reads it on rank 0 only; ZeRO-3 partitions while loading. The peak is the larger of the two."""
+    optimizer states under ZeRO-3 offload) plus each rank's process. Loading: what ranks hold until sharding is
+    done (docs/memory.md, *CPU RAM while loading*): FSDP2 (full, LoRA and QLoRA) reads (QLoRA: quantizes) the
+    model on rank 0 only, which keeps it until every shard is sent, and every rank allocates its shard; ZeRO-3
+    partitions full/LoRA while loading; otherwise every rank loads (QLoRA: quantizes) the whole model. The peak is
+    the larger of the two."""
     m, n = recipe.model, setup.gpus
     ranks = min(gpus_per_node, n)
     share = ranks / n  # this node's part of what is sharded over all ranks
@@ -281,14 +283,20 @@ def host_memory(recipe: Recipe, shape: ModelShape, setup: Setup, gpus_per_node: 
     items.append(("rank processes", ranks * PROCESS_RAM, f"{ranks} x {PROCESS_RAM / GIB:g} GiB (Python, torch, "
                                                         "CUDA libraries; assumed)"))
     steady = sum(b for _, b, _ in items)
-    if qlora:
-        loading, how = ranks * model_bytes, f"{ranks} ranks x the 4-bit model ({model_bytes / GIB:.1f} GiB) each"
-    elif setup.strategy == "fsdp":
-        loading, how = model_bytes + (ranks - 1) * model_bytes / n, "rank 0 reads the model, the others their shard"
-    elif setup.strategy == "zero3":
+    what = f"the {'4-bit ' if qlora else ''}model ({model_bytes / GIB:.1f} GiB)"
+    if setup.strategy == "fsdp" and n > 1:
+        # peft's kbit preparation upcasts rank 0's embeddings/norms/lm_head to fp32 until sharding casts them back;
+        # the other ranks receive one whole tensor at a time (the largest: the embeddings) beside their shard
+        upcast = shape.other_params * (4 - model_b) if qlora and model_b < 4 else 0.0
+        in_flight = shape.vocab * shape.hidden * model_b
+        loading = model_bytes + upcast + ranks * model_bytes / n + (ranks - 1) * in_flight
+        how = f"rank 0 {'quantizes' if qlora else 'reads'} {what}" + (
+            f" (+{upcast / GIB:.1f} GiB fp32 upcast)" if upcast else "") + f" + {ranks} x a 1/{n} shard + " \
+            f"{ranks - 1} x the embeddings in flight"
+    elif setup.strategy == "zero3" and not qlora:
         loading, how = model_bytes * share, "zero.Init: each rank 1/N while loading"
     else:
-        loading, how = ranks * model_bytes, f"{ranks} ranks x the model ({model_bytes / GIB:.1f} GiB) each"
+        loading, how = ranks * model_bytes, f"{ranks} ranks x {what} each"
     loading += ranks * PROCESS_RAM
     items.append(("while loading (before sharding)", loading, how + " + processes"))
     return items, max(steady, loading)

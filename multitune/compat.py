@@ -102,3 +102,54 @@ def submitit_sbatch_script(folder, python: str, parameters: dict) -> str:
 
     command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=folder, **parameters)
+
+
+def quantize_on_meta(model, quantization_config, dtype) -> None:
+    """Turn a model built on the meta device into the structure `from_pretrained(quantization_config=...)` gives,
+    allocating nothing: transformers' own bitsandbytes quantizer picks and replaces the Linear layers (the same
+    choice as a real load, e.g. lm_head kept), then each `Linear4bit` weight is "quantized" on the meta device.
+    bitsandbytes' meta kernels give the packed storage's shape ((out x in / 2 bytes) / storage item size, 1) in
+    `quant_storage` dtype and a `QuantState` whose tensors (absmax uint8 per 64 weights, nested absmax fp32 per
+    256 absmax, the 16-entry NF4 code, the 256-entry nested code, the offset) are meta tensors of the real shapes:
+    templates for the values rank 0 broadcasts (`trainer/distributed.py: broadcast_quant_states`). `dtype` is what
+    the weights are loaded in before quantizing (the recipe's `model.dtype`), recorded in each state.
+
+    Leans on transformers 5.23's quantizer hooks (`HfQuantizer.preprocess_model`/`postprocess_model` and the
+    `hf_quantizer` attribute, what `from_pretrained` does around loading) and on bitsandbytes 0.50's meta kernels
+    and its cache of the 8-bit code (see `_double_quant_on_meta`).
+    """
+    import bitsandbytes as bnb
+    import torch
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization_config)
+    quantizer.preprocess_model(model, device_map=None)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = module.weight
+            packed, state = bnb.functional.quantize_4bit(
+                torch.empty(weight.shape, dtype=dtype, device="meta"), blocksize=weight.blocksize,
+                compress_statistics=False, quant_type=weight.quant_type, quant_storage=weight.quant_storage)
+            if weight.compress_statistics:
+                state = _double_quant_on_meta(state)
+            module.weight = bnb.nn.Params4bit(
+                packed, requires_grad=False, quant_state=state, blocksize=weight.blocksize,
+                compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
+                quant_storage=weight.quant_storage, module=module, bnb_quantized=True)
+            module.quant_state = state
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+
+
+def _double_quant_on_meta(state):
+    """The double-quantized form of a meta `QuantState`, as `quantize_4bit(compress_statistics=True)` builds it
+    (absmax minus its mean, 8-bit blockwise in blocks of 256), with the 8-bit code passed in: left to choose it,
+    bitsandbytes caches the code it makes on the input's device, and a meta code would then break every real
+    quantization later in this process."""
+    import bitsandbytes as bnb
+
+    offset = state.absmax.mean()
+    absmax, nested = bnb.functional.quantize_blockwise(
+        state.absmax - offset, code=bnb.functional.create_dynamic_map().to("meta"), blocksize=256)
+    return bnb.functional.QuantState(absmax=absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                                     quant_type=state.quant_type, dtype=state.dtype, offset=offset, state2=nested)

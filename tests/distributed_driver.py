@@ -3,8 +3,8 @@ and resume it in the same process group, so one launch checks several methods (a
 recipe's own accelerate config decides its stage and offload) of one strategy family.
 
 Writes next to each run: `log.full.jsonl` and `metrics.full.json` (the uninterrupted run); with `--coverage`,
-`coverage.json` (which samples each rank's stream yields in epoch 0); with `--load-check`, for recipes without
-quantization, `load_check.json` (see `check_loading`).
+`coverage.json` (which samples each rank's stream yields in epoch 0); with `--load-check`, `load_check.json` (see
+`check_loading`, and `check_4bit_loading` for FSDP2 QLoRA recipes).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from accelerate.state import AcceleratorState
 
@@ -102,6 +103,72 @@ def check_loading(recipe) -> None:
     AcceleratorState._reset_state()
 
 
+def check_4bit_loading(recipe) -> None:
+    """FSDP2 QLoRA: load and shard the recipe's model the way `train` does (rank 0 quantizes, rank 1 builds it on
+    meta and receives its shard and the quantization states), and again the per-rank way (every rank quantizes the
+    whole model, then `fully_shard`). Every rank compares its own shards (4-bit storage, LoRA, norms, embeddings)
+    and every `Linear4bit`'s quantization state bit for bit, and the logits of one forward. Writes
+    `load_check.json` with how each rank built its model and what it found."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from multitune.recipes.accelerate_config import fsdp_offload_params
+    from multitune.trainer.distributed import (
+        _linear4bit_modules,
+        _local,
+        _materialised_bytes,
+        create_strategy,
+        shard_fsdp2,
+    )
+    from multitune.trainer.model import load_model
+
+    offload = fsdp_offload_params(recipe)
+    dist_ = create_strategy("fsdp", dtype=recipe.model.dtype, offload_params=offload)
+    set_seed(recipe.train.seed)
+    model = dist_.load_model(lambda device, weights: load_model(recipe.model, recipe.adapter, device, False, weights),
+                             quantized=True)
+    model, _ = dist_.prepare(model, lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0))
+    set_seed(recipe.train.seed)
+    reference = load_model(recipe.model, recipe.adapter, torch.device("cpu"), False)
+    full_bytes = _materialised_bytes(reference)
+    reference = shard_fsdp2(reference, dist.get_world_size(), offload=offload)
+    ours, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
+    differing = sorted(n for n in ours if not torch.equal(_bits(_local(ours[n])), _bits(_local(theirs[n]))))
+    states = 0
+    differing_states = []
+    for a, b in zip(_linear4bit_modules(model), _linear4bit_modules(reference), strict=True):
+        qa, qb = a.quant_state, b.quant_state
+        pairs = [(qa.absmax, qb.absmax), (qa.code, qb.code)]
+        if qa.nested:
+            pairs += [(qa.offset, qb.offset), (qa.state2.absmax, qb.state2.absmax), (qa.state2.code, qb.state2.code)]
+        same = all(x.device.type != "meta" and torch.equal(_bits(x), _bits(y)) for x, y in pairs) and \
+            (qa.shape, qa.dtype, qa.blocksize, qa.quant_type) == (qb.shape, qb.dtype, qb.blocksize, qb.quant_type)
+        states += 1
+        if not same:
+            differing_states.append(states - 1)
+    ids = torch.arange(1, 33).reshape(2, 16)
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        logits_diff = (model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max().item()
+    result = {"load_per_rank": _everyone(dist_.load_info), "logits_max_diff": _everyone(logits_diff),
+              "full_bytes": full_bytes,
+              "params_compared": _everyone(len(ours)), "differing_params": _everyone(differing[:5]),
+              "quant_states_compared": _everyone(states), "differing_quant_states": _everyone(differing_states[:5]),
+              "quantized_params": _everyone(sum(n.endswith("base_layer.weight") for n in ours))}
+    if dist.get_rank() == 0:
+        recipe.output_path.parent.mkdir(parents=True, exist_ok=True)
+        (recipe.output_path.parent / "load_check.json").write_text(json.dumps(result))
+    del model, reference
+    dist.barrier()
+    AcceleratorState._reset_state()
+
+
+def _bits(tensor):
+    """The bytes of `tensor`: packed 4-bit weights stored as floats include NaN bit patterns (NaN != NaN)."""
+    return tensor.detach().contiguous().view(-1).view(torch.uint8)
+
+
 def _everyone(value) -> list:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, value)
@@ -119,6 +186,8 @@ def main(paths: list[str]) -> None:
         recipe = load_recipe(path, [])
         if load_check and recipe.model.quantization == "none":
             check_loading(recipe)
+        elif load_check and recipe.distributed.strategy == "fsdp":
+            check_4bit_loading(recipe)
         train(recipe)
         if dist.get_rank() == 0:
             cut_back_to_first_checkpoint(recipe.output_path)

@@ -105,3 +105,35 @@ def test_library_noise_settings_leave_the_users_own_values(monkeypatch):
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
     if not torch.cuda.is_available():
         assert os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_4bit_model_built_on_meta_has_the_structure_of_a_real_load(tmp_path, double_quant):
+    """`quantize_on_meta` (what FSDP2 ranks > 0 build for QLoRA, `load_model(weights=False)`): no parameter
+    bytes, but the parameters (names, packed 4-bit shapes, storage dtypes) and quantization-state layout of a real
+    quantizing load; and building it first must not disturb a real load in the same process (bitsandbytes caches
+    the 8-bit code of double quantization on the device it first runs on: a meta code broke every later load)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from multitune.recipes.schema import AdapterConfig, ModelConfig
+    from multitune.trainer.distributed import _linear4bit_modules, _materialised_bytes, _quant_state_layout
+    from multitune.trainer.model import load_model
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = ModelConfig(name_or_path=str(tmp_path), dtype="float32", compute_dtype="float32", quantization="nf4",
+                        quant_storage="float32", double_quant=double_quant)
+    meta = load_model(model, AdapterConfig(r=4), torch.device("cpu"), False, weights=False)
+    real = load_model(model, AdapterConfig(r=4), torch.device("cpu"), False)
+    assert _materialised_bytes(meta) == 0 and _materialised_bytes(real) > 0
+
+    def layout(m):
+        return {n: (tuple(p.shape), p.dtype, type(p).__name__, p.requires_grad) for n, p in m.named_parameters()}
+
+    assert layout(meta) == layout(real)
+    states = [[_quant_state_layout(m.quant_state) for m in _linear4bit_modules(x)] for x in (meta, real)]
+    assert len(states[0]) == 14 and states[0] == states[1]
+    assert all(m.quant_state.absmax.is_meta for m in _linear4bit_modules(meta))
+    assert all(m.quant_state.nested == double_quant for m in _linear4bit_modules(real))
+    assert meta.is_loaded_in_4bit and type(meta.hf_quantizer) is type(real.hf_quantizer)

@@ -119,10 +119,14 @@ def test_strategy_shards_learns_saves_and_resumes(tmp_path, tiny_model_dir, laun
 
 def check_big_model_loading(per_rank: list[dict], strategy: str, method: str, folder) -> None:
     """No rank but 0 holds the whole model before sharding: FSDP2 ranks > 0 build it on the meta device (no
-    parameter bytes at all), ZeRO-3 partitions it while loading (each rank half); the result equals an ordinary
-    load. QLoRA loads quantized on every rank (4-bit weights cannot be built without reading them)."""
-    if method == "qlora" or strategy in ("ddp", "zero2"):
+    parameter bytes at all; QLoRA too: the 4-bit structure, quantization states as meta templates), ZeRO-3
+    partitions it while loading (each rank half); the result equals an ordinary load. QLoRA under ZeRO-3 loads
+    quantized on every rank (zero.Init refuses 4-bit loading)."""
+    if strategy in ("ddp", "zero2") or (method == "qlora" and strategy == "zero3"):
         assert [r["init"] for r in per_rank] == ["full", "full"], per_rank
+        return
+    if method == "qlora":
+        check_4bit_loading(per_rank, json.loads((folder / "load_check.json").read_text()))
         return
     check = json.loads((folder / "load_check.json").read_text())
     full_bytes = check["full_bytes"]
@@ -135,6 +139,20 @@ def check_big_model_loading(per_rank: list[dict], strategy: str, method: str, fo
     assert check["unmatched_keys"] == [] and check["state_keys_compared"] > 10, check
     assert check["state_max_diff"] == 0.0, check  # the same bytes as an ordinary load
     assert max(check["logits_max_diff"]) < 1e-6, check  # every rank, buffers (rotary inv_freq) included
+
+
+def check_4bit_loading(per_rank: list[dict], check: dict) -> None:
+    """FSDP2 QLoRA, rank-0 loading (`check_4bit_loading` in the driver): rank 0 alone read and quantized the
+    model, rank 1 held no parameter bytes before sharding; afterwards each rank's shards (4-bit storage, LoRA,
+    norms, embeddings) and every Linear4bit's quantization state are bit-identical to per-rank quantizing, and so
+    are the logits on both ranks."""
+    assert check["load_per_rank"] == per_rank  # the check loaded exactly as training did
+    assert [r["init"] for r in per_rank] == ["full", "meta"] and per_rank[1]["bytes"] == 0, per_rank
+    assert per_rank[0]["bytes"] == check["full_bytes"], (per_rank, check)  # rank 0: the whole 4-bit model
+    assert check["quantized_params"] == [14, 14], check  # 7 linears x 2 layers, all 4-bit
+    assert check["params_compared"][0] > 40 and check["differing_params"] == [[], []], check
+    assert check["quant_states_compared"] == [14, 14] and check["differing_quant_states"] == [[], []], check
+    assert check["logits_max_diff"] == [0.0, 0.0], check
 
 
 def test_two_machines_train_one_ddp_job_equal_to_one_process(tmp_path, tiny_model_dir):

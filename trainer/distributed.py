@@ -100,14 +100,14 @@ class Strategy:
         """
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        weights = self.main or not self.broadcasts_weights(quantized)
+        weights = self.main or not self.broadcasts_weights()
         with self._model_loading(quantized):
             model = build(self._load_device(quantized), weights)
             init = "meta" if not weights else "zero.Init" if is_deepspeed_zero3_enabled() else "full"
         self.load_info = {"init": init, "bytes": _materialised_bytes(model)}
         return model
 
-    def broadcasts_weights(self, quantized: bool) -> bool:
+    def broadcasts_weights(self) -> bool:
         """Only rank 0 reads the weights; the others get theirs from it when the model is wrapped."""
         return False
 
@@ -204,22 +204,21 @@ class FSDP2(Strategy):
         without_accelerate_fsdp()  # we shard with fully_shard; accelerate only gives the process group
         return super().make_accelerator(dtype, grad_accum, max_grad_norm, deepspeed, timeout_s)
 
-    def broadcasts_weights(self, quantized: bool) -> bool:
-        """Full/LoRA: only rank 0 reads the weights; the others build the model on the meta device and get their
-        shard from rank 0 after sharding. (4-bit weights cannot be built without reading them: under QLoRA every
-        rank quantizes while loading, one weight at a time, and holds the 4-bit model until sharding.)"""
-        return not quantized and self.world_size > 1
+    def broadcasts_weights(self) -> bool:
+        """More than one rank: only rank 0 reads the weights (and, for QLoRA, quantizes them); the others build
+        the same model on the meta device and get their shard (and the 4-bit weights' quantization state) from
+        rank 0 after sharding (`shard_fsdp2`)."""
+        return self.world_size > 1
 
     def _load_device(self, quantized: bool) -> torch.device:
         # fully_shard moves each unit to the device, one at a time; offloaded shards stay in CPU RAM: either way
         # the whole model is never on the accelerator.
-        if self.broadcasts_weights(quantized) or self.offload_params:
+        if self.broadcasts_weights() or self.offload_params:
             return torch.device("cpu")
         return self.device
 
     def prepare(self, model, build_optimizer):
-        quantized = any(type(p).__name__ == "Params4bit" for p in model.parameters())
-        model = shard_fsdp2(model, self.world_size, self.broadcasts_weights(quantized), self.offload_params)
+        model = shard_fsdp2(model, self.world_size, self.broadcasts_weights(), self.offload_params)
         return model, build_optimizer(model)  # after sharding: the optimizer sees the shards, on their device
 
     def unwrap(self, model):
@@ -392,7 +391,12 @@ def shard_fsdp2(model, world_size: int, from_rank0: bool = False, offload: bool 
     from_rank0: only rank 0 holds real weights (the others are on the meta device). The others allocate just
     their shards, then torch's supported FSDP2 path sends rank 0's full state dict one tensor at a time, each
     rank keeping its slice; buffers (not sharded, some not in the state dict, e.g. rotary inv_freq) are sent
-    whole.
+    whole. 4-bit weights are sharded like any other parameter (their packed storage is a float `quant_storage`
+    tensor); their quantization state is not a parameter and not sharded: it is sent whole
+    (`broadcast_quant_states`).
+
+    4-bit models: every `Linear4bit`'s quantization state ends on the device the layer computes on (the GPU also
+    under offload, where only the parameters stay in CPU RAM; it is megabytes per layer).
 
     offload: torch's CPUOffloadPolicy on every unit: sharded parameters live in CPU RAM (pinned on a GPU machine),
     each unit is copied to the device for its forward and backward, gradients are reduced to CPU and the optimizer
@@ -409,7 +413,7 @@ def shard_fsdp2(model, world_size: int, from_rank0: bool = False, offload: bool 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer_classes = set(getattr(inner, "_no_split_modules", None) or [])
     _uniform_float_dtype(model)
-    full_state = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}
+    full_state = _parameters_and_buffers(model) if from_rank0 and dist.get_rank() == 0 else {}
     for module in inner.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh, offload_policy=policy)
@@ -419,9 +423,81 @@ def shard_fsdp2(model, world_size: int, from_rank0: bool = False, offload: bool 
             model.to_empty(device="cpu" if offload else device)
         set_model_state_dict(model, full_state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full_state
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+        broadcast_quant_states(model, torch.device(device, torch.cuda.current_device()) if device == "cuda"
+                               else torch.device(device))
+    elif torch.cuda.is_available():
+        for module in _linear4bit_modules(model):
+            module.quant_state.to(torch.device("cuda", torch.cuda.current_device()))
     return model
+
+
+def broadcast_quant_states(model, device: torch.device) -> None:
+    """Give every rank rank 0's quantization state of each `Linear4bit` (in module order; the same on every rank,
+    built from one config): absmax (uint8 per 64 weights under double quant, else fp32), the NF4 code (16 fp32),
+    and under double quant the offset (fp32 scalar), nested absmax (fp32 per 256 absmax) and nested code (256
+    fp32). Collective. Ranks > 0 allocate each tensor on `device` (the device the layer computes on, which the
+    process group can send to) in the shape of their own state (meta templates from `quantize_on_meta`) and
+    receive rank 0's values; the non-tensor fields (quant type, block sizes, dtypes, the weight's shape) are
+    compared with rank 0's first.
+
+    Raises RuntimeError when a rank's 4-bit layers or their states' fields differ from rank 0's (its model was
+    built from another config or library version); nothing is sent then.
+    """
+    import torch.distributed as dist
+
+    modules = _linear4bit_modules(model)
+    layout = [_quant_state_layout(m.quant_state) for m in modules]
+    theirs = [layout]
+    dist.broadcast_object_list(theirs, src=0)
+    mismatch = next((i for i, (a, b) in enumerate(zip(layout, theirs[0])) if a != b), None)
+    if len(layout) != len(theirs[0]) or mismatch is not None:
+        where = f"layer {mismatch}: {layout[mismatch]} vs rank 0's {theirs[0][mismatch]}" if mismatch is not None \
+            else f"{len(layout)} 4-bit layers vs rank 0's {len(theirs[0])}"
+        raise RuntimeError(f"rank {dist.get_rank()}: 4-bit model differs from rank 0's ({where})")
+    rank0 = dist.get_rank() == 0
+    for module in modules:
+        state = module.quant_state
+        tensors = _quant_state_tensors(state)
+        received = {}
+        for name, tensor in tensors.items():
+            value = tensor.to(device) if rank0 else torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+            dist.broadcast(value, src=0)
+            received[name] = value
+        state.absmax, state.code = received["absmax"], received["code"]
+        if state.nested:
+            state.offset, state.state2.absmax, state.state2.code = (
+                received["offset"], received["nested_absmax"], received["nested_code"])
+        if type(module.weight).__name__ == "Params4bit":  # not yet replaced by FSDP's DTensor (not sharded)
+            module.weight.quant_state = state
+
+
+def _linear4bit_modules(model) -> list:
+    return [m for m in model.modules() if type(m).__name__ == "Linear4bit" and getattr(m, "quant_state", None)]
+
+
+def _quant_state_tensors(state) -> dict[str, torch.Tensor]:
+    tensors = {"absmax": state.absmax, "code": state.code}
+    if state.nested:
+        tensors.update(offset=state.offset, nested_absmax=state.state2.absmax, nested_code=state.state2.code)
+    return tensors
+
+
+def _quant_state_layout(state) -> tuple:
+    """Everything about a QuantState but its values: what must agree across ranks before values are sent."""
+    shapes = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in _quant_state_tensors(state).items())
+    nested = (state.state2.blocksize, str(state.state2.dtype)) if state.nested else None
+    return (state.quant_type, state.blocksize, str(state.dtype), tuple(state.shape), nested, shapes)
+
+
+def _parameters_and_buffers(model) -> dict[str, torch.Tensor]:
+    """The model's state dict without what bitsandbytes adds for saving 4-bit layers (quant-state entries such as
+    `weight.absmax`: no parameter or buffer loads them; they are sent by `broadcast_quant_states`)."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
+        n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return {k: v for k, v in model.state_dict().items() if k in names}
 
 
 def _local(p):

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from multitune.compat import keep_4bit_weights_differentiable
+from multitune.compat import keep_4bit_weights_differentiable, quantize_on_meta
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import AdapterConfig, ModelConfig
 from multitune.trainer.model_source import resolve_model_path
@@ -72,7 +72,9 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device
     """A trainable model on `device`: base weights (maybe NF4), then LoRA (only adapter weights train) or full FT.
 
     weights=False builds the same model on the meta device from the config alone, reading no weights and
-    allocating nothing: for ranks that receive their shard from rank 0 after sharding (`shard_fsdp2`).
+    allocating nothing: for ranks that receive their shard from rank 0 after sharding (`shard_fsdp2`). Under NF4
+    that is the 4-bit model's structure: `Linear4bit` layers whose packed weights and quantization state have the
+    shapes quantizing gives (see `quantize_on_meta`), their values to come from rank 0.
     """
     kwargs: dict = {
         "dtype": DTYPES[config.dtype],
@@ -80,12 +82,12 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device
         "trust_remote_code": config.trust_remote_code,
     }
     if not weights:
-        if config.quantization == "nf4":
-            raise ValueError("a 4-bit model cannot be built without its weights (quantization needs them)")
         path = resolve_model_path(config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
                 AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code), **kwargs)
+        if config.quantization == "nf4":
+            quantize_on_meta(model, bnb_config(config), DTYPES[config.dtype])
     else:
         if config.quantization == "nf4":
             kwargs["quantization_config"] = bnb_config(config)
