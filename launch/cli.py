@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--force-resume", action="store_true",
-                   help="resume even though the data or resume-relevant recipe keys changed since the checkpoint")
+                   help="resume even though the data or resume-relevant recipe keys changed since the checkpoint "
+                        "(never across a change of trainable shapes)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     launch = p.add_argument_group("multi-process strategies (ddp, fsdp, zero2, zero3): passed to accelerate launch")
     launch.add_argument("--num_processes", type=int, help="total ranks over all machines (default: the config's)")
