@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -25,9 +24,10 @@ import numpy as np
 import pyarrow as pa
 
 from multitune.compat import single_threaded_tokenizers
+from multitune.data_prep.cache import PreparedData, build_cached, file_sha256
 from multitune.data_prep.chat_encoding import chat_encoder
 from multitune.data_prep.shards import SCHEMA, ShardWriter, list_column
-from multitune.data_prep.tasks import Record, Task
+from multitune.data_prep.tasks import ChatTask, Record
 from multitune.data_prep.tokenize import IGNORE, TokenizedBatch, labelled, tokenize_examples, tokenizer_fingerprint
 from multitune.recipes.errors import InputError, RunStopped
 from multitune.recipes.schema import DataConfig
@@ -45,23 +45,7 @@ SPLITS = ("train", "eval")
 MAX_DEFAULT_WORKERS = 8
 
 
-@dataclass(frozen=True)
-class PreparedData:
-    folder: Path
-    manifest: dict
-    cache_hit: bool
-
-    def split(self, name: str) -> Path:
-        return self.folder / name
-
-    @property
-    def labels(self) -> dict | None:
-        """The task's label sets the shards were built with (declared, the generator's, or collected from the
-        training split); None for tasks without closed label sets."""
-        return self.manifest.get("labels")
-
-
-def cache_key(task: Task, data: DataConfig, tokenizer, generated: list[Record] | None = None) -> str:
+def cache_key(task: ChatTask, data: DataConfig, tokenizer, generated: list[Record] | None = None) -> str:
     """Hash of everything that changes the shards: inputs' content, tokenizer + template, formatter, prep settings.
 
     Generated data is hashed by content, not by generator settings, so a changed generator never hits a stale cache.
@@ -70,8 +54,8 @@ def cache_key(task: Task, data: DataConfig, tokenizer, generated: list[Record] |
         content = hashlib.sha256(json.dumps(generated, sort_keys=True, default=str).encode()).hexdigest()
         source = {"generated": content, "n_train": data.generator.n_train}
     else:
-        source = {"train_file": _file_sha256(data.train_file),
-                  "eval_file": _file_sha256(data.eval_file) if data.eval_file else None,
+        source = {"train_file": file_sha256(data.train_file),
+                  "eval_file": file_sha256(data.eval_file) if data.eval_file else None,
                   "eval_fraction": data.eval_fraction, "columns": data.columns, "csv_delimiter": data.csv_delimiter}
     key = {
         "prep_version": PREP_VERSION, "task": task.name, "formatter_version": task.formatter_version,
@@ -82,7 +66,7 @@ def cache_key(task: Task, data: DataConfig, tokenizer, generated: list[Record] |
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
+def prepare(task: ChatTask, data: DataConfig, tokenizer) -> PreparedData:
     """Shards of the recipe's data (a cache hit when the content hash exists). Tasks with closed label sets get them
     first: declared in the recipe, the generator's taxonomy, or collected in a first reading pass over the training
     split; they are part of the prompt, recorded in the manifest (`PreparedData.labels`). Raises InputError for bad
@@ -120,7 +104,7 @@ def prepare(task: Task, data: DataConfig, tokenizer) -> PreparedData:
     return build_cached(Path(data.cache_dir), key, build)
 
 
-def _with_labels(task: Task, data: DataConfig, generated: list[Record] | None) -> Task:
+def _with_labels(task: ChatTask, data: DataConfig, generated: list[Record] | None) -> ChatTask:
     """The task with its label sets: as configured (declared), the generator's taxonomy, or collected in a first
     reading pass over the training split (rows validated there already, so a bad row fails before anything is
     written)."""
@@ -158,7 +142,7 @@ class _UnseenLabels:
     """Counts eval rows whose labels the task never saw in training (collected label sets only: declared ones
     refuse such rows), and says so in one warning line."""
 
-    def __init__(self, task: Task):
+    def __init__(self, task: ChatTask):
         self.task, self.counts = task, {}
 
     def counted(self, rows: Iterator[tuple[str, Record]]) -> Iterator[tuple[str, Record]]:
@@ -172,7 +156,7 @@ class _UnseenLabels:
             log.warning("data: %s", describe_unseen(self.counts, "eval rows", "counted, scored as they are"))
 
 
-def count_unseen(task: Task, record: Record, counts: dict[str, dict[str, int]]) -> None:
+def count_unseen(task: ChatTask, record: Record, counts: dict[str, dict[str, int]]) -> None:
     """Add `record`'s labels outside the task's label sets to `counts` (field → value → rows)."""
     for field, value in task.unseen_labels(record):
         counts.setdefault(field, {}).setdefault(value, 0)
@@ -189,30 +173,7 @@ def describe_unseen(counts: dict[str, dict[str, int]], rows: str, consequence: s
     return f"{total} {rows} have labels never seen in training ({consequence}): {named}"
 
 
-def build_cached(cache_dir: Path, key: str, build) -> PreparedData:
-    """The folder for content hash `key`: reused when complete, else `build(tmp)` writes the splits and returns the
-    manifest, and the folder is renamed into place (a crash never leaves a folder that looks complete)."""
-    folder = cache_dir / key[:20]
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        return PreparedData(folder, json.loads(manifest_path.read_text()), cache_hit=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        manifest = {"hash": key, **build(tmp)}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same key first: theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-            manifest = json.loads(manifest_path.read_text())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return PreparedData(folder, manifest, cache_hit=False)
-
-
-def _labelled_records(task: Task, data: DataConfig, generated: list[Record] | None) -> Iterator[tuple[str, Record]]:
+def _labelled_records(task: ChatTask, data: DataConfig, generated: list[Record] | None) -> Iterator[tuple[str, Record]]:
     """(split, record) pairs in one streaming pass: user files are never held in memory whole. The held-out split is
     a seeded draw of data.eval_fraction; should it draw no row at all (a file of a few dozen rows), the last row is
     held out, so a small file never gets an empty eval split silently."""
@@ -247,7 +208,7 @@ class _Encoded:
     counts: dict[str, int]
 
 
-def _encoded(chunks: Iterator[list[tuple[str, Record]]], task: Task, data: DataConfig, tokenizer,
+def _encoded(chunks: Iterator[list[tuple[str, Record]]], task: ChatTask, data: DataConfig, tokenizer,
              tmp: Path) -> Iterator[dict[str, _Encoded]]:
     """Each chunk encoded (split → `_Encoded`), in input order, so the shards are identical whatever the worker count.
 
@@ -310,7 +271,7 @@ def _tokenizer_for_workers(tokenizer, folder: Path) -> Path | None:
     return folder
 
 
-def _encode_chunk(chunk: list[tuple[str, Record]], task: Task, data: DataConfig, tokenizer) -> dict[str, _Encoded]:
+def _encode_chunk(chunk: list[tuple[str, Record]], task: ChatTask, data: DataConfig, tokenizer) -> dict[str, _Encoded]:
     records = [record for _, record in chunk]
     examples = [task.format(record) for record in records]
     batch = tokenize_examples(tokenizer, examples, data.completion_only)
@@ -382,7 +343,7 @@ def _encode_split(data: DataConfig, picked: list[int], records: list[Record], ba
 _WORKER: tuple | None = None
 
 
-def _start_worker(task: Task, data: DataConfig, tokenizer_class: type, tokenizer_folder: str) -> None:
+def _start_worker(task: ChatTask, data: DataConfig, tokenizer_class: type, tokenizer_folder: str) -> None:
     global _WORKER
     single_threaded_tokenizers()
     # The class itself rather than AutoTokenizer, which imports the model's config and modeling code (5 s of start-up).
@@ -425,15 +386,3 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
-
-
-def _file_sha256(path: str | None) -> str:
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"data file not found: {file}")
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--force-resume", action="store_true",
-                   help="resume even though the data or resume-relevant recipe keys changed since the checkpoint")
+                   help="resume even though the data or resume-relevant recipe keys changed since the checkpoint "
+                        "(never across a change of trainable shapes)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     launch = p.add_argument_group("multi-process strategies (ddp, fsdp, zero2, zero3): passed to accelerate launch")
     launch.add_argument("--num_processes", type=int, help="total ranks over all machines (default: the config's)")
@@ -152,11 +153,13 @@ def _load(args):
 
 
 def _load_chat(args):
-    """The recipe of a command that generates text (eval, infer); process monitoring evaluates in `train`."""
+    """The recipe of a command that generates text (eval, infer): a chat task's; others evaluate in `train`."""
+    from multitune.data_prep.tasks import ChatTask, task_for
+
     recipe = _load(args)
-    if recipe.process is not None:
-        raise InputError(f"multitune {args.command}: task {recipe.task} predicts from event sequences, not chat; "
-                         "`multitune train` evaluates it (metrics.json, per_prefix.png)")
+    if not isinstance(task_for(recipe), ChatTask):
+        raise InputError(f"multitune {args.command}: task {recipe.task} is not a chat task (it predicts from event "
+                         "sequences); `multitune train` evaluates it (metrics.json, per_prefix.png)")
     return recipe
 
 
@@ -166,7 +169,7 @@ def cmd_validate(args) -> int:
         from multitune.launch.distributed import resolve_config
 
         resolve_config(recipe)
-    rendered = _render_one_example(recipe) if recipe.process is None else None  # fails before any "ok"
+    rendered = _render_one_example(recipe)  # fails before any "ok"
     print(f"ok: {args.recipe} (task={recipe.task}, model={recipe.model.name_or_path}, "
           f"method={_method(recipe)}, strategy={recipe.distributed.strategy})")
     if rendered:
@@ -174,17 +177,19 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _render_one_example(recipe) -> str:
+def _render_one_example(recipe) -> str | None:
     """One example of the recipe's data encoded through the model's chat template, as prep will: a template that
-    fails does so here, in one line, rather than in `train`."""
+    fails does so here, in one line, rather than in `train`. None for a task that is not chat."""
     from multitune.data_prep.chat_encoding import chat_encoder
-    from multitune.data_prep.tasks import task_for
+    from multitune.data_prep.tasks import ChatTask, task_for
     from multitune.trainer.model import tokenizer_for_check
 
+    task = task_for(recipe)
+    if not isinstance(task, ChatTask):
+        return None
     tokenizer = tokenizer_for_check(recipe.model)
     if tokenizer is None:
         return f"not checked ({recipe.model.name_or_path} is not available here)"
-    task = task_for(recipe)
     data = recipe.data
     record = task.generate(1, data.generator.seed)[0] if data.generator else next(iter(task.read(
         data.train_file, columns=data.columns, delimiter=data.csv_delimiter)))

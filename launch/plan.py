@@ -223,8 +223,10 @@ def estimate(recipe: Recipe, shape: ModelShape, setup: Setup, gpu_gib: float) ->
     add("activations" + (" (checkpointed)" if setup.gradient_checkpointing else ""), acts, how)
     kept = tokens * setup.target_fraction
     logit_b = other_b if qlora else model_b
-    if recipe.task == "process_monitoring":  # heads over the last hidden states: no LM head, no vocabulary logits
-        add("logits + loss", 0.0, "process monitoring: activity/time heads, no vocabulary logits")
+    from multitune.data_prep.tasks import get_task
+
+    if get_task(recipe.task).workload != "chat":  # heads over the last hidden states: no vocabulary logits
+        add("logits + loss", 0.0, f"{recipe.task}: task heads over the last hidden states, no vocabulary logits")
     else:
         add("logits + loss", kept * shape.vocab * (logit_b + 8),
             f"{kept:.0f} positions x vocab {shape.vocab} x ({logit_b} B logits + 4 B fp32 log-softmax + 4 B grad)")

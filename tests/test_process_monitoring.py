@@ -75,7 +75,7 @@ def test_hand_written_log_gives_the_known_features_and_targets(tmp_path):
     vocab = prepared.manifest["vocab"]["activity"]
     rows, train = case_rows(prepared, "train")
     assert set(rows) == {"A", "B"}  # C starts last: the eval split
-    labels = [vocab[i] for i in train.tokens(rows["A"], "labels")]
+    labels = [vocab[i] for i in train.tokens(rows["A"], "next_activity")]
     assert labels == ["check", "pay", END]
     scale = prepared.manifest["remaining_scale_days"]
     assert scale == pytest.approx(np.mean([1.0, 0.875, 0.0, 2.270833333, 0.0]))
@@ -100,7 +100,7 @@ def test_inputs_hold_no_target_and_labels_are_the_next_event(tmp_path):
     rows2, train2 = case_rows(changed, "train")
     end = prepared.manifest["vocab"]["activity"].index("<end>")
     for i in rows.values():
-        ids, labels = train.tokens(i), train.tokens(i, "labels")
+        ids, labels = train.tokens(i, "activity"), train.tokens(i, "next_activity")
         assert labels[:-1].tolist() == ids[1:].tolist() and labels[-1] == end
     # Upstream of normalisation: the inputs of A's first two events are unchanged, their targets are not.
     from multitune.data_prep.tasks.process_monitoring.eventlog import read_event_log

@@ -281,6 +281,60 @@ def test_resume_is_refused_after_an_incompatible_change_unless_forced(tmp_path, 
         (run / "checkpoints" / "step-2" / "state.json").read_text())["data_hash"]
 
 
+def test_resume_refuses_a_change_of_trainable_shapes_even_when_forced(tmp_path, capsys):
+    """Shapes are compared, not a list of keys: `process.embed_dim` (input-layer width with combine=concat) changes
+    the trainable shapes, so resuming is one line naming the parameter and the recipe key, exit 2, with or without
+    --force-resume, and output_dir is untouched; a change that keeps every shape (the loss weights) resumes."""
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "task": "process_monitoring", "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": "lstm", "dtype": "float32"}, "adapter": {"kind": "none"},
+        "process": {"backbone": "lstm", "rnn_hidden_size": 16, "combine": "concat", "embed_dim": 8,
+                    "columns": {"categorical": ["org:resource"], "continuous": []}},
+        "data": {"generator": {"n_train": 40, "n_eval": 10, "seed": 0}, "max_seq_len": 32,
+                 "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 2, "micro_batch_tokens": 64}, "eval": {"before_training": False},
+        "checkpoint": {"every_steps": 2},
+    })
+    code, stderr = run_main(capsys, "train", recipe)
+    assert code == 0, stderr
+    run = tmp_path / "run"
+    state = json.loads((run / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["shapes"]["inputs.embeddings.0.weight"][1] == 8 and state["recipe"]["process.embed_dim"] == 8
+    before = tree_digest(run)
+    for flag in ("--resume", "--force-resume"):
+        code, stderr = run_main(capsys, "train", recipe, flag, "process.embed_dim=12", "train.max_steps=4")
+        line = error_line(stderr)
+        assert code == 2 and "step-2: cannot resume" in line, stderr
+        assert "process.embed_dim changed (8 -> 12)" in line and "not even with --force-resume" in line
+        assert "inputs.continuous.bias has shape (8,) in the checkpoint but (12,) in the model" in line
+        assert tree_digest(run) == before
+    code, stderr = run_main(capsys, "train", recipe, "--resume", "process.loss_weights.remaining_time=0.5",
+                            "train.max_steps=4")
+    assert code == 0, stderr
+    assert logged_steps(run) == [1, 2, 3, 4]
+
+
+def test_shape_check_reads_checkpoints_that_predate_recorded_shapes(tmp_path):
+    """A checkpoint whose state.json has no shapes: they come from its trainable.safetensors header."""
+    from safetensors.torch import save_file
+
+    from multitune.trainer.checkpoint import checkpoint_shapes, shape_problems
+
+    folder = tmp_path / "step-2"
+    folder.mkdir()
+    save_file({"a.lora_A.weight": torch.zeros(8, 64), "head.weight": torch.zeros(3, 64)},
+              str(folder / "trainable.safetensors"))
+    (folder / "state.json").write_text(json.dumps({"step": 2, "recipe": {"adapter.r": 8}}))
+    saved = checkpoint_shapes(folder)
+    assert saved == {"a.lora_A.weight": [8, 64], "head.weight": [3, 64]}
+    assert shape_problems(saved, {"a.lora_A.weight": [8, 64], "head.weight": [3, 64]}) == []
+    assert shape_problems(saved, {"a.lora_A.weight": [16, 64], "head.weight": [3, 64], "b.weight": [2]}) == [
+        "a.lora_A.weight has shape (8, 64) in the checkpoint but (16, 64) in the model",
+        "b.weight (2,) is trainable in the model but not in the checkpoint"]
+    assert shape_problems(saved, {"a.lora_A.weight": [8, 64]}) == [
+        "head.weight is in the checkpoint but not a trainable parameter of the model"]
+
+
 # --- a rank dies ------------------------------------------------------------------------------------------------
 
 def rank_pid(launcher: int, rank: int) -> int | None:

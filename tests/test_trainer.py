@@ -318,3 +318,41 @@ def test_qlora_with_a_bfloat16_recipe_trains_under_packing_masks(tiny_model_dir,
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_one_loader_gives_the_causal_lm_and_its_body_the_same_preparation(tiny_model_dir, quantization):
+    """`load_model(body_only=True)` (the process-monitoring backbone) is the causal LM's loader minus the LM head:
+    same base weights, same 4-bit layers and kbit preparation, LoRA on the same chosen layers (peft's
+    `layers_pattern` found on the bare body too), no KV cache; the meta-device build gives the same parameters."""
+    import bitsandbytes as bnb
+
+    from multitune.recipes.schema import AdapterConfig, ModelConfig
+    from multitune.trainer.model import load_model
+
+    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", compute_dtype="float32",
+                         quantization=quantization)
+    adapter = AdapterConfig(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
+    torch.manual_seed(0)
+    lm = load_model(config, adapter, torch.device("cpu"), gradient_checkpointing=True)
+    torch.manual_seed(0)
+    body = load_model(config, adapter, torch.device("cpu"), gradient_checkpointing=True, body_only=True)
+    assert "lm_head" not in {n.split(".")[-2] for n, _ in body.named_parameters()}
+    lm_params = {n.replace("base_model.model.model.", ""): p for n, p in lm.named_parameters()}
+    body_params = {n.replace("base_model.model.", ""): p for n, p in body.named_parameters()}
+    assert set(body_params) == set(lm_params) - {n for n in lm_params if "lm_head" in n}
+    for name, p in body_params.items():
+        assert p.requires_grad == lm_params[name].requires_grad, name
+        assert torch.equal(p, lm_params[name]), name  # same base weights, same LoRA init from the same seed
+    assert {n.split("layers.")[1].split(".")[0] for n, p in body_params.items() if p.requires_grad} == {"1"}
+    four_bit = [m for m in body.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert bool(four_bit) == (quantization == "nf4")
+    assert body.config.use_cache is False and lm.config.use_cache is False
+    if quantization == "none":
+        frozen = load_model(config, AdapterConfig(kind="none"), torch.device("cpu"), False, body_only=True,
+                            freeze=True)
+        assert not any(p.requires_grad for p in frozen.parameters())
+        meta = load_model(config, adapter, torch.device("cpu"), False, weights=False, body_only=True)
+        assert {n: p.shape for n, p in meta.named_parameters()} == {
+            n: p.shape for n, p in body.named_parameters()}
+        assert all(p.is_meta for p in meta.parameters())

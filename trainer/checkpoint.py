@@ -32,12 +32,17 @@ from multitune.trainer.faults import kill_point
 STEP_DIR = re.compile(r"^step-(\d+)$")
 LEFTOVER = re.compile(r"^\.step-\d+\.(tmp|del)$")  # a save or a deletion that was killed
 
-# Recipe keys whose change makes a checkpoint mean something else (weight shapes, optimizer state, the data
-# order); the others (lr, max_steps, eval, checkpoint, tracking, ...) may change between a run and its resume.
+# Recipe keys whose change makes a checkpoint mean something else although no trainable shape changes (the base
+# and its precision, the LoRA scaling, the data order, the optimizer state, the strategy's layout): refused unless
+# --force-resume. A change of trainable shapes (adapter.r, its target modules or layers, process.embed_dim, the
+# backbone, ...) is found by comparing the parameter shapes themselves (`shape_problems`) and never forced, since
+# such a checkpoint cannot be loaded. The others (lr, max_steps, eval, checkpoint, tracking, ...) may change.
 RESUME_KEYS = ("task", "model.name_or_path", "model.gguf_file", "model.tiny", "model.dtype", "model.quantization",
-               "model.double_quant", "model.compute_dtype", "model.quant_storage", "adapter", "data.packing",
-               "train.micro_batch_tokens", "train.grad_accum", "train.optimizer", "train.seed",
-               "distributed.strategy")
+               "model.double_quant", "model.compute_dtype", "model.quant_storage", "adapter.alpha",
+               "adapter.dropout", "data.packing", "train.micro_batch_tokens", "train.grad_accum", "train.optimizer",
+               "train.seed", "distributed.strategy")
+# Recorded in state.json beside RESUME_KEYS only to name the recipe change behind a change of shapes.
+EXPLAINING_KEYS = ("model", "adapter", "process")
 
 
 @dataclass
@@ -49,7 +54,16 @@ class TrainState:
     elapsed_s: float = 0.0
     data_hash: str = ""
     recipe: dict[str, Any] = field(default_factory=dict)  # resume_fingerprint of the recipe that wrote it
+    # name → shape of every trainable (saved) parameter, as in the unwrapped model (`trainable_shapes`)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
     nonfinite_skips: int = 0  # steps skipped for a NaN/inf loss or gradient (train.nonfinite=skip)
+
+
+def trainable_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Name → full shape of each trainable parameter of the unwrapped model (what a checkpoint saves). Call it
+    before wrapping: under ZeRO-3 a partitioned parameter reports its full shape as `ds_shape`."""
+    return {name: list(getattr(p, "ds_shape", None) or p.shape) for name, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, keep_last: int,
@@ -139,12 +153,13 @@ def read_state(path: Path) -> TrainState:
 
 
 def resume_fingerprint(recipe) -> dict[str, Any]:
-    """The recipe's RESUME_KEYS as flat `section.key: value` pairs (stored in each checkpoint's state.json)."""
+    """The recipe's RESUME_KEYS and EXPLAINING_KEYS as flat `section.key: value` pairs (stored in each
+    checkpoint's state.json)."""
     from multitune.trainer.tracking import flatten
 
     flat = flatten(recipe.model_dump(mode="json"))
     return {key: value for key, value in flat.items()
-            if any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)}
+            if any(key == k or key.startswith(k + ".") for k in (*RESUME_KEYS, *EXPLAINING_KEYS))}
 
 
 def checkpoint_to_resume(folder: Path, fingerprint: dict[str, Any], data_hash: str,
@@ -161,15 +176,66 @@ def checkpoint_to_resume(folder: Path, fingerprint: dict[str, Any], data_hash: s
 
 
 def resume_problems(state: TrainState, fingerprint: dict[str, Any], data_hash: str) -> list[str]:
-    """Why a checkpoint does not fit the current recipe and data (empty: it does)."""
+    """Why a checkpoint does not fit the current recipe and data (empty: it does); shapes aside."""
     problems = []
     if state.data_hash != data_hash:
         problems.append(f"data changed (manifest hash {state.data_hash[:12]} != {data_hash[:12]})")
-    if state.recipe:  # checkpoints written before fingerprints existed carry none
-        for key in sorted(set(state.recipe) | set(fingerprint)):
-            if state.recipe.get(key) != fingerprint.get(key):
-                problems.append(f"{key} changed ({state.recipe.get(key)!r} -> {fingerprint.get(key)!r})")
+    return problems + _changed_keys(state.recipe, fingerprint, RESUME_KEYS)
+
+
+def _changed_keys(recorded: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    if not recorded:  # checkpoints written before fingerprints existed carry none
+        return []
+    keys = [k for k in sorted(set(recorded) | set(current)) if any(k == s or k.startswith(s + ".") for s in sections)]
+    return [f"{key} changed ({recorded.get(key)!r} -> {current.get(key)!r})"
+            for key in keys if recorded.get(key) != current.get(key)]
+
+
+def check_shapes(path: Path, shapes: dict[str, list[int]], fingerprint: dict[str, Any]) -> None:
+    """Raise InputError (whatever --force-resume says: such a checkpoint cannot be loaded) when the trainable
+    parameters of the model about to resume (`shapes`, from `trainable_shapes`) differ in name or shape from the
+    checkpoint's at `path`; the line names the first such parameter and the recipe keys that changed."""
+    problems = shape_problems(checkpoint_shapes(path), shapes)
+    if not problems:
+        return
+    changed = _changed_keys(read_state(path).recipe, fingerprint, EXPLAINING_KEYS)
+    because = f" ({'; '.join(changed)})" if changed else ""
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    raise InputError(f"{path}: cannot resume, the trainable parameters changed shape{because}: {problems[0]}{more}; "
+                     f"their saved values cannot be loaded into other shapes, not even with --force-resume: start a "
+                     f"new run, or resume with the settings the checkpoint was written with")
+
+
+def shape_problems(saved: dict[str, list[int]] | None, current: dict[str, list[int]]) -> list[str]:
+    """Each trainable parameter whose shape differs, or that only one side has (empty: they match; `saved` None:
+    the checkpoint records no shapes, nothing to compare)."""
+    if saved is None:
+        return []
+    problems = []
+    for name in sorted(set(saved) | set(current)):
+        if name not in current:
+            problems.append(f"{name} is in the checkpoint but not a trainable parameter of the model")
+        elif name not in saved:
+            problems.append(f"{name} {tuple(current[name])} is trainable in the model but not in the checkpoint")
+        elif list(saved[name]) != list(current[name]):
+            problems.append(f"{name} has shape {tuple(saved[name])} in the checkpoint but {tuple(current[name])} "
+                            f"in the model")
     return problems
+
+
+def checkpoint_shapes(path: Path) -> dict[str, list[int]] | None:
+    """The trainable shapes a checkpoint was written with: from its state.json, or, for checkpoints written before
+    state.json recorded them, from the header of its replicated `trainable.safetensors`; None when neither has
+    them."""
+    state = read_state(path)
+    if state.shapes:
+        return state.shapes
+    if (path / "trainable.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path / "trainable.safetensors"), framework="pt") as handle:
+            return {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, strategy: Strategy | None = None) -> TrainState:

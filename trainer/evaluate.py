@@ -14,7 +14,7 @@ from multitune.atomic import write_atomic
 from multitune.data_prep.chat_encoding import chat_encoder, stop_token_ids
 from multitune.data_prep.prepare import prepare
 from multitune.data_prep.shards import ShardedDataset
-from multitune.data_prep.tasks import Task, task_for
+from multitune.data_prep.tasks import ChatTask, task_for
 from multitune.data_prep.tokenize import IGNORE
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import AdapterConfig, EvalConfig, Recipe
@@ -159,7 +159,7 @@ def eval_records(dataset: ShardedDataset, config: EvalConfig) -> list[dict]:
     return [json.loads(dataset.record_json(i)) for i in range(count)]
 
 
-def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, config: EvalConfig,
+def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: ChatTask, config: EvalConfig,
                         device: torch.device, judge: Judge | None = None,
                         reports: Path | None = None) -> tuple[dict[str, float], list[dict]]:
     """Task metrics plus timing; also returns (prompt record, output) examples for inspection. With `reports` (a
@@ -180,7 +180,7 @@ def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: Task, c
     return metrics, _judged_examples(metrics, judge, task, outputs, records)
 
 
-def evaluate_records(model, tokenizer, records: list[dict], task: Task, config: EvalConfig, device: torch.device,
+def evaluate_records(model, tokenizer, records: list[dict], task: ChatTask, config: EvalConfig, device: torch.device,
                      judge: Judge | None = None, reports: Path | None = None) -> tuple[dict[str, float], list[dict]]:
     """Generation eval of records that are not in the shards (e.g. with retrieved context): prompts from the task's
     formatter through the chat template, as `multitune infer` builds them."""
@@ -196,7 +196,7 @@ def evaluate_records(model, tokenizer, records: list[dict], task: Task, config: 
     return metrics, _judged_examples(metrics, judge, task, outputs, records)
 
 
-def evaluate_endpoint(client: EndpointClient, records: list[dict], task: Task, config: EvalConfig,
+def evaluate_endpoint(client: EndpointClient, records: list[dict], task: ChatTask, config: EvalConfig,
                       judge: Judge | None = None, reports: Path | None = None) -> tuple[dict[str, float], list[dict]]:
     """Eval records (prompts from the task's formatter) answered by an OpenAI-compatible endpoint, scored by the
     task; metrics that need the weights (answer_nll, log-likelihoods) stay empty."""
@@ -211,7 +211,7 @@ def evaluate_endpoint(client: EndpointClient, records: list[dict], task: Task, c
     return metrics, _judged_examples(metrics, judge, task, outputs, records)
 
 
-def _judged_examples(metrics: dict, judge: Judge | None, task: Task, outputs: list[str],
+def _judged_examples(metrics: dict, judge: Judge | None, task: ChatTask, outputs: list[str],
                      records: list[dict]) -> list[dict]:
     """The first examples for inspection; with a judge, its metrics join `metrics` and its verdicts the examples."""
     examples = [{"record": r, "output": o} for r, o in zip(records[:5], outputs[:5])]

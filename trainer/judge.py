@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from multitune.data_prep.tasks.base import Record, Task
+from multitune.data_prep.tasks.base import ChatTask, Record
 from multitune.trainer.endpoint import EndpointClient
 
 RUBRIC = """You grade answers against a reference answer written by an expert.
@@ -52,7 +52,7 @@ class Judge:
     def __init__(self, client: EndpointClient, max_tokens: int = 64):
         self.client, self.max_tokens = client, max_tokens
 
-    def grade(self, task: Task, outputs: list[str], records: list[Record]) -> tuple[dict[str, float], list[dict]]:
+    def grade(self, task: ChatTask, outputs: list[str], records: list[Record]) -> tuple[dict[str, float], list[dict]]:
         """(metrics, per-sample {score, reply}): `judge_score` is the mean over parsed replies, `judge_parse_rate`
         the share of replies that held a score (unparsable ones are counted there, not guessed)."""
         examples = [task.format(record) for record in records]

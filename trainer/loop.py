@@ -26,11 +26,13 @@ from multitune.trainer.adapter_base import resolvable_base
 from multitune.trainer.batches import MicroBatch, Position, plan_efficiency, plan_micro_batches
 from multitune.trainer.checkpoint import (
     TrainState,
+    check_shapes,
     checkpoint_to_resume,
     list_checkpoints,
     load_checkpoint,
     resume_fingerprint,
     save_checkpoint,
+    trainable_shapes,
 )
 from multitune.trainer.distributed import Strategy, create_strategy
 from multitune.trainer.memory import peak_memory_gb
@@ -62,7 +64,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     cfg = recipe.train
 
     # Data: tokenized once (main process first, the others then hit the cache), read memory-mapped.
-    # Bad data, or a checkpoint that does not fit this recipe and data, fails here, before output_dir is touched.
+    # Bad data, a model that does not load, or a checkpoint that does not fit this recipe, data and model (its
+    # trainable shapes) fails before output_dir is touched.
     with accelerator.main_process_first():
         prepared = work.prepare()
     data_hash = prepared.manifest["hash"]
@@ -71,10 +74,6 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
         resume_from, mismatches = checkpoint_to_resume(run_dir / "checkpoints", fingerprint, data_hash, force_resume)
         if mismatches and main:
             print(f"[multitune] --force-resume from {resume_from} although {'; '.join(mismatches)}", flush=True)
-    if main:
-        claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
-        write_atomic(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
-    accelerator.wait_for_everyone()
     train_set = ShardedDataset(prepared.split("train"))
     eval_set = ShardedDataset(prepared.split("eval"))
     plan = plan_micro_batches(train_set.lengths, recipe.data.max_seq_len, cfg.micro_batch_tokens,
@@ -88,6 +87,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     set_seed(cfg.seed)
     model = dist.load_model(lambda device, weights: work.load_model(device, cfg.gradient_checkpointing, weights),
                             quantized=recipe.model.quantization == "nf4")
+    shapes = trainable_shapes(model)
+    if resume:
+        check_shapes(resume_from, shapes, fingerprint)  # not even --force-resume loads values into other shapes
+    if main:
+        claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
+        write_atomic(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
+    accelerator.wait_for_everyone()
     trainable, total = count_parameters(model)
     model, optimizer = dist.prepare(model, lambda m: build_optimizer(m, recipe))
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -100,12 +106,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     before = None
     if resume:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
-        state.data_hash, state.recipe = data_hash, fingerprint  # what later checkpoints of this run stand for
+        # what later checkpoints of this run stand for
+        state.data_hash, state.recipe, state.shapes = data_hash, fingerprint, shapes
         if main:
             log.truncate_after(state.step)
         before = next((e for e in log.entries() if e.get("eval") == "before"), None)
     else:
-        state = TrainState(data_hash=data_hash, recipe=fingerprint)
+        state = TrainState(data_hash=data_hash, recipe=fingerprint, shapes=shapes)
         if recipe.eval.before_training:
             before, _ = dist.model_call(lambda: work.evaluate(
                 dist.unwrap(model), eval_set, accelerator.device,

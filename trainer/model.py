@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from multitune.compat import keep_4bit_weights_differentiable, quantize_on_meta
 from multitune.recipes.errors import InputError
@@ -68,14 +68,18 @@ def attention_backend(requested: str) -> str:
 
 
 def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device, gradient_checkpointing: bool,
-               weights: bool = True):
+               weights: bool = True, body_only: bool = False, freeze: bool = False):
     """A trainable model on `device`: base weights (maybe NF4), then LoRA (only adapter weights train) or full FT.
 
+    The one loader of a pretrained base, for every task. body_only=True loads the decoder body without its LM head
+    (`AutoModel`: hidden states out, fed `inputs_embeds` by the process-monitoring input layer) instead of the
+    causal LM (`AutoModelForCausalLM`). freeze=True (without LoRA) leaves every base weight frozen.
     weights=False builds the same model on the meta device from the config alone, reading no weights and
     allocating nothing: for ranks that receive their shard from rank 0 after sharding (`shard_fsdp2`). Under NF4
     that is the 4-bit model's structure: `Linear4bit` layers whose packed weights and quantization state have the
     shapes quantizing gives (see `quantize_on_meta`), their values to come from rank 0.
     """
+    auto = AutoModel if body_only else AutoModelForCausalLM
     kwargs: dict = {
         "dtype": DTYPES[config.dtype],
         "attn_implementation": attention_backend(config.attn_implementation),
@@ -84,22 +88,27 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device
     if not weights:
         path = resolve_model_path(config)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code), **kwargs)
+            model = auto.from_config(AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code),
+                                     **kwargs)
         if config.quantization == "nf4":
             quantize_on_meta(model, bnb_config(config), DTYPES[config.dtype])
     else:
         if config.quantization == "nf4":
             kwargs["quantization_config"] = bnb_config(config)
             kwargs["device_map"] = {"": device}
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config), use_safetensors=True, **kwargs)
-    model = prepare_for_training(model, config.quantization == "nf4", adapter, gradient_checkpointing)
+        model = auto.from_pretrained(resolve_model_path(config), use_safetensors=True, **kwargs)
+    model = prepare_for_training(model, config.quantization == "nf4", adapter, gradient_checkpointing,
+                                 task_type=None if body_only else "CAUSAL_LM")
+    if freeze and adapter.kind != "lora":
+        model.requires_grad_(False)
     return model if config.quantization == "nf4" or not weights else model.to(device)
 
 
-def prepare_for_training(model, quantized: bool, adapter: AdapterConfig, gradient_checkpointing: bool):
-    """Loaded base model → trainable: kbit preparation (4-bit), checkpointing, no KV cache, LoRA adapter.
-    Also used by the GPU benchmarks on their layer-by-layer random NF4 models (bench/gpu_model.py)."""
+def prepare_for_training(model, quantized: bool, adapter: AdapterConfig, gradient_checkpointing: bool,
+                         task_type: str | None = "CAUSAL_LM"):
+    """Loaded base model → trainable: kbit preparation (4-bit), checkpointing, no KV cache, LoRA adapter
+    (`task_type=None` for a bare body). Also used by the GPU benchmarks on their layer-by-layer random NF4 models
+    (bench/gpu_model.py)."""
     if quantized:
         keep_4bit_weights_differentiable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -108,7 +117,7 @@ def prepare_for_training(model, quantized: bool, adapter: AdapterConfig, gradien
         model.enable_input_require_grads()
     model.config.use_cache = False
     if adapter.kind == "lora":
-        model = get_peft_model(model, lora_config(adapter, model))
+        model = get_peft_model(model, lora_config(adapter, model, task_type))
     return model
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from multitune.atomic import atomic_file, write_atomic
-from multitune.data_prep.prepare import PreparedData
+from multitune.data_prep.cache import PreparedData
 from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tasks.process_monitoring.features import NO_BAYES
 from multitune.data_prep.tokenize import IGNORE
@@ -67,7 +67,7 @@ class EventBatchStream(MicroBatchStream):
             fields["cat"].append(np.concatenate([data.tokens(i, "categorical").reshape(-1, n_cat) for i in cases]))
             fields["cont"].append(np.concatenate([data.tokens(i, "continuous").reshape(-1, self.n_cont)
                                                   for i in cases]))
-            fields["tgt"].append(np.concatenate([data.tokens(i, "labels") for i in cases]))
+            fields["tgt"].append(np.concatenate([data.tokens(i, "next_activity") for i in cases]))
             fields["rem"].append(np.concatenate([data.tokens(i, "remaining") for i in cases]))
             fields["bayes"].append(np.concatenate([data.tokens(i, "bayes_pred") for i in cases]))
             fields["pos"].append(np.concatenate([np.arange(data.lengths[i]) for i in cases]))

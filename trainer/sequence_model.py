@@ -11,23 +11,15 @@ import json
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from transformers import AutoModel
 
-from multitune.compat import attn_implementation, keep_4bit_weights_differentiable
+from multitune.compat import attn_implementation
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import AdapterConfig, ModelConfig, ProcessConfig
-from multitune.trainer.model import (
-    DTYPES,
-    attention_backend,
-    bnb_config,
-    check_adapter_folder,
-    lora_config,
-)
-from multitune.trainer.model_source import resolve_model_path
+from multitune.trainer.model import check_adapter_folder, load_model
 
 CONFIG_FILE = "sequence_model.json"
 WEIGHTS_FILE = "sequence_model.safetensors"  # every trainable weight outside the PEFT adapter
@@ -126,36 +118,14 @@ def build_sequence_model(spec: dict, device: torch.device, gradient_checkpointin
         width = process.rnn_hidden_size
         backbone = RecurrentBackbone(process.backbone, width, process.rnn_layers)
     else:
-        backbone = load_backbone(model_cfg, adapter if with_adapter else AdapterConfig(kind="none"), device,
-                                 gradient_checkpointing, freeze=process.freeze_backbone)
+        backbone = load_model(model_cfg, adapter if with_adapter else AdapterConfig(kind="none"), device,
+                              gradient_checkpointing, body_only=True, freeze=process.freeze_backbone)
         width = backbone.config.hidden_size
     inputs = EventInputs(spec["vocab_sizes"], spec["n_continuous"], width, process.combine, process.embed_dim)
     model = EventSequenceModel(inputs, backbone, width, spec["num_classes"], recurrent)
     for module in (model.inputs, model.next_activity, model.remaining_time):
         module.to(device)
     return model.to(device) if recurrent or model_cfg.quantization != "nf4" else model
-
-
-def load_backbone(config: ModelConfig, adapter: AdapterConfig, device: torch.device, gradient_checkpointing: bool,
-                  freeze: bool = False) -> nn.Module:
-    """The causal LM's body (`AutoModel`, no LM head), as trainer/model.py loads the full model for text tasks."""
-    kwargs: dict = {"dtype": DTYPES[config.dtype], "attn_implementation": attention_backend(config.attn_implementation),
-                    "trust_remote_code": config.trust_remote_code, "use_safetensors": True}
-    if config.quantization == "nf4":
-        kwargs["quantization_config"] = bnb_config(config)
-        kwargs["device_map"] = {"": device}
-    backbone = AutoModel.from_pretrained(resolve_model_path(config), **kwargs)
-    if config.quantization == "nf4":
-        keep_4bit_weights_differentiable(backbone)
-        backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    backbone.config.use_cache = False
-    if adapter.kind == "lora":
-        return get_peft_model(backbone, lora_config(adapter, backbone, task_type=None))
-    if freeze:
-        backbone.requires_grad_(False)
-    return backbone if config.quantization == "nf4" else backbone.to(device)
 
 
 def save_sequence_model(model: EventSequenceModel, weights: dict[str, torch.Tensor], spec: dict, folder: Path) -> None:

@@ -1,8 +1,9 @@
 """What a run trains on, behind one small interface, so trainer/loop.py stays the same loop for every task.
 
 A workload prepares the data, builds the batch stream and the model, gives the summed loss of a micro-batch,
-evaluates, and saves what was trained. Text tasks: tokenized chat, LM loss, generation eval, PEFT adapter +
-tokenizer. Process monitoring (trainer/process_monitoring.py): event features, multi-task heads.
+evaluates, and saves what was trained; each task names its own (`Task.workload`). "chat", shared by every chat task
+(`TextWorkload`): tokenized chat, LM loss, generation eval, PEFT adapter + tokenizer. "event_sequence"
+(trainer/process_monitoring.py: `EventWorkload`): event features, multi-task heads.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from multitune.compat import attn_implementation
-from multitune.data_prep.prepare import PreparedData, prepare
+from multitune.data_prep.cache import PreparedData
+from multitune.data_prep.prepare import prepare
 from multitune.data_prep.shards import ShardedDataset
-from multitune.data_prep.tasks import Task
+from multitune.data_prep.tasks import ChatTask, Task
 from multitune.data_prep.tokenize import IGNORE
 from multitune.recipes.schema import Recipe
 from multitune.trainer.adapter_base import record_base
 from multitune.trainer.batches import MicroBatch, MicroBatchStream, Plan, attention_mask_for
 from multitune.trainer.evaluate import eval_records, evaluate_generation, warn_if_answers_exceed
 from multitune.trainer.model import DTYPES, load_model, load_tokenizer
+from multitune.trainer.process_monitoring import EventWorkload
 from multitune.trainer.run_files import LOAD_CHAT_ADAPTER
 
 LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
@@ -55,7 +58,7 @@ class TextWorkload:
 
     how_to_load = LOAD_CHAT_ADAPTER
 
-    def __init__(self, recipe: Recipe, task: Task):
+    def __init__(self, recipe: Recipe, task: ChatTask):
         self.recipe, self.task = recipe, task
         self.tokenizer = None
         self.backend = recipe.model.attn_implementation
@@ -93,12 +96,12 @@ class TextWorkload:
         """Text tasks report through metrics.json and loss.png only."""
 
 
-def workload_for(recipe: Recipe, task: Task) -> Workload:
-    if recipe.process is not None:
-        from multitune.trainer.process_monitoring import EventWorkload
+WORKLOADS: dict[str, type] = {"chat": TextWorkload, "event_sequence": EventWorkload}
 
-        return EventWorkload(recipe, task)
-    return TextWorkload(recipe, task)
+
+def workload_for(recipe: Recipe, task: Task) -> Workload:
+    """What trains `task`: the workload it declares (`Task.workload`, a key of WORKLOADS)."""
+    return WORKLOADS[task.workload](recipe, task)
 
 
 def token_loss_sum(model, batch: MicroBatch, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -113,7 +116,7 @@ def token_loss_sum(model, batch: MicroBatch, attention_mask: torch.Tensor | None
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Recipe, task: Task, run_dir: Path,
+def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Recipe, task: ChatTask, run_dir: Path,
                  data_hash: str) -> Path:
     """PEFT adapter (from the gathered trainable `weights`) + tokenizer + multitune.json (how the base was loaded)
     + model card, renamed into place. Full fine-tuning (every weight trainable) saves the whole model."""

@@ -1,8 +1,9 @@
-"""The task registry: name in a recipe → Task object. A new task is one folder here plus one line below."""
+"""The task registry: name in a recipe → Task object. A new task is one folder here plus one line below (a chat
+task subclasses `ChatTask` and is trained by the shared chat workload; see `Task.workload`)."""
 
 from __future__ import annotations
 
-from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.base import ChatExample, ChatTask, Record, Task
 from multitune.data_prep.tasks.chat_jsonl import ChatJsonl
 from multitune.data_prep.tasks.it_ticket_extraction import ITTicketExtraction
 from multitune.data_prep.tasks.medical_qa import MedicalMCQ, MedicalQA
@@ -31,4 +32,4 @@ def get_task(name: str) -> Task:
         raise InputError(f"unknown task '{name}' (known: {', '.join(sorted(TASKS))})") from None
 
 
-__all__ = ["TASKS", "ChatExample", "Record", "Task", "get_task", "task_for"]
+__all__ = ["TASKS", "ChatExample", "ChatTask", "Record", "Task", "get_task", "task_for"]

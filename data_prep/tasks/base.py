@@ -1,5 +1,5 @@
-"""The task interface: what a task brings (records, generator, chat formatting, metrics); the loop needs
-nothing else."""
+"""The task interfaces: what every task declares (`Task`), and what a chat-SFT task brings (`ChatTask`: records,
+generator, chat formatting, metrics); the loop needs nothing else."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from multitune.data_prep.readers import MAX_LINE_BYTES, FieldError, Record, read_rows
 from multitune.recipes.errors import InputError
 
-__all__ = ["MAX_LINE_BYTES", "ChatExample", "FieldError", "Record", "Task"]
+__all__ = ["MAX_LINE_BYTES", "ChatExample", "ChatTask", "FieldError", "Record", "Task"]
 
 
 @dataclass(frozen=True)
@@ -25,23 +25,43 @@ class ChatExample:
 
 
 class Task(ABC):
-    """A chat-SFT task. Subclasses live in their own folder under data_prep/tasks/ and register in TASKS."""
+    """What every task declares. Subclasses live in their own folder under data_prep/tasks/ and register in TASKS.
+
+    `workload` names how the trainer prepares, batches, models, evaluates and saves the task (trainer/workload.py:
+    `WORKLOADS`): "chat" for every `ChatTask` (tokenized chat, LM loss, generation eval, PEFT adapter);
+    "event_sequence" for process monitoring (event features, input layer + backbone + heads).
+    """
 
     name: str
+    workload: ClassVar[Literal["chat", "event_sequence"]]
+    # Metric names shown first in summaries (e.g. the demo's before/after table).
+    headline_metrics: tuple[str, ...] = ()
+
+    @abstractmethod
+    def generate(self, n: int, seed: int) -> list[Record]:
+        """`n` synthetic records, identical for the same seed."""
+
+    @abstractmethod
+    def with_options(self, options) -> Task:
+        """This task configured by the recipe's `data.task_options`. Raises InputError naming a key it does not
+        take."""
+
+    def check_columns(self, columns: Mapping[str, str]) -> None:  # noqa: B027 - an optional hook, no-op by default
+        """Raise InputError naming a `data.columns` key the task cannot map (tasks without record fields: none)."""
+
+
+class ChatTask(Task):
+    """A chat-SFT task: records → chat prompt + answer, scored on the model's generations."""
+
+    workload = "chat"
     # Bump when `format` changes what it produces: it is part of the prep cache key.
     formatter_version: str = "1"
     # Record fields a user's own file must have (validated row by row).
     required_fields: tuple[str, ...] = ()
     # The subset needed to build a prompt: what `multitune infer` requires of new, unlabelled rows.
     input_fields: tuple[str, ...] = ()
-    # Metric names shown first in summaries (e.g. the demo's before/after table).
-    headline_metrics: tuple[str, ...] = ()
     # Prompts show a record's `context` passages: retrieval-augmented evaluation (`multitune eval --retrieval-docs`).
     accepts_context: bool = False
-
-    @abstractmethod
-    def generate(self, n: int, seed: int) -> list[Record]:
-        """`n` synthetic records, identical for the same seed."""
 
     @abstractmethod
     def format(self, record: Record) -> ChatExample:
@@ -58,8 +78,7 @@ class Task(ABC):
     # Rows of the shape {"input": {...fields}, "output": {...answer fields}} are flattened into one record.
     instruction_rows: bool = False
 
-    def with_options(self, options) -> Task:
-        """This task configured by the recipe's `data.task_options`. Raises InputError naming a key it does not take."""
+    def with_options(self, options) -> ChatTask:
         defaults = type(options)()
         for key in type(options).model_fields:
             if getattr(options, key) != getattr(defaults, key) and key not in self.option_keys:
@@ -81,7 +100,7 @@ class Task(ABC):
                 hint = f"did you mean '{close[0]}'?" if close else f"its fields: {', '.join(known)}"
                 raise InputError(f"data.columns.{field}: not a field of task {self.name} ({hint})")
 
-    def _configured(self, options) -> Task:
+    def _configured(self, options) -> ChatTask:
         """A copy of this task with `options` applied (tasks with `option_keys` override this)."""
         return self
 
@@ -103,7 +122,7 @@ class Task(ABC):
         """The label sets seen in `records` (the training split), in the form `with_labels` takes."""
         return {}
 
-    def with_labels(self, labels: dict | None) -> Task:
+    def with_labels(self, labels: dict | None) -> ChatTask:
         """A copy with these label sets (from the manifest or an adapter folder); rows outside them are counted by
         `unseen_labels`, not refused (only declared label sets refuse rows)."""
         return self

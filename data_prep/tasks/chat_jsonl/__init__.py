@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 
-from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.base import ChatExample, ChatTask, Record
 from multitune.data_prep.tasks.json_metrics import (
     class_reports,
     closed_set_fields,
@@ -19,7 +19,7 @@ from multitune.recipes.errors import InputError
 from multitune.recipes.schema import TaskOptions
 
 
-class ChatJsonl(Task):
+class ChatJsonl(ChatTask):
     name = "chat_jsonl"
     formatter_version = "1"
     option_keys = frozenset({"messages_field", "prompt_field", "completion_field", "system_prompt", "json_fields"})

@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterable
 
 from multitune.data_prep.readers import FieldError
-from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.base import ChatExample, ChatTask, Record
 from multitune.data_prep.tasks.it_ticket_extraction.generator import generate_incidents
 from multitune.data_prep.tasks.json_metrics import (
     CLOSED_SET_MAX,
@@ -32,7 +32,7 @@ DEFAULT_PROMPT = (
 )
 
 
-class ITTicketExtraction(Task):
+class ITTicketExtraction(ChatTask):
     name = "it_ticket_extraction"
     formatter_version = "2"  # 2: configurable fields; JSON answers keep non-ASCII characters
     input_fields = ("description",)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.base import ChatExample, ChatTask, Record
 from multitune.data_prep.tasks.medical_qa.generator import LETTERS, generate_items
 from multitune.data_prep.tasks.text_metrics import text_scores
 from multitune.data_prep.tokenize import IGNORE, tokenize_examples
@@ -21,7 +21,7 @@ MC_SYSTEM = ("You are a careful medical assistant. "
 LETTER = re.compile(r"\b([A-E])\b")
 
 
-class MedicalQA(Task):
+class MedicalQA(ChatTask):
     name = "medical_qa"
     formatter_version = "2"
     accepts_context = True
@@ -44,7 +44,7 @@ class MedicalQA(Task):
         return text_scores(outputs, [r["answer"] for r in records])
 
 
-class MedicalMCQ(Task):
+class MedicalMCQ(ChatTask):
     """Records: `question`, `options` (list, or {"A": ...} mapping), `answer_letter`. CSV: columns A, B, C, D (, E)."""
 
     name = "medical_mcq"

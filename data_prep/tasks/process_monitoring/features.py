@@ -19,19 +19,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from multitune.data_prep.prepare import PreparedData, build_cached
+from multitune.data_prep.cache import PreparedData, build_cached
 from multitune.data_prep.shards import ShardWriter, list_column
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import DataConfig, EventColumns, ProcessConfig
 
-FEATURES_VERSION = "2"  # 2: shards carry an index
+FEATURES_VERSION = "3"  # 2: shards carry an index; 3: columns activity, next_activity (were input_ids, labels)
 PAD, UNK, END = "<pad>", "<unk>", "<end>"
 TIME_FEATURES = ("log_days_since_start", "log_days_since_previous", "weekday", "hour")
 NO_BAYES = -1
 
 SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),       # activity id per event
-    ("labels", pa.list_(pa.int32())),          # next-activity class per event (END after the last)
+    ("activity", pa.list_(pa.int32())),        # activity id per event
+    ("next_activity", pa.list_(pa.int32())),   # next-activity class per event (END after the last)
     ("length", pa.int32()),
     ("categorical", pa.list_(pa.int32())),     # events x categorical features (activity first), flattened
     ("continuous", pa.list_(pa.float32())),    # events x continuous features, flattened, z-scored
@@ -107,15 +107,15 @@ def encode_cases(frame: pd.DataFrame, columns: EventColumns, vocab: Vocabulary, 
     categorical = np.stack([vocab.encode(name, frame[name]) for name in (columns.activity, *columns.categorical)],
                            axis=1)
     activity_index = {value: i for i, value in enumerate(vocab.values[columns.activity])}
-    labels = times["next_activity"].map(lambda v: activity_index.get(v, 1)).to_numpy(dtype=np.int32)
+    next_activity = times["next_activity"].map(lambda v: activity_index.get(v, 1)).to_numpy(dtype=np.int32)
     remaining = (times["remaining_days"].to_numpy() / remaining_scale).astype(np.float32)
     case_ids = frame[columns.case].to_numpy()
     bounds = np.flatnonzero(np.r_[True, case_ids[1:] != case_ids[:-1], True])
     out: dict[str, list] = {name: [] for name in SCHEMA.names}
     for begin, stop in zip(bounds[:-1], bounds[1:]):
         case = str(case_ids[begin])
-        out["input_ids"].append(categorical[begin:stop, 0])
-        out["labels"].append(labels[begin:stop])
+        out["activity"].append(categorical[begin:stop, 0])
+        out["next_activity"].append(next_activity[begin:stop])
         out["categorical"].append(categorical[begin:stop].ravel())
         out["continuous"].append(continuous[begin:stop].ravel())
         out["remaining"].append(remaining[begin:stop])
@@ -132,10 +132,10 @@ def encode_cases(frame: pd.DataFrame, columns: EventColumns, vocab: Vocabulary, 
 
 def write_split(folder: Path, cases: dict[str, list], max_len: int, overlong: str) -> dict:
     """Shards of one split; cases longer than `max_len` events are dropped or cut to their first `max_len`."""
-    n_cat = len(cases["categorical"][0]) // len(cases["input_ids"][0])
-    n_cont = len(cases["continuous"][0]) // len(cases["input_ids"][0])
+    n_cat = len(cases["categorical"][0]) // len(cases["activity"][0])
+    n_cont = len(cases["continuous"][0]) // len(cases["activity"][0])
     keep, dropped, truncated = [], 0, 0
-    for i, ids in enumerate(cases["input_ids"]):
+    for i, ids in enumerate(cases["activity"]):
         if len(ids) > max_len:
             if overlong == "drop":
                 dropped += 1
@@ -150,7 +150,7 @@ def write_split(folder: Path, cases: dict[str, list], max_len: int, overlong: st
         per = width.get(name, 1)
         dtype = np.float32 if SCHEMA.field(name).type.value_type == pa.float32() else np.int32
         columns[name] = list_column([cases[name][i][: max_len * per] for i in keep], dtype)
-    lengths = [min(len(cases["input_ids"][i]), max_len) for i in keep]
+    lengths = [min(len(cases["activity"][i]), max_len) for i in keep]
     columns["length"] = pa.array(lengths, pa.int32())
     columns["record"] = pa.array([cases["record"][i] for i in keep], pa.string())
     writer = ShardWriter(folder, schema=SCHEMA)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.base import ChatExample, ChatTask, Record
 from multitune.data_prep.tasks.rca_generation.generator import generate_incidents
 from multitune.data_prep.tasks.text_metrics import text_scores
 
@@ -13,7 +13,7 @@ SYSTEM_PROMPT = ("You are a site reliability engineer writing the root-cause ana
 CAUSE_LINE = re.compile(r"^\s*root cause:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 
-class RCAGeneration(Task):
+class RCAGeneration(ChatTask):
     name = "rca_generation"
     formatter_version = "1"
     input_fields = ("description",)

@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterable
 
 from multitune.data_prep.readers import FieldError
-from multitune.data_prep.tasks.base import ChatExample, Record, Task
+from multitune.data_prep.tasks.base import ChatExample, ChatTask, Record
 from multitune.data_prep.tasks.json_metrics import class_reports, parse_json_object, schema_problems, score_json_fields
 from multitune.data_prep.tasks.ticket_classification.generator import TAXONOMY, URGENCIES, generate_tickets
 from multitune.recipes.errors import InputError
@@ -44,7 +44,7 @@ class Taxonomy:
         return {"category": self.categories, "urgency": self.urgencies}
 
 
-class TicketClassification(Task):
+class TicketClassification(ChatTask):
     name = "ticket_classification"
     formatter_version = "3"  # 3: labels from the data or recipe; JSON answers keep non-ASCII characters
     input_fields = ("title", "description")
