@@ -418,7 +418,7 @@ def cmd_serve(args) -> int:
     import torch
 
     from multitune.launch.chat_model import load_chat_model
-    from multitune.launch.serve import ServeLimits, serve
+    from multitune.launch.serve import ServeLimits, open_host_warning, serve
 
     for flag, value, least in (("--max-tokens", args.max_tokens, 1), ("--max-body-bytes", args.max_body_bytes, 1),
                                ("--max-queue", args.max_queue, 0)):
@@ -427,6 +427,9 @@ def cmd_serve(args) -> int:
     if not args.timeout > 0:
         raise InputError(f"--timeout {args.timeout:g} is out of range (more than 0 seconds)")
     api_key = serve_api_key(args)  # before the model loads: a missing key fails in a second
+    warning = open_host_warning(args.host, api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     limits = ServeLimits(max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, timeout_s=args.timeout,
                          max_queue=args.max_queue)
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")

@@ -123,13 +123,13 @@ def parse_request(body: bytes, served_name: str, limits: ServeLimits) -> tuple[l
 # ---- generation, one at a time, first come first served ---------------------------------------------------------
 
 class Job:
-    """One request's generation: its events (("text", str), ("done", Completion), ("error", Exception)) arrive on
-    an asyncio queue of the server's loop; setting `cancel` ends it at the next token (or before it starts)."""
+    """One request's generation: its events (("text", str) when streamed, then ("done", Completion) or ("error",
+    Exception)) arrive on an asyncio queue of the server's loop; setting `cancel` ends it at the next token (or before it starts)."""
 
-    def __init__(self, request_id: str, prompt: list[int], sampling: Sampling, arrived: float, deadline: float,
-                 loop: asyncio.AbstractEventLoop):
-        self.id, self.prompt, self.sampling, self.arrived, self.deadline = request_id, prompt, sampling, arrived, deadline
-        self.loop = loop
+    def __init__(self, request_id: str, prompt: list[int], sampling: Sampling, stream: bool, arrived: float,
+                 deadline: float, loop: asyncio.AbstractEventLoop):
+        self.id, self.prompt, self.sampling, self.stream = request_id, prompt, sampling, stream
+        self.arrived, self.deadline, self.loop = arrived, deadline, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
         self.started = None  # time.monotonic() when its generation began
@@ -172,8 +172,8 @@ class GenerationQueue:
         while (job := self.jobs.get()) is not None:
             job.started = time.monotonic()
             try:
-                completion = self.chat.generate(job.prompt, job.sampling, lambda text: job.push("text", text),
-                                                job.cancel, job.deadline)
+                on_text = (lambda text: job.push("text", text)) if job.stream else None
+                completion = self.chat.generate(job.prompt, job.sampling, on_text, job.cancel, job.deadline)
             except Exception as exc:  # a failed generation answers its client; the worker serves the next one
                 _log(job, f"failed: {type(exc).__name__}: {exc}")
                 job.push("error", exc)
@@ -195,12 +195,10 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _json_bytes(payload: dict) -> bytes:
-    return json.dumps(payload, ensure_ascii=False).encode()
-
-
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(RequestError):
+    def __init__(self, limit: int):
+        super().__init__(f"request body is larger than this server's limit of {limit} bytes (--max-body-bytes)",
+                         status=413)
 
 
 class Gate:
@@ -231,19 +229,15 @@ class Gate:
                 return
             received = 0
 
-            async def counted_receive():
+            async def counted_receive():  # a chunked body has no Content-Length: count it as it comes
                 nonlocal received
                 message = await receive()
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_body_bytes)  # answered 413 by the app's RequestError handler
                 return message
 
-            try:
-                await self.app(scope, counted_receive, logged_send)
-            except BodyTooLarge:
-                if status[0] is None:
-                    await _send_json(logged_send, *self._too_large())
+            await self.app(scope, counted_receive, logged_send)
         finally:
             client = scope.get("client") or ("-", 0)
             print(f'{client[0]}:{client[1]} "{scope["method"]} {scope["path"]}" {status[0]} '
@@ -258,20 +252,15 @@ class Gate:
             if not hmac.compare_digest(hashlib.sha256(token.strip()).digest(), self.key_digest):
                 return 401, error_body("incorrect API key provided", "invalid_request_error",
                                        code="invalid_api_key"), {"WWW-Authenticate": "Bearer"}
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit():
-            return 400, error_body("invalid Content-Length header", "invalid_request_error"), {}
-        if int(length) > self.max_body_bytes:
-            return self._too_large()
+        length = headers.get(b"content-length", b"")  # uvicorn has already refused a malformed one
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            too_large = BodyTooLarge(self.max_body_bytes)
+            return too_large.status, error_body(str(too_large), too_large.kind), {"Connection": "close"}
         return None
-
-    def _too_large(self) -> tuple[int, dict, dict]:
-        return 413, error_body(f"request body is larger than this server's limit of {self.max_body_bytes} bytes "
-                               "(--max-body-bytes)", "invalid_request_error"), {"Connection": "close"}
 
 
 async def _send_json(send, status: int, payload: dict, headers: dict) -> None:
-    body = _json_bytes(payload)
+    body = json.dumps(payload, ensure_ascii=False).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -339,29 +328,32 @@ def create_app(chat: ChatModel, limits: ServeLimits, api_key: str | None = None,
         arrived, request_id, created = time.monotonic(), f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         messages, sampling, parsed = parse_request(await request.body(), chat.name, limits)
         prompt = await run_in_threadpool(chat.prompt_ids, messages, sampling.max_tokens)
-        job = state["queue"].submit(Job(request_id, prompt, sampling, arrived, arrived + limits.timeout_s,
-                                        asyncio.get_running_loop()))
+        job = state["queue"].submit(Job(request_id, prompt, sampling, parsed.stream, arrived,
+                                        arrived + limits.timeout_s, asyncio.get_running_loop()))
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(_events(job, request_id, created, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
-            while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), timeout=0.25)
-                except TimeoutError:
-                    if await request.is_disconnected():  # nobody to answer: free the model for the next one
-                        job.cancel.set()
-                        return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
-                    continue
-                if kind == "error":
-                    raise value
-                if kind == "done":
-                    if value.finish_reason == "timeout":
-                        raise _timed_out(limits)
-                    return completion_response(value, chat.name, request_id, created)
+            kind, value = await job.events.get()
         finally:
+            watcher.cancel()
             job.cancel.set()
+        if kind == "error":
+            raise value
+        if value.finish_reason == "timeout":
+            raise _timed_out(limits)
+        if value.finish_reason == "cancelled":  # the client has gone: this answer reaches nobody (logged as 499)
+            return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
+        return completion_response(value, chat.name, request_id, created)
+
+    async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+        """Ends a non-streaming request's generation as soon as its client goes away (its body is read, so the
+        next ASGI message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel.set()
 
     async def _events(job: Job, request_id: str, created: int, include_usage: bool):
         """Server-sent events in OpenAI's chunk format: the role, the text piece by piece, the finish_reason, the
@@ -398,13 +390,18 @@ def create_app(chat: ChatModel, limits: ServeLimits, api_key: str | None = None,
     return Gate(app, api_key, limits.max_body_bytes)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def open_host_warning(host: str, api_key: str | None) -> str | None:
+    """The one-line warning for a server reachable from other machines that needs no key (None when keyed or
+    bound to loopback only)."""
+    if api_key is not None or host == "localhost":
+        return None
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return (f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
+            "(set one with --api-key-env VAR)")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -426,9 +423,6 @@ def serve(chat: ChatModel, host: str, port: int, limits: ServeLimits = ServeLimi
     """Serve until interrupted; prints the bound address (port 0 picks a free one) once requests are accepted."""
     import uvicorn
 
-    if api_key is None and not is_loopback(host):
-        print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
-              "(set --api-key-env VAR)", file=sys.stderr, flush=True)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
 
