@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
+import torch
 
 from conftest import REPO, recipe_dict, write_recipe
 
@@ -357,6 +359,55 @@ def test_an_open_host_without_a_key_warns_in_one_line(tmp_path, capsys, monkeypa
     monkeypatch.setenv("MULTITUNE_API_KEY", "from-the-environment")
     assert main(["serve", missing, "--host", "0.0.0.0"]) == 2
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_a_trained_adapter_folder_is_what_vllm_lora_modules_loads(tiny_model_dir, tokenizer, tmp_path):
+    """What docs/serving.md promises for `vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER`: a PEFT LoRA
+    config vLLM reads (explicit module names, no bias, DoRA or modules_to_save, the base named), safetensors
+    tensors named `base_model.model.<module>.lora_{A,B}.weight` for Linear modules of the base with the shapes
+    vLLM stacks, and the training tokenizer and chat template beside them, adding no tokens."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from multitune.launch.cli import main
+
+    recipe = recipe_dict(tmp_path, tiny_model_dir, train={"max_steps": 2}, adapter={"r": 8, "alpha": 16})
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == ("LORA", "CAUSAL_LM", 8, 16)
+    assert config["bias"] == "none" and not config["use_dora"] and not config["modules_to_save"]
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    # "all-linear" is written out as module paths; vLLM checks each by its last part against the modules it can
+    # put LoRA on (a string such as "all-linear" would be read letter by letter)
+    assert isinstance(config["target_modules"], list)
+    targets = {t.rsplit(".", 1)[-1] for t in config["target_modules"]}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert json.loads((adapter / "multitune.json").read_text())["base_model"] == str(tiny_model_dir)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    name = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.weight")
+    assert not (adapter / "adapter_model.bin").exists()
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as weights:
+        shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    halves: dict[str, set] = {}
+    for key, shape in shapes.items():
+        match = name.fullmatch(key)
+        assert match, f"{key}: not a name vLLM's LoRA loader parses"
+        module = base.get_submodule(match["module"])
+        assert isinstance(module, torch.nn.Linear) and match["module"].rsplit(".", 1)[1] in targets
+        assert shape == ((8, module.in_features) if match["half"] == "A" else (module.out_features, 8))
+        halves.setdefault(match["module"], set()).add(match["half"])
+    linear = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    assert sorted(halves) == sorted(linear) and all(h == {"A", "B"} for h in halves.values())
+
+    beside = AutoTokenizer.from_pretrained(adapter)
+    assert (adapter / "tokenizer.json").is_file() and (adapter / "chat_template.jinja").is_file()
+    assert beside.chat_template == tokenizer.chat_template and len(beside) == len(tokenizer) <= base.config.vocab_size
+    text = "Disk </s> full [INST] on srv-01 ✓"
+    assert beside(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert beside.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False) == \
+        tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
 
 
 def _recipe(tmp_path, model_dir):
