@@ -148,8 +148,18 @@ def test_bad_requests_get_openai_style_errors(server):
     assert status == 400 and body["error"]["param"] == "messages"
     status, body = post(json.dumps({"messages": MESSAGES, "max_tokens": 0}).encode())
     assert status == 400 and body["error"]["param"] == "max_tokens"
+    for wrong, param in (({"max_tokens": True}, "max_tokens"), ({"temperature": "0"}, "temperature"),
+                         ({"n": 2}, "n"), ({"stop": [""]}, "stop"), ({"stream": "yes"}, "stream")):
+        status, body = post(json.dumps({"messages": MESSAGES, **wrong}).encode())
+        assert (status, body["error"]["param"], body["error"]["type"]) == (400, param, "invalid_request_error")
+    image = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                          {"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    status, body = post(json.dumps({"messages": image}).encode())
+    assert status == 400 and body["error"]["message"] == "messages[0].content: only text parts are supported"
     with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
         _client(server).chat.completions.create(model="gpt-x", messages=MESSAGES, max_tokens=2)
+    reply = httpx.get(server + "/nowhere", headers={"Authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 404 and reply.json()["error"]["message"] == "Not Found: GET /v1/nowhere"
 
 
 def _stream(client: openai.OpenAI, **kwargs) -> tuple[list[str], str | None, object, str]:
