@@ -124,7 +124,8 @@ def parse_request(body: bytes, served_name: str, limits: ServeLimits) -> tuple[l
 
 class Job:
     """One request's generation: its events (("text", str) when streamed, then ("done", Completion) or ("error",
-    Exception)) arrive on an asyncio queue of the server's loop; setting `cancel` ends it at the next token (or before it starts)."""
+    Exception)) arrive on an asyncio queue of the server's loop; setting `cancel` ends it at the next token, or
+    before it starts."""
 
     def __init__(self, request_id: str, prompt: list[int], sampling: Sampling, stream: bool, arrived: float,
                  deadline: float, loop: asyncio.AbstractEventLoop):
