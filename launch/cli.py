@@ -18,6 +18,7 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 # there is about that input (a folder without config.json, a malformed adapter_config.json, a port in use), so it
 # is one `error:` line with exit code 2 rather than a traceback from deep inside a library.
 USER_INPUT_COMMANDS = ("merge", "infer", "serve", "eval", "results")
+SERVE_KEY_ENV = "MULTITUNE_API_KEY"  # the key `multitune serve` requires when --api-key(-env) is not given
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -93,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the base in 4-bit NF4 (default: as the adapter's multitune.json records, i.e. NF4 "
                         "for a QLoRA adapter; none without an adapter)")
     p.add_argument("--served-name", help="model name clients use (default: the run or model folder name)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key clients must "
+                                                          "send as 'Authorization: Bearer KEY' (default: "
+                                                          f"{SERVE_KEY_ENV} when set, else no key)")
+    key.add_argument("--api-key", metavar="KEY", help="the API key itself (visible in the process list: prefer "
+                                                      "--api-key-env)")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                   help="most new tokens a request may ask for (default 4096; a request without max_tokens gets "
+                        "256, or N when smaller)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, metavar="B",
+                   help="largest request body (default 4 MiB); larger ones get 413 unread")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="seconds a request may take from arrival to its last token, queueing included (default 600)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests that may wait behind the one generating; more get 429 (default 64)")
     p = sub.add_parser("merge", help="merge an adapter into its base model and save a standalone model")
     p.add_argument("--adapter", required=True, help="adapter folder written by a run")
     p.add_argument("--out", required=True, help="folder for the merged model")
@@ -343,15 +359,41 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def serve_api_key(args) -> str | None:
+    """The key `serve` requires: --api-key, else the variable --api-key-env names (which must be set), else
+    MULTITUNE_API_KEY when set; None serves without a key."""
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise InputError("--api-key: the key is empty")
+        return args.api_key
+    key = os.environ.get(args.api_key_env or SERVE_KEY_ENV, "")
+    if args.api_key_env and not key.strip():
+        raise InputError(f"--api-key-env {args.api_key_env}: the variable is not set (export {args.api_key_env}=KEY)")
+    return key or None
+
+
 def cmd_serve(args) -> int:
     import torch
 
-    from multitune.launch.serve import load_chat_model, serve
+    from multitune.launch.chat_model import load_chat_model
+    from multitune.launch.serve import ServeLimits, open_host_warning, serve
 
+    for flag, value, least in (("--max-tokens", args.max_tokens, 1), ("--max-body-bytes", args.max_body_bytes, 1),
+                               ("--max-queue", args.max_queue, 0)):
+        if value < least:
+            raise InputError(f"{flag} {value} is out of range (at least {least})")
+    if not args.timeout > 0:
+        raise InputError(f"--timeout {args.timeout:g} is out of range (more than 0 seconds)")
+    api_key = serve_api_key(args)  # before the model loads: a missing key fails in a second
+    warning = open_host_warning(args.host, api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    limits = ServeLimits(max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, timeout_s=args.timeout,
+                         max_queue=args.max_queue)
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     chat = load_chat_model(args.model, Path(args.adapter) if args.adapter else None, dtype, args.served_name,
                            args.quantization)
-    serve(chat, args.host, args.port)
+    serve(chat, args.host, args.port, limits, api_key)
     return 0
 
 

@@ -190,8 +190,8 @@ def test_class_report_matches_a_hand_computed_example():
 @pytest.mark.slow
 def test_a_german_excel_export_trains_evaluates_infers_and_serves_with_one_prompt(tmp_path, tiny_model_dir,
                                                                                    tokenizer, capsys):
+    from multitune.launch.chat_model import load_chat_model
     from multitune.launch.infer import prompt_ids, run_inference
-    from multitune.launch.serve import load_chat_model
     from multitune.trainer.evaluate import evaluate_recipe
     from multitune.trainer.loop import train
 

@@ -49,7 +49,7 @@ def test_pasted_control_strings_are_text_and_prep_infer_serve_agree(tmp_path, to
     """Item 1, Mistral and ChatML: a row quoting `</s>`, `<s>[INST]` or a fake ChatML system turn has exactly the
     template's control tokens (those of the same row with harmless text), its labels end with exactly one
     end-of-turn, and prep's shard, `infer`'s and `serve`'s prompts are the same ids."""
-    from multitune.launch.serve import ChatModel
+    from multitune.launch.chat_model import ChatModel
 
     records = pasted_records()
     train_file = tmp_path / "pasted.jsonl"
@@ -111,8 +111,8 @@ def chain_model(tokenizer, folder: Path, chain: list[int]) -> Path:
 def test_generation_stops_at_the_templates_end_of_turn(tmp_path, chatml):
     """Item 2: a ChatML model (eos <|endoftext|>) that answers "ok", then <|im_end|>, then keeps writing: eval,
     infer and serve all stop at <|im_end|>, and nothing after it reaches the output."""
+    from multitune.launch.chat_model import ChatModel
     from multitune.launch.infer import run_inference
-    from multitune.launch.serve import ChatModel
     from multitune.recipes.loader import validate_recipe
     from multitune.trainer.evaluate import generate_answers
 
@@ -201,8 +201,8 @@ def test_adapter_finds_its_base_from_anywhere_and_says_when_it_moved(tmp_path, t
     """Item 5: trained with a relative model path, the adapter is merged, served and loaded by its model card's
     snippet from another directory; a moved base is one line naming the expected path and `--base`, which then
     works; a base with another config is refused in one line."""
+    from multitune.launch.chat_model import load_chat_model
     from multitune.launch.cli import main
-    from multitune.launch.serve import load_chat_model
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     shutil.copytree(tiny_model_dir, project / "cache" / "models" / "x")
@@ -248,7 +248,7 @@ def test_serve_answers_a_conversation_its_template_refuses_with_400(tmp_path):
     OpenAI-style 400 naming `messages`, not a server error."""
     from transformers import AutoModelForCausalLM
 
-    from multitune.launch.serve import ChatModel, RequestError
+    from multitune.launch.chat_model import ChatModel, RequestError
 
     tokenizer = chatml_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"
