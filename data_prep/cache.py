@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from multitune.atomic import atomic_dir
 from multitune.recipes.errors import InputError
 
 
@@ -36,20 +34,11 @@ def build_cached(cache_dir: Path, key: str, build) -> PreparedData:
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
         return PreparedData(folder, json.loads(manifest_path.read_text()), cache_hit=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    # Another process (a rank, a sweep trial) may finish the same key first: theirs is identical and is kept.
+    with atomic_dir(folder, keep_existing=lambda done: (done / "manifest.json").is_file()) as tmp:
         manifest = {"hash": key, **build(tmp)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same key first: theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-            manifest = json.loads(manifest_path.read_text())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return PreparedData(folder, manifest, cache_hit=False)
+    return PreparedData(folder, json.loads(manifest_path.read_text()), cache_hit=False)
 
 
 def file_sha256(path: str | None) -> str:

@@ -4,8 +4,6 @@ length, with the Bayes-optimal accuracy on synthetic logs) and saving/loading th
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from multitune.atomic import atomic_file, write_atomic
+from multitune.atomic import atomic_dir, atomic_file, write_atomic
 from multitune.data_prep.cache import PreparedData
 from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tasks.process_monitoring.features import NO_BAYES
@@ -237,16 +235,12 @@ model, spec = load_sequence_model(Path("path/to/adapter"), torch.device("cpu"))
         return {k: v for k, v in metrics.items() if k in self.task.headline_metrics}
 
     def save(self, model, weights: dict[str, torch.Tensor], run_dir: Path, data_hash: str) -> Path:
-        final, tmp = run_dir / "adapter", run_dir / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_sequence_model(model, weights, self.spec(), tmp)
-        info = {"base_model": self.recipe.model.name_or_path, "task": self.task.name, "data_hash": data_hash,
-                "backbone": self.recipe.process.backbone}
-        (tmp / "multitune.json").write_text(json.dumps(info, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        return final
+        with atomic_dir(run_dir / "adapter") as tmp:
+            save_sequence_model(model, weights, self.spec(), tmp)
+            info = {"base_model": self.recipe.model.name_or_path, "task": self.task.name, "data_hash": data_hash,
+                    "backbone": self.recipe.process.backbone}
+            (tmp / "multitune.json").write_text(json.dumps(info, indent=2))
+        return run_dir / "adapter"
 
     def write_reports(self, run_dir: Path, after: dict) -> None:
         plot_per_prefix(after, run_dir / "per_prefix.png")

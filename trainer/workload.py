@@ -9,8 +9,6 @@ evaluates, and saves what was trained; each task names its own (`Task.workload`)
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from multitune.atomic import atomic_dir
 from multitune.compat import attn_implementation
 from multitune.data_prep.cache import PreparedData
 from multitune.data_prep.prepare import prepare
@@ -120,21 +119,16 @@ def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Rec
                  data_hash: str) -> Path:
     """PEFT adapter (from the gathered trainable `weights`) + tokenizer + multitune.json (how the base was loaded)
     + model card, renamed into place. Full fine-tuning (every weight trainable) saves the whole model."""
-    final = run_dir / "adapter"
-    tmp = run_dir / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    # a shortcut or .gguf base is found again (merge, export) in the same converted-model cache
-    info = {**record_base(tmp, recipe.model.name_or_path), "gguf_file": recipe.model.gguf_file,
-            "model_cache_dir": str(Path(recipe.model.cache_dir).expanduser().resolve()),
-            "task": recipe.task, "data_hash": data_hash,
-            "quantization": recipe.model.quantization, "dtype": recipe.model.dtype,
-            "double_quant": recipe.model.double_quant, "compute_dtype": recipe.model.compute_dtype,
-            # What `infer` and `serve` need to build exactly the prompts training saw.
-            "labels": task.labels, "system_prompt": task.system_prompt()}
-    (tmp / "multitune.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    return final
+    with atomic_dir(run_dir / "adapter") as tmp:
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # a shortcut or .gguf base is found again (merge, export) in the same converted-model cache
+        info = {**record_base(tmp, recipe.model.name_or_path), "gguf_file": recipe.model.gguf_file,
+                "model_cache_dir": str(Path(recipe.model.cache_dir).expanduser().resolve()),
+                "task": recipe.task, "data_hash": data_hash,
+                "quantization": recipe.model.quantization, "dtype": recipe.model.dtype,
+                "double_quant": recipe.model.double_quant, "compute_dtype": recipe.model.compute_dtype,
+                # What `infer` and `serve` need to build exactly the prompts training saw.
+                "labels": task.labels, "system_prompt": task.system_prompt()}
+        (tmp / "multitune.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+    return run_dir / "adapter"
