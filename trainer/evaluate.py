@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -162,22 +163,17 @@ def eval_records(dataset: ShardedDataset, config: EvalConfig) -> list[dict]:
 def evaluate_generation(model, tokenizer, dataset: ShardedDataset, task: ChatTask, config: EvalConfig,
                         device: torch.device, judge: Judge | None = None,
                         reports: Path | None = None) -> tuple[dict[str, float], list[dict]]:
-    """Task metrics plus timing; also returns (prompt record, output) examples for inspection. With `reports` (a
-    path prefix), the per-class tables and confusion matrices of closed-set fields are written there
+    """Task metrics plus timing for the eval split's first `eval.max_samples` rows (prompts as tokenized in the
+    shards), with the model's own metrics and `answer_nll`; also returns (prompt record, output) examples. With
+    `reports` (a path prefix), the per-class tables and confusion matrices of closed-set fields are written there
     (`run_files.write_class_reports`)."""
     records = eval_records(dataset, config)
-    count = len(records)
-    prompts = [dataset.tokens(i)[: dataset.prompt_length(i)].tolist() for i in range(count)]
-    started = time.perf_counter()
-    outputs = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, device)
-    metrics = task.score(outputs, records)
-    metrics.update(task.model_metrics(model, tokenizer, records, device))
-    metrics["answer_nll"] = answer_nll(model, dataset, count, device, config.batch_size)
-    metrics["samples"] = count
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
-    if reports is not None:
-        write_class_reports(task.class_reports(outputs, records), reports)
-    return metrics, _judged_examples(metrics, judge, task, outputs, records)
+    prompts = [dataset.tokens(i)[: dataset.prompt_length(i)].tolist() for i in range(len(records))]
+    return score_answers(
+        lambda: generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, device),
+        records, task, judge, reports,
+        model_metrics=lambda: {**task.model_metrics(model, tokenizer, records, device),
+                               "answer_nll": answer_nll(model, dataset, len(records), device, config.batch_size)})
 
 
 def evaluate_records(model, tokenizer, records: list[dict], task: ChatTask, config: EvalConfig, device: torch.device,
@@ -185,25 +181,31 @@ def evaluate_records(model, tokenizer, records: list[dict], task: ChatTask, conf
     """Generation eval of records that are not in the shards (e.g. with retrieved context): prompts from the task's
     formatter through the chat template, as `multitune infer` builds them."""
     prompts = chat_encoder(tokenizer).encode_prompts([task.format(r).messages for r in records])
-    started = time.perf_counter()
-    outputs = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, device)
-    metrics = task.score(outputs, records)
-    metrics.update(task.model_metrics(model, tokenizer, records, device))
-    metrics["samples"] = len(records)
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
-    if reports is not None:
-        write_class_reports(task.class_reports(outputs, records), reports)
-    return metrics, _judged_examples(metrics, judge, task, outputs, records)
+    return score_answers(
+        lambda: generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, device),
+        records, task, judge, reports, model_metrics=lambda: task.model_metrics(model, tokenizer, records, device))
 
 
 def evaluate_endpoint(client: EndpointClient, records: list[dict], task: ChatTask, config: EvalConfig,
                       judge: Judge | None = None, reports: Path | None = None) -> tuple[dict[str, float], list[dict]]:
     """Eval records (prompts from the task's formatter) answered by an OpenAI-compatible endpoint, scored by the
     task; metrics that need the weights (answer_nll, log-likelihoods) stay empty."""
+    return score_answers(
+        lambda: [text.strip() for text in client.chat_many([task.format(r).messages for r in records],
+                                                           config.max_new_tokens)],
+        records, task, judge, reports)
+
+
+def score_answers(answer: Callable[[], list[str]], records: list[dict], task: ChatTask, judge: Judge | None,
+                  reports: Path | None, model_metrics: Callable[[], dict] | None = None) -> tuple[dict, list[dict]]:
+    """The one evaluation path: `answer()` gives one output per record (timed, with `model_metrics()` when the
+    weights are at hand), the task scores them, the per-class reports go to `reports`, the judge (if any) grades
+    the examples. Returns (metrics with `samples` and `seconds`, examples)."""
     started = time.perf_counter()
-    outputs = [text.strip() for text in client.chat_many([task.format(r).messages for r in records],
-                                                         config.max_new_tokens)]
+    outputs = answer()
     metrics = task.score(outputs, records)
+    if model_metrics is not None:
+        metrics.update(model_metrics())
     metrics["samples"] = len(records)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     if reports is not None:
