@@ -3,7 +3,6 @@ to bottom."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -38,14 +37,7 @@ from multitune.trainer.distributed import Strategy, create_strategy
 from multitune.trainer.memory import peak_memory_gb
 from multitune.trainer.model import count_parameters
 from multitune.trainer.preemption import Preempted, StopSignals
-from multitune.trainer.run_files import (
-    RunLog,
-    check_output_dir,
-    claim_output_dir,
-    model_card,
-    plot_loss,
-    summary_table,
-)
+from multitune.trainer.run_files import RunLog, check_output_dir, claim_output_dir, finish_run
 from multitune.trainer.tracking import Tracker
 from multitune.trainer.workload import LossFn, Workload, workload_for
 
@@ -207,30 +199,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
         unwrapped, eval_set, accelerator.device, reports=run_dir / "per_class" / "after" if main else None)) \
         or (None, None)
     if main:
-        log.append({"eval": "after", "step": state.step, **after})
-        tracker.log({f"eval/{k}": v for k, v in after.items()}, step=state.step)
-        step_entries = [e for e in log.entries() if "eval" not in e]
-        metrics = {
-            "task": task.name, "steps": state.step,
-            **{k: after[k] for k in task.headline_metrics if k in after},  # the final figures, at the top level
-            "before": before, "after": after,
-            "tokens_per_s": sum(e["tokens"] for e in step_entries) / max(sum(e["tokens"] / e["tokens_per_s"]
-                                                                            for e in step_entries), 1e-9),
-            "packing_efficiency": efficiency, "final_loss": step_entries[-1]["loss"] if step_entries else None,
-            "nonfinite_skips": state.nonfinite_skips,
-            "train_seconds": round(state.elapsed_s, 2), "trainable_params": trainable, "total_params": total,
-            "data_hash": data_hash, "adapter": str(adapter_dir), "distributed": dist_info, "examples": examples,
-        }
-        if (run_dir / "per_class").is_dir():
-            metrics["per_class"] = str(run_dir / "per_class")
-        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
-        tracker.summary({f"final/{k}": metrics[k] for k in ("tokens_per_s", "final_loss", "train_seconds", "steps")})
-        base = resolvable_base(recipe.model.name_or_path)
-        write_atomic(adapter_dir / "README.md", model_card(dump_recipe(recipe), base, task.name, data_hash, metrics,
-                                                           task.headline_metrics, work.how_to_load))
-        plot_loss(log.entries(), run_dir / "loss.png")
-        work.write_reports(run_dir, after)
-        print(summary_table(metrics, task.headline_metrics), flush=True)
+        metrics = finish_run(
+            run_dir, log, tracker, task, work.how_to_load, dump_recipe(recipe),
+            resolvable_base(recipe.model.name_or_path),
+            before=before, after=after, examples=examples, adapter_dir=adapter_dir, write_reports=work.write_reports,
+            facts={"steps": state.step, "packing_efficiency": efficiency, "nonfinite_skips": state.nonfinite_skips,
+                   "train_seconds": round(state.elapsed_s, 2), "trainable_params": trainable, "total_params": total,
+                   "data_hash": data_hash, "distributed": dist_info})
     tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the accelerator's references to the wrapped model and optimizer: a caller may go on

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,35 @@ LoRA adapter for `{base_model}`, trained by multitune on the `{task}` task.
 {recipe_yaml.rstrip()}
 ```
 """
+
+
+def finish_run(run_dir: Path, log: RunLog, tracker, task, how_to_load: str, recipe_yaml: str, base: str, *,
+               before: dict | None, after: dict, examples: list[dict], adapter_dir: Path,
+               write_reports: Callable[[Path, dict], None], facts: dict) -> dict:
+    """Everything a finished run leaves, in one place (main process only): the final evaluation in log.jsonl and the
+    tracker, metrics.json (the task's headline figures at the top level, before/after, throughput over the logged
+    steps, the run's `facts`: steps, parameters, data hash, distributed layout, ...), the adapter's model card,
+    loss.png, the task's own reports, and the end-of-run table on stdout. Returns the metrics."""
+    log.append({"eval": "after", "step": facts["steps"], **after})
+    tracker.log({f"eval/{k}": v for k, v in after.items()}, step=facts["steps"])
+    steps = [e for e in log.entries() if "eval" not in e]
+    seconds = sum(e["tokens"] / e["tokens_per_s"] for e in steps)
+    metrics = {
+        "task": task.name, "steps": facts["steps"],
+        **{k: after[k] for k in task.headline_metrics if k in after},  # the final figures, at the top level
+        "before": before, "after": after,
+        "tokens_per_s": sum(e["tokens"] for e in steps) / max(seconds, 1e-9),
+        "packing_efficiency": facts["packing_efficiency"], "final_loss": steps[-1]["loss"] if steps else None,
+        **{k: v for k, v in facts.items() if k not in ("steps", "packing_efficiency")},
+        "adapter": str(adapter_dir), "examples": examples,
+    }
+    if (run_dir / "per_class").is_dir():
+        metrics["per_class"] = str(run_dir / "per_class")
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
+    tracker.summary({f"final/{k}": metrics[k] for k in ("tokens_per_s", "final_loss", "train_seconds", "steps")})
+    write_atomic(adapter_dir / "README.md", model_card(recipe_yaml, base, task.name, facts["data_hash"], metrics,
+                                                       task.headline_metrics, how_to_load))
+    plot_loss(log.entries(), run_dir / "loss.png")
+    write_reports(run_dir, after)
+    print(summary_table(metrics, task.headline_metrics), flush=True)
+    return metrics
