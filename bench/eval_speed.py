@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--adapter")
     parser.add_argument("--plain", action="store_true", help="also time the plain batched generate baseline")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     recipe = load_recipe(args.recipe, args.overrides)
     task = task_for(recipe)
     started = time.perf_counter()

@@ -24,7 +24,7 @@ from multitune.trainer.model import load_model, load_tokenizer
 from multitune.trainer.workload import token_loss_sum
 
 MODEL = os.environ.get("BENCH_MODEL", "tiny")
-REPEATS = 5 if MODEL == "tiny" else 2  # a real-model micro-batch takes seconds
+REPEATS = 5 if MODEL == "tiny" else 1  # a real-model micro-batch takes seconds
 
 
 def main() -> dict:
