@@ -317,8 +317,8 @@ def real_model_lines(d: dict) -> list[str]:
              "trl_default": "TRL, SFTConfig defaults (padded, random order, gradient checkpointing)"}
     when = (f" Rerun alone {d['real_model_date']} ({d['real_model_minutes']} min; `python -m bench.run "
             "--only-real-model`).") if "real_model_date" in d else ""
-    lines = ["", "### 5. Real model: SmolLM2-135M-Instruct (fp32, LoRA r=16 on every linear layer, ~4,096 tokens per "
-             "step, same tickets)", "",
+    lines = ["", "### 5. Real model: SmolLM2-135M-Instruct (fp32, LoRA r=16 on every linear layer, same tickets, same "
+             "steps and real tokens per step)", "",
              "Every figure names the 1-minute load average when it started: other processes on the 2 cores slow it."
              + when, "",
              f"fp32 GEMM peak on the model's shapes ({lim['threads']} threads, 4,096 rows, best shape): "

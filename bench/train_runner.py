@@ -2,9 +2,10 @@
 
 Every system trains the same fp32 model (`BENCH_MODEL`: `tiny`, the demo-shaped random model, or `smollm2`,
 SmolLM2-135M-Instruct) with LoRA r=16 on all linear layers (AdamW, lr 1e-3) for one epoch over the same generated
-support tickets with completion-only loss and ~4,096 tokens per optimizer step. Timed: the training loop only (data
-preparation, model loading and the final evaluation excluded). Prints one JSON line: seconds, steps, tokens, target
-tokens, the last step's loss and the mean of every step's loss (per target token).
+support tickets with completion-only loss, micro-batches of 4,096 tokens at most (rows of 512) and one micro-batch
+per optimizer step; unpacked TRL runs take as many steps as multitune's plan (same real tokens per step). Timed: the
+training loop only (data preparation, model loading and the final evaluation excluded). Prints one JSON line: seconds,
+steps, tokens, target tokens, the last step's loss and the mean of every step's loss (per target token).
 
 TRL systems: `trl_packed` (packing + padding-free: fastest, but on sdpa/eager samples attend across each other),
 `trl_unpacked` (padded batches, no gradient checkpointing), `trl_fast` (its fastest correct CPU setting: padded
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from bench.common import ENV, REPO, SMOLLM2, TARGET_MODULES, model_dir, smollm2_dir
@@ -76,6 +78,7 @@ def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked
 
     from multitune.data_prep.tasks import get_task
     from multitune.data_prep.tokenize import tokenize_examples
+    from multitune.trainer.batches import plan_micro_batches
 
     disable_progress_bars()
     task = get_task("ticket_classification")
@@ -86,9 +89,12 @@ def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     model = AutoModelForCausalLM.from_pretrained(model_path(), dtype="float32", attn_implementation="sdpa",
                                                  use_safetensors=True)
-    # Unpacked batches hold ~STEP_TOKENS real tokens on average, as the packed ones do.
+    # Unpacked batches: as many optimizer steps as multitune's packed plan takes over the same samples, so a step
+    # holds the same real tokens on average (rows of ROW_LEN hold whole samples only: a step is often under
+    # STEP_TOKENS, e.g. two ~190-token tickets per 512-token row).
     lengths = [len(ids) for ids in tokenize_examples(tokenizer, [task.format(r) for r in records()], True).input_ids]
-    batch = STEP_TOKENS // ROW_LEN if packed else round(STEP_TOKENS * len(lengths) / sum(lengths))
+    steps = len(plan_micro_batches(np.array(lengths), ROW_LEN, STEP_TOKENS, True, SEED))
+    batch = STEP_TOKENS // ROW_LEN if packed else -(-len(lengths) // steps)
     speed = {"unpacked": {"gradient_checkpointing": False},
              "fast": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
              "default": {}}[setting]
