@@ -75,19 +75,10 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def real_model(quick: bool) -> dict:
-    """SmolLM2-135M-Instruct: the GEMM peak and FLOPs of the epoch, training side by side with MFU, one micro-batch
-    profiled, and generation eval (`generate_answers` vs plain batched `generate`, `answer_nll`). The 1-minute load
-    average is recorded before every measurement (other processes on the cores slow every figure)."""
-    env = {**ENV, "BENCH_MODEL": "smollm2"}
-    out: dict = {}
-    runner = [python(), "-m", "bench.train_runner"]
-    out["limit"] = {"load": load(), **json.loads(subprocess.run(
-        [*runner, "limit", str(WORK / "real" / "limit")], cwd=REPO, env=env, capture_output=True, text=True,
-        check=True).stdout.strip().splitlines()[-1])}
+def real_train(out: dict, env: dict) -> None:
+    """The real-model training rows into `out` (which holds `limit`: the GEMM peak and the epoch's FLOPs)."""
     peak, flops = out["limit"]["peak_gflops"], out["limit"]["epoch_flops"]
-    print(f"  real model: fp32 GEMM peak {peak:.0f} GFLOP/s on its shapes (all shapes together "
-          f"{out['limit']['mix_gflops']:.0f}), {flops / 1e12:.2f} TFLOP per epoch", flush=True)
+    runner = [python(), "-m", "bench.train_runner"]
     for system in REAL_SYSTEMS:
         folder = WORK / "real" / system
         shutil.rmtree(folder, ignore_errors=True)
@@ -101,6 +92,22 @@ def real_model(quick: bool) -> dict:
         print(f"  real model train {system}: {out[system]['tokens_per_s']:,.0f} tokens/s, "
               f"{out[system]['s_per_step']:.1f} s/step, MFU {out[system]['mfu']:.0%}, mean loss {r['mean_loss']:.4f} "
               f"(load {before:.1f})", flush=True)
+
+
+def real_model(quick: bool) -> dict:
+    """SmolLM2-135M-Instruct: the GEMM peak and FLOPs of the epoch, training side by side with MFU, one micro-batch
+    profiled, and generation eval (`generate_answers` vs plain batched `generate`, `answer_nll`). The 1-minute load
+    average is recorded before every measurement (other processes on the cores slow every figure)."""
+    env = {**ENV, "BENCH_MODEL": "smollm2"}
+    out: dict = {}
+    runner = [python(), "-m", "bench.train_runner"]
+    out["limit"] = {"load": load(), **json.loads(subprocess.run(
+        [*runner, "limit", str(WORK / "real" / "limit")], cwd=REPO, env=env, capture_output=True, text=True,
+        check=True).stdout.strip().splitlines()[-1])}
+    peak, flops = out["limit"]["peak_gflops"], out["limit"]["epoch_flops"]
+    print(f"  real model: fp32 GEMM peak {peak:.0f} GFLOP/s on its shapes (all shapes together "
+          f"{out['limit']['mix_gflops']:.0f}), {flops / 1e12:.2f} TFLOP per epoch", flush=True)
+    real_train(out, env)
     before = load()
     out["step_profile"] = {**step_profile(env), "load": before}
     before = load()
