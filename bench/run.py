@@ -324,6 +324,8 @@ def real_model_lines(d: dict) -> list[str]:
              "trl_default": "TRL, SFTConfig defaults (padded, random order, gradient checkpointing)"}
     when = (f" Rerun alone {d['real_model_date']} ({d['real_model_minutes']} min; `python -m bench.run "
             "--only-real-model`).") if "real_model_date" in d else ""
+    if "real_model_train_rerun" in d:
+        when += f" Training rows rerun alone {d['real_model_train_rerun']} (`bench.run.real_train`)."
     lines = ["", "### 5. Real model: SmolLM2-135M-Instruct (fp32, LoRA r=16 on every linear layer, same tickets, same "
              "steps and real tokens per step)", "",
              "Every figure names the 1-minute load average when it started: other processes on the 2 cores slow it."
