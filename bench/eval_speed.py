@@ -1,6 +1,9 @@
-"""Where a recipe's generation eval spends its time: greedy answers (prefill + decode) and answer_nll, timed apart.
+"""Where a recipe's generation eval spends its time: greedy answers (prefill + decode) and answer_nll, timed apart,
+and (`--plain`) the same prompts through a plain batched `transformers` `generate` (left padding, input order, the
+same stop rule), the baseline `generate_answers` is measured against.
 
-`python -m bench.eval_speed RECIPE [--adapter DIR] [key=value ...]` prints one JSON line; BENCHMARKS.md quotes it.
+`python -m bench.eval_speed RECIPE [--adapter DIR] [--plain] [key=value ...]` prints one JSON line; BENCHMARKS.md
+quotes it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,38 @@ from pathlib import Path
 import torch
 
 
+@torch.no_grad()
+def plain_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                   device: torch.device, stop_ids: list[int]) -> list[str]:
+    """Greedy completions the way a plain `transformers` script batches them: prompts in input order, left-padded,
+    one `generate` call per batch stopping at `stop_ids`; each cut at its first stop token, special tokens stripped."""
+    from multitune.trainer.evaluate import until_stop
+
+    model.eval()
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, prompt in enumerate(chunk):
+            ids[row, width - len(prompt):] = torch.as_tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, use_cache=True)
+        rows = [until_stop(row, stop_ids) for row in generated[:, width:].tolist()]
+        outputs += [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+    return outputs
+
+
+def new_tokens(tokenizer, texts: list[str]) -> int:
+    """Tokens the answers are made of, plus one stop token each: the same count for both generators' texts."""
+    return sum(len(tokenizer.encode(text, add_special_tokens=False)) + 1 for text in texts)
+
+
 def main() -> None:
+    from multitune.data_prep.chat_encoding import stop_token_ids
     from multitune.data_prep.prepare import prepare
     from multitune.data_prep.shards import ShardedDataset
     from multitune.data_prep.tasks import task_for
@@ -24,7 +58,8 @@ def main() -> None:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--adapter")
-    args = parser.parse_args()
+    parser.add_argument("--plain", action="store_true", help="also time the plain batched generate baseline")
+    args = parser.parse_intermixed_args()
     recipe = load_recipe(args.recipe, args.overrides)
     task = task_for(recipe)
     started = time.perf_counter()
@@ -33,16 +68,26 @@ def main() -> None:
     load_s = time.perf_counter() - started
     records = eval_records(eval_set, recipe.eval)
     prompts = [eval_set.tokens(i)[: eval_set.prompt_length(i)].tolist() for i in range(len(records))]
+    max_new, batch = recipe.eval.max_new_tokens, recipe.eval.batch_size
+    generate_answers(model, tokenizer, prompts[:1], 2, 1, device)  # warm-up: first-call costs out of both timings
     started = time.perf_counter()
-    outputs = generate_answers(model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size, device)
+    outputs = generate_answers(model, tokenizer, prompts, max_new, batch, device)
     generate_s = time.perf_counter() - started
+    result = {"samples": len(records), "prompt_tokens": sum(map(len, prompts)), "batch_size": batch,
+              "max_new_tokens": max_new, "load_s": round(load_s, 2), "generate_s": round(generate_s, 3),
+              "new_tokens": new_tokens(tokenizer, outputs)}
+    if args.plain:
+        started = time.perf_counter()
+        plain = plain_generate(model, tokenizer, prompts, max_new, batch, device,
+                               stop_token_ids(tokenizer, model.generation_config))
+        result |= {"plain_generate_s": round(time.perf_counter() - started, 3),
+                   "plain_new_tokens": new_tokens(tokenizer, plain),
+                   "same_answers": sum(a == b for a, b in zip(outputs, plain)) / len(plain)}
     started = time.perf_counter()
     nll = answer_nll(model, eval_set, len(records), device)
-    nll_s = time.perf_counter() - started
-    metrics = task.score(outputs, records)
-    print(json.dumps({"samples": len(records), "prompt_tokens": sum(map(len, prompts)), "load_s": round(load_s, 2),
-                      "generate_s": round(generate_s, 2), "answer_nll_s": round(nll_s, 2), "answer_nll": nll,
-                      "threads": torch.get_num_threads(), **metrics}))
+    result |= {"answer_nll_s": round(time.perf_counter() - started, 3), "answer_nll": nll,
+               "threads": torch.get_num_threads(), **task.score(outputs, records)}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

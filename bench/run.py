@@ -58,12 +58,72 @@ def train() -> dict:
     return out
 
 
-def step_profile() -> dict:
-    result = subprocess.run([python(), "-m", "bench.step_profile"], cwd=REPO, env=ENV, capture_output=True, text=True,
-                            check=True)
+def step_profile(env: dict | None = None) -> dict:
+    result = subprocess.run([python(), "-m", "bench.step_profile"], cwd=REPO, env=env or ENV, capture_output=True,
+                            text=True, check=True)
     out = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"  one micro-batch: {out['targets_only_s']:.3f} s with logits at targets, {out['full_logits_s']:.3f} s "
           "with full logits", flush=True)
+    return out
+
+
+REAL_SYSTEMS = ("multitune", "trl_fast", "trl_default")
+EVAL_RECIPE = REPO / "recipes" / "ticket_classification" / "smollm2-135m-instruct_lora.yaml"
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def real_train(out: dict, env: dict) -> None:
+    """The real-model training rows into `out` (which holds `limit`: the GEMM peak and the epoch's FLOPs)."""
+    peak, flops = out["limit"]["peak_gflops"], out["limit"]["epoch_flops"]
+    runner = [python(), "-m", "bench.train_runner"]
+    for system in REAL_SYSTEMS:
+        folder = WORK / "real" / system
+        shutil.rmtree(folder, ignore_errors=True)
+        before = load()
+        run = subprocess.run([*runner, system, str(folder)], cwd=REPO, env=env, capture_output=True, text=True,
+                             check=True)
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        out[system] = {**r, "load": before, "target_tokens_per_s": r["target_tokens"] / r["seconds"],
+                       "tokens_per_s": r["tokens"] / r["seconds"], "s_per_step": r["seconds"] / r["steps"],
+                       "gflops": flops / r["seconds"] / 1e9, "mfu": flops / r["seconds"] / 1e9 / peak}
+        print(f"  real model train {system}: {out[system]['tokens_per_s']:,.0f} tokens/s, "
+              f"{out[system]['s_per_step']:.1f} s/step, MFU {out[system]['mfu']:.0%}, mean loss {r['mean_loss']:.4f} "
+              f"(load {before:.1f})", flush=True)
+
+
+def real_model(quick: bool) -> dict:
+    """SmolLM2-135M-Instruct: the GEMM peak and FLOPs of the epoch, training side by side with MFU, one micro-batch
+    profiled, and generation eval (`generate_answers` vs plain batched `generate`, `answer_nll`). The 1-minute load
+    average is recorded before every measurement (other processes on the cores slow every figure)."""
+    env = {**ENV, "BENCH_MODEL": "smollm2"}
+    out: dict = {}
+    runner = [python(), "-m", "bench.train_runner"]
+    out["limit"] = {"load": load(), **json.loads(subprocess.run(
+        [*runner, "limit", str(WORK / "real" / "limit")], cwd=REPO, env=env, capture_output=True, text=True,
+        check=True).stdout.strip().splitlines()[-1])}
+    peak, flops = out["limit"]["peak_gflops"], out["limit"]["epoch_flops"]
+    print(f"  real model: fp32 GEMM peak {peak:.0f} GFLOP/s on its shapes (all shapes together "
+          f"{out['limit']['mix_gflops']:.0f}), {flops / 1e12:.2f} TFLOP per epoch", flush=True)
+    real_train(out, env)
+    before = load()
+    out["step_profile"] = {**step_profile(env), "load": before}
+    before = load()
+    overrides = [f"data.cache_dir={WORK / 'real' / 'prep'}", f"model.cache_dir={REPO / 'cache' / 'models'}"]
+    if quick:
+        overrides.append("eval.max_samples=8")
+    result = subprocess.run([python(), "-m", "bench.eval_speed", str(EVAL_RECIPE), "--plain", *overrides], cwd=REPO,
+                            env=env, capture_output=True, text=True, check=True)
+    e = json.loads(result.stdout.strip().splitlines()[-1])
+    out["eval"] = {**e, "load": before, "prompts_per_s": e["samples"] / e["generate_s"],
+                   "new_tokens_per_s": e["new_tokens"] / e["generate_s"],
+                   "plain_prompts_per_s": e["samples"] / e["plain_generate_s"],
+                   "plain_new_tokens_per_s": e["plain_new_tokens"] / e["plain_generate_s"]}
+    print(f"  real model eval: generate_answers {out['eval']['prompts_per_s']:.2f} prompts/s vs plain generate "
+          f"{out['eval']['plain_prompts_per_s']:.2f}; answer_nll {e['answer_nll_s']:.1f} s (load {before:.1f})",
+          flush=True)
     return out
 
 
@@ -126,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="small sizes; does not touch results.json or BENCHMARKS.md")
+    parser.add_argument("--only-real-model", action="store_true",
+                        help="rerun only the SmolLM2 rows; the other figures stay as results.json has them")
     args = parser.parse_args(argv)
+    if args.only_real_model:
+        return rerun_real_model(args.quick)
     rows = [2_000, 20_000] if args.quick else [100_000, 1_000_000]
     if args.quick:
         ENV["BENCH_TRAIN_ROWS"] = "100"
@@ -143,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     print("start-up and shard loading", flush=True)
     startup_results = startup()
     loads = shard_load({"rows_10k": 10_000, "rows_1m": rows[-1]})
+    print("real model (SmolLM2-135M-Instruct)", flush=True)
+    if args.quick:
+        ENV["BENCH_TRAIN_ROWS"] = "16"
+    real = real_model(args.quick)
     minutes = (time.perf_counter() - started) / 60
     results = {
         "packing_efficiency": {k: packing["tasks@2048"][k] for k in ("multitune", "trl_bfd", "padded")},
@@ -153,10 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         "train_tokens_per_s": {k: train_results[k]["target_tokens_per_s"]
                                for k in ("multitune", "trl_packed", "trl_unpacked")},
         "shard_load_s": {k: v["seconds"] for k, v in loads.items()},
+        "real_model": summary(real),
     }
     details = {"packing": packing, "prep": prep_results, "train": train_results, "startup": startup_results,
                "step_profile": profile,
-               "shard_load": loads, "minutes": round(minutes, 1), "machine": machine(),
+               "shard_load": loads, "real_model": real, "minutes": round(minutes, 1), "machine": machine(),
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     print(json.dumps(results, indent=2))
     if args.quick:
@@ -165,6 +234,35 @@ def main(argv: list[str] | None = None) -> int:
     write_benchmarks_md(results, details)
     print(f"wrote {RESULTS.relative_to(REPO)} and {BENCHMARKS.name} in {minutes:.1f} min")
     return 0
+
+
+def rerun_real_model(quick: bool) -> int:
+    started = time.perf_counter()
+    WORK.mkdir(parents=True, exist_ok=True)
+    if quick:
+        ENV["BENCH_TRAIN_ROWS"] = "16"
+    real = real_model(quick)
+    if quick:
+        print("\n".join(real_model_lines({"real_model": real})))
+        return 0
+    saved = json.loads(RESULTS.read_text())
+    details = saved.pop("details")
+    saved["real_model"] = summary(real)
+    details["real_model"] = real
+    details["real_model_date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    details["real_model_minutes"] = round((time.perf_counter() - started) / 60, 1)
+    RESULTS.write_text(json.dumps({**saved, "details": details}, indent=2) + "\n")
+    write_benchmarks_md(saved, details)
+    print(f"wrote the real-model rows of {RESULTS.relative_to(REPO)} and {BENCHMARKS.name}")
+    return 0
+
+
+def summary(real: dict) -> dict:
+    return {"train_tokens_per_s": {k: real[k]["tokens_per_s"] for k in REAL_SYSTEMS},
+            "train_mfu": {k: real[k]["mfu"] for k in REAL_SYSTEMS},
+            "gemm_peak_gflops": real["limit"]["peak_gflops"],
+            "eval_prompts_per_s": {"generate_answers": real["eval"]["prompts_per_s"],
+                                   "plain_generate": real["eval"]["plain_prompts_per_s"]}}
 
 
 def write_benchmarks_md(results: dict, d: dict) -> None:
@@ -208,6 +306,7 @@ def write_benchmarks_md(results: dict, d: dict) -> None:
               f"| launch → first optimizer step, TRL SFTTrainer script | {s['trl_s']:.1f} s |"]
     for r in sl.values():
         lines.append(f"| open memory-mapped train shards, {r['rows']:,} rows | {r['seconds'] * 1000:.1f} ms |")
+    lines += real_model_lines(d)
     lines += ["", END]
     text = BENCHMARKS.read_text()
     block = "\n".join(lines)
@@ -216,6 +315,53 @@ def write_benchmarks_md(results: dict, d: dict) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS.write_text(text)
+
+
+def real_model_lines(d: dict) -> list[str]:
+    rm = d["real_model"]
+    lim, ev, sp = rm["limit"], rm["eval"], rm["step_profile"]
+    names = {"multitune": "multitune", "trl_fast": "TRL, fastest correct (padded, grouped by length, no checkpointing)",
+             "trl_default": "TRL, SFTConfig defaults (padded, random order, gradient checkpointing)"}
+    when = (f" Rerun alone {d['real_model_date']} ({d['real_model_minutes']} min; `python -m bench.run "
+            "--only-real-model`).") if "real_model_date" in d else ""
+    if "real_model_train_rerun" in d:
+        when += f" Training rows rerun alone {d['real_model_train_rerun']} (`bench.run.real_train`)."
+    lines = ["", "### 5. Real model: SmolLM2-135M-Instruct (fp32, LoRA r=16 on every linear layer, same tickets, same "
+             "steps and real tokens per step)", "",
+             "Every figure names the 1-minute load average when it started: other processes on the 2 cores slow it."
+             + when, "",
+             f"fp32 GEMM peak on the model's shapes ({lim['threads']} threads, 4,096 rows, best shape): "
+             f"**{lim['peak_gflops']:.0f} GFLOP/s** (all its shapes together {lim['mix_gflops']:.0f}; load "
+             f"{lim['load']:.1f}). Model FLOPs of the epoch (forward + backward, frozen base, LoRA, causal attention "
+             f"within each sample, LM head at target positions; `bench/flops.py`): {lim['epoch_flops'] / 1e12:.2f} "
+             f"TFLOP for {lim['tokens']:,} tokens; MFU = those FLOPs / training seconds / the GEMM peak.", "",
+             "| system | steps | target tokens/s | tokens/s | s/step | GFLOP/s | MFU | last-step loss | mean step loss "
+             "| load at start |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for system in REAL_SYSTEMS:
+        r = rm[system]
+        lines.append(f"| {names[system]} | {r['steps']} | {r['target_tokens_per_s']:,.1f} | {r['tokens_per_s']:,.0f} "
+                     f"| {r['s_per_step']:.1f} | {r['gflops']:.0f} | {r['mfu']:.0%} | {r['final_loss']:.4f} "
+                     f"| {r['mean_loss']:.4f} | {r['load']:.1f} |")
+    ops = ", ".join(f"{name} {share:.0%}" for name, share in sp["top_ops"])
+    ours = rm["multitune"]["tokens_per_s"]
+    lines += ["", f"multitune / TRL fastest correct: **{ours / rm['trl_fast']['tokens_per_s']:.2f}×**; "
+                  f"multitune / TRL defaults: **{ours / rm['trl_default']['tokens_per_s']:.2f}×**.",
+              "", f"One packed micro-batch ({sp['rows'][0]} × {sp['rows'][1]}, {sp['real_tokens']:,} tokens, "
+                  f"{sp['target_tokens']} targets; load {sp['load']:.1f}): forward + backward "
+                  f"{sp['targets_only_s']:.2f} s with the LM head at targets, {sp['full_logits_s']:.2f} s with full "
+                  f"logits; top operators by self CPU time: {ops}.", "",
+              f"Generation eval ({ev['samples']} ticket eval prompts, {ev['prompt_tokens']:,} prompt tokens, batches "
+              f"of {ev['batch_size']}, untuned model, greedy, `max_new_tokens` {ev['max_new_tokens']}; load "
+              f"{ev['load']:.1f}):",
+              "", "| generator | seconds | prompts/s | new tokens/s |", "|---|---|---|---|",
+              f"| `generate_answers` (length-sorted batches, shared prefix prefilled once) | {ev['generate_s']:.1f} "
+              f"| {ev['prompts_per_s']:.2f} | {ev['new_tokens_per_s']:.1f} |",
+              f"| plain batched `generate` (input order, left padding, same stop rule) | {ev['plain_generate_s']:.1f} "
+              f"| {ev['plain_prompts_per_s']:.2f} | {ev['plain_new_tokens_per_s']:.1f} |", "",
+              f"`generate_answers` / plain: **{ev['prompts_per_s'] / ev['plain_prompts_per_s']:.2f}×**; same answers "
+              f"on {ev['same_answers']:.0%} of prompts; `answer_nll` over the same rows {ev['answer_nll_s']:.1f} s "
+              f"({ev['answer_nll']})."]
+    return lines
 
 
 if __name__ == "__main__":

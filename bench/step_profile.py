@@ -1,17 +1,19 @@
-"""Where a training step's time goes: one packed micro-batch (8 rows x 512 tokens) of the benchmark model, forward +
-backward, with the LM head at target positions only (multitune) vs at every position (what full logits cost), and
-the top operators by self CPU time. `python -m bench.step_profile` prints one JSON line."""
+"""Where a training step's time goes: one packed micro-batch (8 rows x 512 tokens) of the benchmark model
+(`BENCH_MODEL`: `tiny` or `smollm2`, as `bench.train_runner`), forward + backward, with the LM head at target
+positions only (multitune) vs at every position (what full logits cost), and the top operators by self CPU time.
+`python -m bench.step_profile` prints one JSON line."""
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import TARGET_MODULES, model_dir
+from bench.common import REPO, SMOLLM2, TARGET_MODULES, model_dir
 from multitune.data_prep.prepare import prepare
 from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tasks import get_task
@@ -21,12 +23,14 @@ from multitune.trainer.batches import MicroBatchStream, attention_mask_for, plan
 from multitune.trainer.model import load_model, load_tokenizer
 from multitune.trainer.workload import token_loss_sum
 
-REPEATS = 5
+MODEL = os.environ.get("BENCH_MODEL", "tiny")
+REPEATS = 5 if MODEL == "tiny" else 1  # a real-model micro-batch takes seconds
 
 
 def main() -> dict:
     torch.manual_seed(0)
-    config = ModelConfig(name_or_path=str(model_dir()), dtype="float32", compute_dtype="float32",
+    config = ModelConfig(name_or_path=str(model_dir()) if MODEL == "tiny" else SMOLLM2,
+                         cache_dir=str(REPO / "cache" / "models"), dtype="float32", compute_dtype="float32",
                          attn_implementation="sdpa")
     adapter = AdapterConfig(kind="lora", r=16, alpha=32, dropout=0.0, target_modules=TARGET_MODULES)
     tokenizer = load_tokenizer(config)
@@ -55,7 +59,7 @@ def main() -> dict:
         seconds[name] = (time.perf_counter() - started) / REPEATS
     with torch.profiler.profile() as profile:
         targets_only()
-    ops = sorted(profile.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    ops = sorted(profile.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     total = sum(e.self_cpu_time_total for e in profile.key_averages())
     return {"rows": list(batch.input_ids.shape), "real_tokens": batch.real_tokens,
             "target_tokens": batch.target_tokens, **{f"{k}_s": round(v, 4) for k, v in seconds.items()},

@@ -1,8 +1,16 @@
 """One training-throughput measurement in its own process: `python -m bench.train_runner SYSTEM OUT`.
 
-Every system trains the same tiny fp32 model (LoRA r=16 on all linear layers, AdamW, lr 1e-3) for one epoch over the
-same generated support tickets with completion-only loss and ~4,096 tokens per optimizer step. Timed: the training
-loop only (data preparation, model loading and the final evaluation excluded). Prints one JSON line.
+Every system trains the same fp32 model (`BENCH_MODEL`: `tiny`, the demo-shaped random model, or `smollm2`,
+SmolLM2-135M-Instruct) with LoRA r=16 on all linear layers (AdamW, lr 1e-3) for one epoch over the same generated
+support tickets with completion-only loss, micro-batches of 4,096 tokens at most (rows of 512) and one micro-batch
+per optimizer step; unpacked TRL runs take as many steps as multitune's plan (same real tokens per step). Timed: the
+training loop only (data preparation, model loading and the final evaluation excluded). Prints one JSON line: seconds,
+steps, tokens, target tokens, the last step's loss and the mean of every step's loss (per target token).
+
+TRL systems: `trl_packed` (packing + padding-free: fastest, but on sdpa/eager samples attend across each other),
+`trl_unpacked` (padded batches, no gradient checkpointing), `trl_fast` (its fastest correct CPU setting: padded
+batches grouped by length, no gradient checkpointing) and `trl_default` (SFTConfig's defaults: padded batches in
+random order, gradient checkpointing on).
 """
 
 from __future__ import annotations
@@ -14,12 +22,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-from bench.common import ENV, REPO, TARGET_MODULES, model_dir
+from bench.common import ENV, REPO, SMOLLM2, TARGET_MODULES, model_dir, smollm2_dir
 
-ROWS = int(os.environ.get("BENCH_TRAIN_ROWS", 240))  # ~15 optimizer steps; `bench.run --quick` sets fewer
+MODEL = os.environ.get("BENCH_MODEL", "tiny")
+# tiny: ~15 optimizer steps; smollm2: ~3 steps of ~4,096 tokens (~190 per ticket). `bench.run --quick` sets fewer.
+ROWS = int(os.environ.get("BENCH_TRAIN_ROWS", 240 if MODEL == "tiny" else 64))
 SEED, LR, STEP_TOKENS, ROW_LEN = 0, 1e-3, 4096, 512
+
+
+def model_path() -> Path:
+    return model_dir() if MODEL == "tiny" else smollm2_dir()
 
 
 def records() -> list[dict]:
@@ -31,7 +46,8 @@ def records() -> list[dict]:
 def multitune(out: Path) -> dict:
     recipe = {
         "task": "ticket_classification", "output_dir": str(out / "run"),
-        "model": {"name_or_path": str(model_dir()), "dtype": "float32", "compute_dtype": "float32",
+        "model": {"name_or_path": str(model_dir()) if MODEL == "tiny" else SMOLLM2,
+                  "cache_dir": str(REPO / "cache" / "models"), "dtype": "float32", "compute_dtype": "float32",
                   "attn_implementation": "sdpa"},
         "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGET_MODULES},
         "data": {"generator": {"n_train": ROWS, "n_eval": 8, "seed": SEED}, "max_seq_len": ROW_LEN,
@@ -48,11 +64,13 @@ def multitune(out: Path) -> dict:
     steps = [e for e in map(json.loads, (out / "run" / "log.jsonl").read_text().splitlines()) if "eval" not in e]
     seconds = sum(e["tokens"] / e["tokens_per_s"] for e in steps)
     return {"seconds": seconds, "steps": len(steps), "tokens": sum(e["tokens"] for e in steps),
-            "target_tokens": sum(e["target_tokens"] for e in steps), "final_loss": steps[-1]["loss"]}
+            "target_tokens": sum(e["target_tokens"] for e in steps), "final_loss": steps[-1]["loss"],
+            "mean_loss": sum(e["loss"] for e in steps) / len(steps)}
 
 
-def trl(out: Path, packed: bool, startup: bool = False) -> dict:
-    """TRL's SFTTrainer; `startup`: stop after the first optimizer step and report when it ended (wall clock)."""
+def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked") -> dict:
+    """TRL's SFTTrainer; `setting` for unpacked runs: `unpacked`, `fast` or `default` (module docstring);
+    `startup`: stop after the first optimizer step and report when it ended (wall clock)."""
     from datasets import Dataset, disable_progress_bars
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -60,6 +78,7 @@ def trl(out: Path, packed: bool, startup: bool = False) -> dict:
 
     from multitune.data_prep.tasks import get_task
     from multitune.data_prep.tokenize import tokenize_examples
+    from multitune.trainer.batches import plan_micro_batches
 
     disable_progress_bars()
     task = get_task("ticket_classification")
@@ -67,18 +86,24 @@ def trl(out: Path, packed: bool, startup: bool = False) -> dict:
     for record in records():
         example = task.format(record)
         rows.append({"prompt": example.messages, "completion": [{"role": "assistant", "content": example.answer}]})
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype="float32", attn_implementation="sdpa",
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    model = AutoModelForCausalLM.from_pretrained(model_path(), dtype="float32", attn_implementation="sdpa",
                                                  use_safetensors=True)
-    # Unpacked batches hold ~STEP_TOKENS real tokens on average, as the packed ones do.
+    # Unpacked batches: as many optimizer steps as multitune's packed plan takes over the same samples, so a step
+    # holds the same real tokens on average (rows of ROW_LEN hold whole samples only: a step is often under
+    # STEP_TOKENS, e.g. two ~190-token tickets per 512-token row).
     lengths = [len(ids) for ids in tokenize_examples(tokenizer, [task.format(r) for r in records()], True).input_ids]
-    batch = STEP_TOKENS // ROW_LEN if packed else round(STEP_TOKENS * len(lengths) / sum(lengths))
+    steps = len(plan_micro_batches(np.array(lengths), ROW_LEN, STEP_TOKENS, True, SEED))
+    batch = STEP_TOKENS // ROW_LEN if packed else -(-len(lengths) // steps)
+    speed = {"unpacked": {"gradient_checkpointing": False},
+             "fast": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
+             "default": {}}[setting]
     config = SFTConfig(
         output_dir=str(out / "trl"), packing=packed, padding_free=packed, max_length=ROW_LEN,
         per_device_train_batch_size=batch, gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="cosine",
-        warmup_steps=0, num_train_epochs=1, completion_only_loss=True, gradient_checkpointing=False, use_cpu=True,
-        bf16=False, save_strategy="no", report_to=[], logging_steps=5, dataloader_num_workers=0, seed=SEED,
-        disable_tqdm=True)
+        warmup_steps=0, num_train_epochs=1, completion_only_loss=True, use_cpu=True, bf16=False, save_strategy="no",
+        report_to=[], logging_steps=1, dataloader_num_workers=0, seed=SEED, disable_tqdm=True,
+        **({"gradient_checkpointing": False} if packed else speed))
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
 
     class Clock(TrainerCallback):
@@ -104,12 +129,35 @@ def trl(out: Path, packed: bool, startup: bool = False) -> dict:
     target_tokens = sum(sum(1 for t in row if t != -100) for row in labels)
     history = [e for e in trainer.state.log_history if "loss" in e]
     return {"seconds": clock.seconds, "steps": result.global_step, "tokens": tokens, "target_tokens": target_tokens,
-            "final_loss": history[-1]["loss"] if history else None}
+            "final_loss": history[-1]["loss"] if history else None,
+            "mean_loss": sum(e["loss"] for e in history) / len(history) if history else None,
+            "gradient_checkpointing": config.gradient_checkpointing}
+
+
+def limit() -> dict:
+    """The machine's side of MFU: model FLOPs of the epoch every system trains (`bench.flops.sample_flops` over the
+    same tickets) and the fp32 GEMM peak on the model's shapes at ~STEP_TOKENS rows."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bench.flops import Shapes, gemm_peak, sample_flops
+    from multitune.data_prep.tasks import get_task
+    from multitune.data_prep.tokenize import IGNORE, tokenize_examples
+
+    shapes = Shapes.from_config(AutoConfig.from_pretrained(model_path()))
+    task = get_task("ticket_classification")
+    tokenized = tokenize_examples(AutoTokenizer.from_pretrained(model_path()), [task.format(r) for r in records()],
+                                  True)
+    # a row's last token predicts nothing; each other target label is predicted from the position before it
+    flops = sum(sample_flops(shapes, len(ids), sum(1 for t in labels[1:] if t != IGNORE), 16, TARGET_MODULES)
+                for ids, labels in zip(tokenized.input_ids, tokenized.labels))
+    return {"epoch_flops": flops, "tokens": sum(map(len, tokenized.input_ids)), **gemm_peak(shapes, STEP_TOKENS)}
 
 
 if __name__ == "__main__":
     system, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     runs = {"multitune": lambda: multitune(out), "trl_packed": lambda: trl(out, True),
-            "trl_unpacked": lambda: trl(out, False), "trl_startup": lambda: trl(out, True, startup=True)}
+            "trl_unpacked": lambda: trl(out, False), "trl_fast": lambda: trl(out, False, setting="fast"),
+            "trl_default": lambda: trl(out, False, setting="default"),
+            "trl_startup": lambda: trl(out, True, startup=True), "limit": limit}
     print(json.dumps(runs[system]()))
