@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB, for --dry-run's planner verdicts")
     args = parser.parse_args(argv)
     selected = {k: replace(v, attn=args.attn or v.attn) for k, v in runs().items() if not args.only or k in args.only}
+    if not selected:
+        print(f"bench.gpu: no run named {' '.join(args.only)}; runs: {' '.join(runs())}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for key, spec in selected.items():
             print(key, json.dumps(asdict(spec)), json.dumps(planner_estimate(spec, args.gpu_mem)))
@@ -147,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{_gib(result['peak_allocated_gib'])} GiB allocated / "
                       f"{_gib(result['peak_reserved_gib'])} reserved "
                       f"(planner {plan['peak_gib']:.1f})"), flush=True)
-    details = {"matmul_peak": peak, "machine": machine(), "gpu_gib": gpu_gib,
-               "minutes": round((time.perf_counter() - started) / 60, 1),
-               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    RESULTS.write_text(json.dumps({"runs": results, "details": details}, indent=2) + "\n")
+        # After every run: a session stopped by a time limit (a lent GPU's minutes) keeps the rows it finished.
+        details = {"matmul_peak": peak, "machine": machine(), "gpu_gib": gpu_gib,
+                   "minutes": round((time.perf_counter() - started) / 60, 1),
+                   "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        RESULTS.write_text(json.dumps({"runs": results, "details": details}, indent=2) + "\n")
     BENCHMARKS.write_text(with_section(BENCHMARKS.read_text(), render(results, details)))
     print(f"wrote {RESULTS.relative_to(REPO)} and {BENCHMARKS.name}")
     return 0
