@@ -14,7 +14,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from multitune.launch.run import exit_code
+from multitune.compat import quiet_library_noise
+from multitune.launch.run import exit_code, run_training
 from multitune.recipes.errors import InputError
 
 # The lowest port of the range a job's rendezvous port is taken from (job id and restart pick one in 20000).
@@ -43,12 +44,10 @@ def run_task(recipe_path: str, overrides: list[str], overwrite: bool, max_requeu
     """Train as this task's rank; with `resume`, or after a requeue (SLURM_RESTART_COUNT > 0), continue from the
     newest checkpoint."""
     os.environ.update(rendezvous_env(os.environ))
-    from multitune.compat import quiet_library_noise
     from multitune.recipes.loader import load_recipe
     from multitune.trainer.checkpoint import list_checkpoints
 
     quiet_library_noise()
-    from multitune.launch.run import run_training
 
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     recipe = load_recipe(recipe_path, overrides)
