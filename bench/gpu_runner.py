@@ -93,9 +93,9 @@ def multitune(spec: Spec) -> dict:
     from multitune.recipes.schema import AdapterConfig
     from multitune.trainer.batches import MicroBatchStream, Position, attention_mask_for, plan_micro_batches
     from multitune.trainer.distributed import create_strategy
+    from multitune.trainer.lm_loss import token_loss_sum
     from multitune.trainer.loop import accumulate_gradients
     from multitune.trainer.model import prepare_for_training
-    from multitune.trainer.workload import token_loss_sum
 
     torch.manual_seed(spec.seed)
     dist = create_strategy(spec.strategy, dtype="bfloat16", grad_accum=spec.grad_accum, max_grad_norm=1.0,
@@ -163,7 +163,6 @@ def trl(spec: Spec) -> dict:
 
     from bench.common import WORK
     from bench.gpu_model import build_random_nf4, shipped_config
-    from multitune.trainer.tiny_model import build_tokenizer
 
     disable_progress_bars()
     torch.manual_seed(spec.seed)
@@ -196,9 +195,7 @@ def trl(spec: Spec) -> dict:
 
     clock = Clock()
     _reset_peak(device)
-    # TRL wants a tokenizer (pad id, EOS): the Mistral one trainer/tiny_model.py builds from mistral-common; the data
-    # are token ids already (random, below the config's vocab size), so its 32k vocab never meets the model's.
-    tokenizer = build_tokenizer(WORK / "gpu" / "tokenizer")
+    tokenizer = _id_tokenizer()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
                          callbacks=[clock])
     trainer.train()
@@ -206,6 +203,19 @@ def trl(spec: Spec) -> dict:
     return {"seconds": clock.seconds, "tokens": float(clock.tokens), "tokens_per_s": clock.tokens / clock.seconds,
             "losses": losses, "attn": attn_implementation(trainer.model.config),
             "linear4bit": _count_linear4bit(trainer.model), **_memory(device)}
+
+
+def _id_tokenizer():
+    """A two-token tokenizer for TRL, which wants one for its pad and EOS ids; the data are token ids already."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    # Built here rather than loaded: the GPU machine has no hub access and carrying mistral-common (the tiny models'
+    # tokenizer) and its dependencies would not fit the 64 MiB the device tool carries.
+    vocab = {"<pad>": 0, "</s>": 1}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<pad>")),
+                                   pad_token="<pad>", eos_token="</s>")
 
 
 def _count_linear4bit(model) -> int:

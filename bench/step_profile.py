@@ -20,8 +20,8 @@ from multitune.data_prep.tasks import get_task
 from multitune.data_prep.tokenize import IGNORE
 from multitune.recipes.schema import AdapterConfig, DataConfig, GeneratorSpec, ModelConfig
 from multitune.trainer.batches import MicroBatchStream, attention_mask_for, plan_micro_batches
+from multitune.trainer.lm_loss import token_loss_sum
 from multitune.trainer.model import load_model, load_tokenizer
-from multitune.trainer.workload import token_loss_sum
 
 MODEL = os.environ.get("BENCH_MODEL", "tiny")
 REPEATS = 5 if MODEL == "tiny" else 1  # a real-model micro-batch takes seconds

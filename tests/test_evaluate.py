@@ -15,12 +15,16 @@ from multitune.trainer.evaluate import answer_nll, common_prefix_length, generat
 
 
 @pytest.fixture(scope="module")
-def eval_set(tiny_model_dir, tokenizer, tmp_path_factory):
+def recipe(tiny_model_dir, tmp_path_factory):
     from conftest import recipe_dict
 
     tmp = tmp_path_factory.mktemp("eval")
-    recipe = validate_recipe(recipe_dict(tmp, tiny_model_dir, data={"generator": {"n_train": 20, "n_eval": 10,
-                                                                                  "seed": 3}}))
+    return validate_recipe(recipe_dict(tmp, tiny_model_dir, data={"generator": {"n_train": 20, "n_eval": 10,
+                                                                                "seed": 3}}))
+
+
+@pytest.fixture(scope="module")
+def eval_set(recipe, tokenizer):
     return ShardedDataset(prepare(task_for(recipe), recipe.data, tokenizer).split("eval"))
 
 
@@ -60,3 +64,23 @@ def test_batched_answer_nll_equals_one_row_at_a_time(model, eval_set):
     for batch_size in (1, 3, 16):
         assert answer_nll(model, eval_set, len(eval_set), torch.device("cpu"), batch_size) \
             == pytest.approx(total / count, abs=1e-4)
+
+
+def test_eval_split_loss_is_answer_nll_batched_as_training_and_builds_no_graph(model, eval_set, recipe, tokenizer):
+    """One teacher-forced loss, two batchings: the loop's packed eval-split loss equals answer_nll over the same
+    rows, and it runs without autograd (a graph kept per micro-batch would hold the whole split's activations)."""
+    from accelerate import Accelerator
+
+    from multitune.trainer.loop import eval_loss
+    from multitune.trainer.workload import TextWorkload
+
+    work = TextWorkload(recipe, task_for(recipe))
+    work.tokenizer = tokenizer
+    grad_enabled = []
+    hook = model.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    try:
+        packed = eval_loss(model, eval_set, recipe, Accelerator(cpu=True), work)
+    finally:
+        hook.remove()
+    assert grad_enabled and not any(grad_enabled)
+    assert packed == pytest.approx(answer_nll(model, eval_set, len(eval_set), torch.device("cpu")), abs=1e-4)

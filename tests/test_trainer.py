@@ -22,9 +22,9 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_tokens(tiny_model
 
     from multitune.recipes.schema import AdapterConfig
     from multitune.trainer.batches import MicroBatchStream, attention_mask_for
+    from multitune.trainer.lm_loss import token_loss_sum
     from multitune.trainer.loop import accumulate_gradients
     from multitune.trainer.model import lora_config
-    from multitune.trainer.workload import token_loss_sum
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -306,8 +306,8 @@ def test_qlora_with_a_bfloat16_recipe_trains_under_packing_masks(tiny_model_dir,
 
     from multitune.recipes.schema import AdapterConfig, ModelConfig
     from multitune.trainer.batches import MicroBatchStream, attention_mask_for
+    from multitune.trainer.lm_loss import token_loss_sum
     from multitune.trainer.model import DTYPES, load_model
-    from multitune.trainer.workload import token_loss_sum
 
     config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", compute_dtype="bfloat16",
                          quantization="nf4", attn_implementation=backend)

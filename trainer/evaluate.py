@@ -20,8 +20,10 @@ from multitune.data_prep.tokenize import IGNORE
 from multitune.recipes.errors import InputError
 from multitune.recipes.schema import AdapterConfig, EvalConfig, Recipe
 from multitune.trainer.adapter_base import check_base
+from multitune.trainer.batches import MicroBatch
 from multitune.trainer.endpoint import EndpointClient
 from multitune.trainer.judge import Judge
+from multitune.trainer.lm_loss import token_loss_sum
 from multitune.trainer.model import check_adapter_folder, load_model, load_tokenizer
 from multitune.trainer.retrieval import Retriever
 from multitune.trainer.run_files import write_class_reports
@@ -104,8 +106,9 @@ def answer_nll(model, dataset: ShardedDataset, count: int, device: torch.device,
     """Teacher-forced negative log-likelihood per answer token of the reference answers (lower is better): a
     signal for every task even while generations are still unparsable.
 
-    Rows run in batches of similar length (right-padded); the prefix every row of a batch shares is computed once
-    (KV cache), and the LM head runs only at positions that predict an answer token.
+    The training loss (`lm_loss.token_loss_sum`) over these rows, batched for eval: rows of similar length
+    (right-padded), and the prefix every row of a batch shares (the system prompt) computed once as a KV cache,
+    which halves the work on ticket prompts (~95 of ~190 tokens shared).
     """
     was_training = model.training
     model.eval()
@@ -128,15 +131,12 @@ def answer_nll(model, dataset: ShardedDataset, count: int, device: torch.device,
                 ids[row, :len(seq) - shared] = torch.as_tensor(seq[shared:])
                 targets[row, :len(seq) - shared - 1] = torch.as_tensor(label[shared + 1:])  # t predicts t+1
                 mask[row, shared:len(seq)] = 1
-            keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
             positions = torch.arange(shared, shared + width)[None].expand(len(rows), -1)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device), past_key_values=cache, use_cache=cache is not None,
-                           logits_to_keep=keep.to(device)).logits.float()
-            picked = targets[:, keep].to(device)
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), picked.flatten(), ignore_index=IGNORE,
-                                                       reduction="sum").item()
-            tokens += int((picked != IGNORE).sum())
+            batch = MicroBatch(input_ids=ids, position_ids=positions, targets=targets,
+                               segment_ids=torch.zeros_like(ids), real_tokens=int(mask.sum()),
+                               target_tokens=int((targets != IGNORE).sum())).to(device)
+            total += token_loss_sum(model, batch, mask.to(device), past_key_values=cache).item()
+            tokens += batch.target_tokens
     finally:
         model.train(was_training)
     return round(total / max(tokens, 1), 6)

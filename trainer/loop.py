@@ -238,7 +238,7 @@ def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerat
 
 @torch.no_grad()
 def eval_loss(model, dataset: ShardedDataset, recipe: Recipe, accelerator, work: Workload) -> float:
-    """Teacher-forced loss per target over the eval split (each rank its share, summed)."""
+    """Teacher-forced loss per target over the eval split (each rank its share, summed), batched as training is."""
     plan = plan_micro_batches(dataset.lengths, recipe.data.max_seq_len, recipe.train.micro_batch_tokens,
                               recipe.data.packing, 0)
     stream = work.stream(dataset, plan, 0, accelerator.process_index, accelerator.num_processes)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from multitune.atomic import atomic_dir
 from multitune.compat import attn_implementation
@@ -22,11 +21,11 @@ from multitune.data_prep.cache import PreparedData
 from multitune.data_prep.prepare import prepare
 from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tasks import ChatTask, Task
-from multitune.data_prep.tokenize import IGNORE
 from multitune.recipes.schema import Recipe
 from multitune.trainer.adapter_base import record_base
-from multitune.trainer.batches import MicroBatch, MicroBatchStream, Plan, attention_mask_for
+from multitune.trainer.batches import MicroBatchStream, Plan, attention_mask_for
 from multitune.trainer.evaluate import eval_records, evaluate_generation, warn_if_answers_exceed
+from multitune.trainer.lm_loss import token_loss_sum
 from multitune.trainer.model import DTYPES, load_model, load_tokenizer
 from multitune.trainer.process_monitoring import EventWorkload
 from multitune.trainer.run_files import LOAD_CHAT_ADAPTER
@@ -101,18 +100,6 @@ WORKLOADS: dict[str, type] = {"chat": TextWorkload, "event_sequence": EventWorkl
 def workload_for(recipe: Recipe, task: Task) -> Workload:
     """What trains `task`: the workload it declares (`Task.workload`, a key of WORKLOADS)."""
     return WORKLOADS[task.workload](recipe, task)
-
-
-def token_loss_sum(model, batch: MicroBatch, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Summed cross-entropy over target tokens; the LM head runs only at positions that have a target."""
-    keep = (batch.targets != IGNORE).any(dim=0).nonzero().squeeze(1)
-    if keep.numel() == 0:  # an empty filler batch still runs forward/backward so ranks stay in step
-        keep = torch.zeros(1, dtype=torch.long, device=batch.targets.device)
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=attention_mask,
-                logits_to_keep=keep, use_cache=False)
-    logits = out.logits.float()
-    targets = batch.targets[:, keep]
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Recipe, task: ChatTask, run_dir: Path,
