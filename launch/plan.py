@@ -164,9 +164,11 @@ def estimate(recipe: Recipe, shape: ModelShape, setup: Setup, gpu_gib: float) ->
     lora = a.kind == "lora"
     model_b = BYTES[m.dtype]
     act_b = BYTES[m.compute_dtype] if qlora else model_b
-    # Dtype of the frozen non-quantized weights (embeddings, norms, lm_head): peft's kbit preparation upcasts them
-    # to fp32; FSDP2 casts them back to the 4-bit storage dtype (trainer/distributed.py), DeepSpeed to its bf16/fp16.
-    other_b = 4 if qlora and strategy not in ("fsdp", "zero2", "zero3") else model_b
+    # Dtype of the frozen non-quantized weights (embeddings, norms, lm_head): an fp16 4-bit base has them upcast to
+    # fp32 (trainer/model.py: upcast_for_fp16); FSDP2 casts them back to the 4-bit storage dtype
+    # (trainer/distributed.py), DeepSpeed to its bf16/fp16.
+    upcasts = qlora and m.dtype == "float16"
+    other_b = 4 if upcasts and strategy not in ("fsdp", "zero2", "zero3") else model_b
     weight_shard = n if strategy in SHARDS_WEIGHTS else 1
     state_shard = n if strategy in SHARDS_STATE else 1
     items: list[tuple[str, float, str]] = []
@@ -287,9 +289,9 @@ def host_memory(recipe: Recipe, shape: ModelShape, setup: Setup, gpus_per_node: 
     steady = sum(b for _, b, _ in items)
     what = f"the {'4-bit ' if qlora else ''}model ({model_bytes / GIB:.1f} GiB)"
     if setup.strategy == "fsdp" and n > 1:
-        # peft's kbit preparation upcasts rank 0's embeddings/norms/lm_head to fp32 until sharding casts them back;
+        # an fp16 4-bit base has rank 0's embeddings/norms/lm_head upcast to fp32 until sharding casts them back;
         # the other ranks receive one whole tensor at a time (the largest: the embeddings) beside their shard
-        upcast = shape.other_params * (4 - model_b) if qlora and model_b < 4 else 0.0
+        upcast = shape.other_params * (4 - model_b) if qlora and recipe.model.dtype == "float16" else 0.0
         in_flight = shape.vocab * shape.hidden * model_b
         loading = model_bytes + upcast + ranks * model_bytes / n + (ranks - 1) * in_flight
         how = f"rank 0 {'quantizes' if qlora else 'reads'} {what}" + (

@@ -298,10 +298,13 @@ def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
     torch.testing.assert_close(first_layer_grad(True), first_layer_grad(False))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
-def test_qlora_with_a_bfloat16_recipe_trains_under_packing_masks(tiny_model_dir, backend):
-    """kbit preparation upcasts norms and embeddings to fp32, so the queries are fp32 while the recipe says bf16:
-    the packing mask must work whatever the query dtype (a bf16 float mask made sdpa raise)."""
+def test_qlora_keeps_a_bf16_base_in_bf16_and_trains_under_packing_masks(tiny_model_dir, backend, dtype):
+    """A bf16 4-bit base stays bf16 outside its 4-bit layers (hidden states, norms, attention: QLoRA's compute
+    dtype; an fp32 upcast doubled activation memory); an fp16 base gets fp32 norms/embeddings/head, so its queries
+    are fp32 while the recipe says fp16: the packing mask must work whatever the query dtype (a float mask of the
+    recipe's dtype made sdpa raise). LoRA weights are fp32 either way (peft)."""
     from test_packing import ArrayDataset
 
     from multitune.recipes.schema import AdapterConfig, ModelConfig
@@ -309,11 +312,16 @@ def test_qlora_with_a_bfloat16_recipe_trains_under_packing_masks(tiny_model_dir,
     from multitune.trainer.lm_loss import token_loss_sum
     from multitune.trainer.model import DTYPES, load_model
 
-    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", compute_dtype="bfloat16",
+    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype=dtype, compute_dtype="bfloat16",
                          quantization="nf4", attn_implementation=backend)
     model = load_model(config, AdapterConfig(r=4), torch.device("cpu"), gradient_checkpointing=False)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and type(p).__name__ != "Params4bit"}
+    assert frozen == ({torch.bfloat16} if dtype == "bfloat16" else {torch.float32})
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
     rows = [np.arange(5, 25, dtype=np.int32), np.arange(30, 42, dtype=np.int32)]
     batch = MicroBatchStream(ArrayDataset(rows, rows), plan=[[]], seed=0).collate([np.array([0, 1])])
+    hidden = model(input_ids=batch.input_ids, output_hidden_states=True).hidden_states[-1]
+    assert hidden.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     loss = token_loss_sum(model, batch, attention_mask_for(batch, DTYPES[config.dtype], backend))
     loss.backward()
     assert torch.isfinite(loss)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from multitune.compat import keep_4bit_weights_differentiable, quantize_on_meta
@@ -106,19 +106,35 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device
 
 def prepare_for_training(model, quantized: bool, adapter: AdapterConfig, gradient_checkpointing: bool,
                          task_type: str | None = "CAUSAL_LM"):
-    """Loaded base model → trainable: kbit preparation (4-bit), checkpointing, no KV cache, LoRA adapter
-    (`task_type=None` for a bare body). Also used by the GPU benchmarks on their layer-by-layer random NF4 models
-    (bench/gpu_model.py)."""
+    """Loaded base model → trainable: a frozen 4-bit base (fp16 bases: non-4-bit weights upcast to fp32),
+    checkpointing, no KV cache, LoRA adapter (`task_type=None` for a bare body). Also used by the GPU benchmarks on
+    their layer-by-layer random NF4 models (bench/gpu_model.py)."""
     if quantized:
         keep_4bit_weights_differentiable(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+        model.requires_grad_(False)
+        if model.get_input_embeddings().weight.dtype == torch.float16:
+            upcast_for_fp16(model)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     if adapter.kind == "lora":
         model = get_peft_model(model, lora_config(adapter, model, task_type))
     return model
+
+
+def upcast_for_fp16(model) -> None:
+    """The non-4-bit weights (embeddings, norms, LM head) of an fp16 base to fp32, as peft's
+    `prepare_model_for_kbit_training` does for every base: fp16's range overflows there.
+
+    Only for fp16: a bf16 base keeps bf16 (QLoRA's compute dtype, and what TRL does). Upcasting it, as peft's
+    helper would, makes the residual stream, norms and attention fp32: on the 8B GPU benchmark (H200, sdpa) the
+    upcast single-GPU run peaked at 33.4 GiB, the FSDP2 run, which cast the upcast weights back to bf16, at 29.9
+    GiB, at the same tokens/s (BENCHMARKS.md).
+    """
+    for param in model.parameters():
+        if param.dtype == torch.float16 and type(param).__name__ != "Params4bit":
+            param.data = param.data.float()
 
 
 def bnb_config(config: ModelConfig) -> BitsAndBytesConfig:
