@@ -1,9 +1,10 @@
 """One prep measurement in its own process (so peak RSS is its own): `python -m bench.prep_runner SYSTEM JSONL OUT`.
 
-multitune: `prepare()` exactly as `multitune prep` calls it. trl: `load_dataset("json")` + the task's chat formatting +
-SFTTrainer's own dataset preparation (tokenize with the chat template, completion mask, BFD packing) with one process
-per core (`dataset_num_proc`; multitune's prep also uses every core), minus the trainer's constant set-up cost
-(measured on an 8-row dataset first). Prints one JSON line: seconds, rows, tokens.
+multitune: `prepare()` exactly as `multitune prep` calls it. trl: `load_dataset("json")` + the task's chat
+formatting + SFTTrainer's own dataset preparation (tokenize with the chat template, completion mask, BFD packing)
+with one process per core (`dataset_num_proc`; multitune's prep also uses every core), minus the trainer's constant
+set-up cost (measured on an 8-row dataset first). Prints one JSON line: seconds, rows, tokens.
+`BENCH_MODEL=smollm2`: SmolLM2-135M-Instruct's tokenizer and chat template instead of the tiny model's.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import model_dir
+from bench.common import model_dir, smollm2_dir
 from multitune.data_prep.tasks import get_task
 
 TASK = get_task("ticket_classification")
 MAX_LEN = 2048
+
+
+def model_path() -> Path:
+    return smollm2_dir() if os.environ.get("BENCH_MODEL", "tiny") == "smollm2" else model_dir()
 
 
 def multitune(jsonl: Path, out: Path) -> dict:
@@ -26,7 +31,7 @@ def multitune(jsonl: Path, out: Path) -> dict:
     from multitune.recipes.schema import DataConfig, ModelConfig
     from multitune.trainer.model import load_tokenizer
 
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir())))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_path())))
     started = time.perf_counter()
     prepared = prepare(TASK, DataConfig(train_file=str(jsonl), cache_dir=str(out), max_seq_len=MAX_LEN), tokenizer)
     seconds = time.perf_counter() - started
@@ -41,8 +46,8 @@ def trl(jsonl: Path, out: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     disable_progress_bars()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    model = AutoModelForCausalLM.from_pretrained(model_dir(), use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    model = AutoModelForCausalLM.from_pretrained(model_path(), use_safetensors=True)
     config = SFTConfig(output_dir=str(out / "trainer"), packing=True, max_length=MAX_LEN, completion_only_loss=True,
                        report_to=[], use_cpu=True, dataset_num_proc=os.cpu_count())  # all cores, as multitune
 
