@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from multitune.compat import quiet_library_noise
+from multitune.compat import jemalloc_env, quiet_library_noise
 from multitune.launch import results, slurm, sweep
 from multitune.launch.run import exit_code, run_training
 from multitune.recipes.errors import InputError, RunStopped
@@ -139,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parser(sub)
     results.add_parser(sub)
     return parser
+
+
+def entry() -> int:
+    """The `multitune` command and `python -m multitune`: `main`, re-run first under jemalloc where that helps
+    (`compat.jemalloc_env`: CPU-only machines with jemalloc installed). Tests call `main` in-process instead."""
+    env = jemalloc_env(os.environ)
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", "multitune", *sys.argv[1:]], env)
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:

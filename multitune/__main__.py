@@ -3,7 +3,7 @@ rank of a launched job (it finds LOCAL_RANK set and trains instead of launching)
 
 import sys
 
-from multitune.launch.cli import main
+from multitune.launch.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

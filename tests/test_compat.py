@@ -137,3 +137,44 @@ def test_4bit_model_built_on_meta_has_the_structure_of_a_real_load(tmp_path, dou
     assert all(m.quant_state.absmax.is_meta for m in _linear4bit_modules(meta))
     assert all(m.quant_state.nested == double_quant for m in _linear4bit_modules(real))
     assert meta.is_loaded_in_4bit and type(meta.hf_quantizer) is type(real.hf_quantizer)
+
+
+def test_jemalloc_env_preloads_the_chosen_library_once_and_keeps_the_users_settings(tmp_path):
+    """`multitune` re-runs itself under jemalloc on CPU machines: with its pages kept unless the user configured
+    jemalloc, after any preload the user set, never twice, and not at all when turned off or the file is missing."""
+    library = tmp_path / "libjemalloc.so.2"
+    library.write_bytes(b"")
+    env = compat.jemalloc_env({compat.JEMALLOC: str(library), "LD_PRELOAD": "/opt/libother.so", "KEEP": "1"})
+    assert env["LD_PRELOAD"] == f"{library} /opt/libother.so" and env["KEEP"] == "1"
+    assert env["MALLOC_CONF"] == compat.JEMALLOC_CONF == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+    assert compat.jemalloc_env({compat.JEMALLOC: str(library), "MALLOC_CONF": "narenas:2"})["MALLOC_CONF"] \
+        == "narenas:2"
+    assert compat.jemalloc_env(env) is None  # the re-run process does not re-run again
+    assert compat.jemalloc_env({compat.JEMALLOC: "off"}) is None
+    assert compat.jemalloc_env({compat.JEMALLOC: str(tmp_path / "missing.so")}) is None
+
+
+
+def test_the_multitune_command_re_runs_itself_under_jemalloc(tmp_path, monkeypatch):
+    """`entry` (the `multitune` command) replaces its process with `python -m multitune ARGS` under the jemalloc
+    environment; `main`, which tests call in-process, never does."""
+    import sys
+
+    from multitune.launch import cli
+
+    library = tmp_path / "libjemalloc.so.2"
+    library.write_bytes(b"")
+    monkeypatch.setenv(compat.JEMALLOC, str(library))
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/multitune", "plan", "r.yaml", "--gpus", "2"])
+    calls = []
+
+    def execve(path, args, env):
+        calls.append((path, args, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", execve)
+    with pytest.raises(SystemExit):
+        cli.entry()
+    (path, args, env), = calls
+    assert path == sys.executable and args == [sys.executable, "-m", "multitune", "plan", "r.yaml", "--gpus", "2"]
+    assert env["LD_PRELOAD"].split()[0] == str(library)
