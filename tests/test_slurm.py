@@ -308,6 +308,12 @@ def tightened_partition(name: str):
             time.sleep(2)
 
 
+def ctrl_c_delivered() -> None:
+    """A Ctrl-C test's child takes SIGINT as Python's KeyboardInterrupt even when the suite itself was started in
+    the background by a shell, whose children inherit SIGINT ignored (Python then never installs its handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_job_that_can_never_start_is_cancelled_with_its_reason(cluster, tmp_path, tiny_model_dir, shared_cache,
                                                                  capsys):
     """What a cluster accepts but can never run: `--wait` notices the pending reason, cancels the job, and says so
@@ -334,7 +340,7 @@ def test_wait_sits_through_a_reason_that_clears_and_ctrl_c_leaves_the_job_queued
     subprocess.run(["scontrol", "create", f"PartitionName={partition}", "Nodes=ALL", "State=DOWN"], check=True)
     proc = subprocess.Popen([sys.executable, "-m", "multitune", "slurm", str(path), "--partition", partition,
                              "--cpus-per-task", "1", "--time", "10", "--wait"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_delivered)
     job_id = None
     try:
         job_id = re.search(r"submitted job (\d+)", proc.stdout.readline()).group(1)
@@ -425,7 +431,7 @@ def test_ctrl_c_on_a_sweep_cancels_its_array(cluster, tmp_path, tiny_model_dir, 
     sweep = sweep_file(tmp_path, tiny_model_dir, shared_cache, {"train.max_steps": {"values": [100_000]}})
     proc = subprocess.Popen([sys.executable, "-m", "multitune", "sweep", "run", str(sweep), "--local", "--slurm",
                              "--out", str(tmp_path / "out")], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_delivered)
     try:
         for line in proc.stdout:
             if match := re.search(r"submitted 1 array tasks \(job (\d+)", line):
