@@ -164,9 +164,9 @@ def estimate(recipe: Recipe, shape: ModelShape, setup: Setup, gpu_gib: float) ->
     lora = a.kind == "lora"
     model_b = BYTES[m.dtype]
     act_b = BYTES[m.compute_dtype] if qlora else model_b
-    # Dtype of the frozen non-quantized weights (embeddings, norms, lm_head): an fp16 4-bit base has them upcast to
-    # fp32 (trainer/model.py: upcast_for_fp16); FSDP2 casts them back to the 4-bit storage dtype
-    # (trainer/distributed.py), DeepSpeed to its bf16/fp16.
+    # Dtype of the frozen non-quantized weights (embeddings, norms, lm_head): an fp16 4-bit base has them upcast
+    # to fp32 (trainer/model.py: keeps_fp32_outside_4bit; a bf16 one only on CPU-only machines, not planned here);
+    # FSDP2 casts them back to the 4-bit storage dtype (trainer/distributed.py), DeepSpeed to its bf16/fp16.
     upcasts = qlora and m.dtype == "float16"
     other_b = 4 if upcasts and strategy not in ("fsdp", "zero2", "zero3") else model_b
     weight_shard = n if strategy in SHARDS_WEIGHTS else 1

@@ -298,13 +298,23 @@ def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
     torch.testing.assert_close(first_layer_grad(True), first_layer_grad(False))
 
 
+def test_4bit_bases_keep_fp32_outside_4bit_where_that_is_faster_or_safer():
+    """fp16 always (range); bf16 on a CPU-only machine (fp32 element-wise work is faster there), never on a GPU
+    machine (bf16 is QLoRA's compute dtype: an upcast made activations fp32)."""
+    from multitune.trainer.model import keeps_fp32_outside_4bit
+
+    assert keeps_fp32_outside_4bit(torch.float16, on_gpu=True) and keeps_fp32_outside_4bit(torch.float16, False)
+    assert keeps_fp32_outside_4bit(torch.bfloat16, on_gpu=False)
+    assert not keeps_fp32_outside_4bit(torch.bfloat16, on_gpu=True)
+    assert not keeps_fp32_outside_4bit(torch.float32, on_gpu=False)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
-def test_qlora_keeps_a_bf16_base_in_bf16_and_trains_under_packing_masks(tiny_model_dir, backend, dtype):
-    """A bf16 4-bit base stays bf16 outside its 4-bit layers (hidden states, norms, attention: QLoRA's compute
-    dtype; an fp32 upcast doubled activation memory); an fp16 base gets fp32 norms/embeddings/head, so its queries
-    are fp32 while the recipe says fp16: the packing mask must work whatever the query dtype (a float mask of the
-    recipe's dtype made sdpa raise). LoRA weights are fp32 either way (peft)."""
+def test_qlora_trains_under_packing_masks_whatever_the_query_dtype(tiny_model_dir, backend, dtype):
+    """On this (CPU-only) machine a 4-bit base gets fp32 norms/embeddings/head, so its queries are fp32 while the
+    recipe says bf16 or fp16: the packing mask must work whatever the query dtype (a float mask of the recipe's
+    dtype made sdpa raise). LoRA weights are fp32 (peft)."""
     from test_packing import ArrayDataset
 
     from multitune.recipes.schema import AdapterConfig, ModelConfig
@@ -316,12 +326,12 @@ def test_qlora_keeps_a_bf16_base_in_bf16_and_trains_under_packing_masks(tiny_mod
                          quantization="nf4", attn_implementation=backend)
     model = load_model(config, AdapterConfig(r=4), torch.device("cpu"), gradient_checkpointing=False)
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad and type(p).__name__ != "Params4bit"}
-    assert frozen == ({torch.bfloat16} if dtype == "bfloat16" else {torch.float32})
+    assert frozen == ({torch.bfloat16} if torch.cuda.is_available() and dtype == "bfloat16" else {torch.float32})
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
     rows = [np.arange(5, 25, dtype=np.int32), np.arange(30, 42, dtype=np.int32)]
     batch = MicroBatchStream(ArrayDataset(rows, rows), plan=[[]], seed=0).collate([np.array([0, 1])])
     hidden = model(input_ids=batch.input_ids, output_hidden_states=True).hidden_states[-1]
-    assert hidden.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    assert hidden.dtype == next(iter(frozen))
     loss = token_loss_sum(model, batch, attention_mask_for(batch, DTYPES[config.dtype], backend))
     loss.backward()
     assert torch.isfinite(loss)

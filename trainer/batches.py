@@ -127,9 +127,9 @@ def attention_mask_for(batch: MicroBatch, dtype: torch.dtype, backend: str) -> t
 
     flash_attention_2 takes the varlen path from restarting position ids, so it needs no mask. For sdpa and
     eager, position ids alone do NOT isolate packed samples (measured: ~1.1 logit difference). sdpa gets a boolean
-    mask (True = attend): a float one must match the query dtype, which an fp16 QLoRA base's fp32 upcasts make
-    differ from the recipe's dtype. eager silently mis-handles boolean masks, so it gets an additive float mask
-    (0 = attend, dtype min = blocked).
+    mask (True = attend): a float one must match the query dtype, which a QLoRA base's fp32 upcast (fp16, or bf16
+    on CPU) makes differ from the recipe's dtype. eager silently mis-handles boolean masks, so it gets an additive
+    float mask (0 = attend, dtype min = blocked).
     """
     if backend == "flash_attention_2":
         return None

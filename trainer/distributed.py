@@ -505,8 +505,8 @@ def _local(p):
 
 
 def _uniform_float_dtype(model) -> None:
-    """FSDP2 all-gathers a unit's parameters in one buffer: bring frozen float parameters of another dtype (an fp16
-    base's fp32-upcast norms, `upcast_for_fp16`) to the dtype of the sharded 4-bit storage; trainable LoRA weights
+    """FSDP2 all-gathers a unit's parameters in one buffer: bring frozen float parameters of another dtype (an upcast
+    base's fp32 norms, `keeps_fp32_outside_4bit`) to the dtype of the sharded 4-bit storage; trainable LoRA weights
     keep their own dtype."""
     storage = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
     if len(storage) != 1:

@@ -106,14 +106,15 @@ def load_model(config: ModelConfig, adapter: AdapterConfig, device: torch.device
 
 def prepare_for_training(model, quantized: bool, adapter: AdapterConfig, gradient_checkpointing: bool,
                          task_type: str | None = "CAUSAL_LM"):
-    """Loaded base model → trainable: a frozen 4-bit base (fp16 bases: non-4-bit weights upcast to fp32),
+    """Loaded base model → trainable: a frozen 4-bit base (non-4-bit weights upcast to fp32 where
+    `keeps_fp32_outside_4bit`),
     checkpointing, no KV cache, LoRA adapter (`task_type=None` for a bare body). Also used by the GPU benchmarks on
     their layer-by-layer random NF4 models (bench/gpu_model.py)."""
     if quantized:
         keep_4bit_weights_differentiable(model)
         model.requires_grad_(False)
-        if model.get_input_embeddings().weight.dtype == torch.float16:
-            upcast_for_fp16(model)
+        if keeps_fp32_outside_4bit(model.get_input_embeddings().weight.dtype, torch.cuda.is_available()):
+            upcast_outside_4bit(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -123,17 +124,23 @@ def prepare_for_training(model, quantized: bool, adapter: AdapterConfig, gradien
     return model
 
 
-def upcast_for_fp16(model) -> None:
-    """The non-4-bit weights (embeddings, norms, LM head) of an fp16 base to fp32, as peft's
-    `prepare_model_for_kbit_training` does for every base: fp16's range overflows there.
+def keeps_fp32_outside_4bit(dtype: torch.dtype, on_gpu: bool) -> bool:
+    """Whether a 4-bit base of `dtype` gets its non-4-bit weights (embeddings, norms, LM head) upcast to fp32, as
+    peft's `prepare_model_for_kbit_training` does for every base.
 
-    Only for fp16: a bf16 base keeps bf16 (QLoRA's compute dtype, and what TRL does). Upcasting it, as peft's
-    helper would, makes the residual stream, norms and attention fp32: on the 8B GPU benchmark (H200, sdpa) the
-    upcast single-GPU run peaked at 33.4 GiB, the FSDP2 run, which cast the upcast weights back to bf16, at 29.9
-    GiB, at the same tokens/s (BENCHMARKS.md).
+    fp16: always (its range overflows there). bf16: on a CPU-only machine, where fp32 element-wise work and
+    attention are faster than bf16 (tiny model, 8 x 400-token QLoRA micro-batch, 2 cores: 1.59 s upcast vs 2.17 s
+    bf16); not on a GPU machine, where bf16 is QLoRA's compute dtype and what TRL keeps: upcast, the residual
+    stream, norms and attention run fp32 (8B GPU benchmark, H200, sdpa: the upcast single-GPU run peaked at 33.4
+    GiB, the FSDP2 run, which casts them back to bf16, at 29.9 GiB at the same tokens/s; BENCHMARKS.md).
     """
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not on_gpu)
+
+
+def upcast_outside_4bit(model) -> None:
+    """Every float parameter that is not a 4-bit weight to fp32, in place."""
     for param in model.parameters():
-        if param.dtype == torch.float16 and type(param).__name__ != "Params4bit":
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
             param.data = param.data.float()
 
 
