@@ -164,10 +164,10 @@ def estimate(recipe: Recipe, shape: ModelShape, setup: Setup, gpu_gib: float) ->
     lora = a.kind == "lora"
     model_b = BYTES[m.dtype]
     act_b = BYTES[m.compute_dtype] if qlora else model_b
-    # Dtype of the frozen non-quantized weights (embeddings, norms, lm_head): an fp16 4-bit base has them upcast
-    # to fp32 (trainer/model.py: keeps_fp32_outside_4bit; a bf16 one only on CPU-only machines, not planned here);
-    # FSDP2 casts them back to the 4-bit storage dtype (trainer/distributed.py), DeepSpeed to its bf16/fp16.
-    upcasts = qlora and m.dtype == "float16"
+    # Dtype of the frozen non-quantized weights (embeddings, norms, lm_head): fp32 where the loader upcasts them
+    # (`upcasts_outside_4bit`); FSDP2 casts them back to the 4-bit storage dtype (trainer/distributed.py), DeepSpeed
+    # to its bf16/fp16.
+    upcasts = qlora and upcasts_outside_4bit(m.dtype)
     other_b = 4 if upcasts and strategy not in ("fsdp", "zero2", "zero3") else model_b
     weight_shard = n if strategy in SHARDS_WEIGHTS else 1
     state_shard = n if strategy in SHARDS_STATE else 1
@@ -291,7 +291,7 @@ def host_memory(recipe: Recipe, shape: ModelShape, setup: Setup, gpus_per_node: 
     if setup.strategy == "fsdp" and n > 1:
         # an fp16 4-bit base has rank 0's embeddings/norms/lm_head upcast to fp32 until sharding casts them back;
         # the other ranks receive one whole tensor at a time (the largest: the embeddings) beside their shard
-        upcast = shape.other_params * (4 - model_b) if qlora and recipe.model.dtype == "float16" else 0.0
+        upcast = shape.other_params * (4 - model_b) if qlora and upcasts_outside_4bit(m.dtype) else 0.0
         in_flight = shape.vocab * shape.hidden * model_b
         loading = model_bytes + upcast + ranks * model_bytes / n + (ranks - 1) * in_flight
         how = f"rank 0 {'quantizes' if qlora else 'reads'} {what}" + (
@@ -304,6 +304,14 @@ def host_memory(recipe: Recipe, shape: ModelShape, setup: Setup, gpus_per_node: 
     loading += ranks * PROCESS_RAM
     items.append(("while loading (before sharding)", loading, how + " + processes"))
     return items, max(steady, loading)
+
+
+def upcasts_outside_4bit(dtype: str) -> bool:
+    """Whether a 4-bit base of `dtype` (a recipe's `model.dtype`) trains with fp32 embeddings/norms/lm_head on the
+    GPUs the planner plans for: the loader's own rule (trainer/model.py: keeps_fp32_outside_4bit)."""
+    from multitune.trainer.model import DTYPES, keeps_fp32_outside_4bit
+
+    return keeps_fp32_outside_4bit(DTYPES[dtype], on_gpu=True)
 
 
 def layer_activation_bytes(shape: ModelShape, recipe: Recipe, act_b: int, lora_b: int) -> float:

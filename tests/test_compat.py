@@ -154,7 +154,6 @@ def test_jemalloc_env_preloads_the_chosen_library_once_and_keeps_the_users_setti
     assert compat.jemalloc_env({compat.JEMALLOC: str(tmp_path / "missing.so")}) is None
 
 
-
 def test_the_multitune_command_re_runs_itself_under_jemalloc(tmp_path, monkeypatch):
     """`entry` (the `multitune` command) replaces its process with `python -m multitune ARGS` under the jemalloc
     environment; `main`, which tests call in-process, never does."""
