@@ -1,6 +1,8 @@
-"""Where a training step's time goes: one packed micro-batch (8 rows x 512 tokens) of the benchmark model
-(`BENCH_MODEL`: `tiny` or `smollm2`, as `bench.train_runner`), forward + backward, with the LM head at target
-positions only (multitune) vs at every position (what full logits cost), and the top operators by self CPU time.
+"""Where a training step's time goes: the samples of one 4,096-token packed plan entry (8 rows x 512) of the
+benchmark model (`BENCH_MODEL`: `tiny` or `smollm2`, as `bench.train_runner`), forward + backward, laid out as the
+trainer lays them out on sdpa (grouped: one sample per row, no mask) and as packed rows with the block-diagonal mask,
+with the LM head at target positions only (multitune) or at every position (what full logits cost); best of
+REPEATS interleaved runs each, and the top operators of the grouped step by self CPU time.
 `python -m bench.step_profile` prints one JSON line."""
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +27,7 @@ from multitune.trainer.lm_loss import token_loss_sum
 from multitune.trainer.model import load_model, load_tokenizer
 
 MODEL = os.environ.get("BENCH_MODEL", "tiny")
-REPEATS = 5 if MODEL == "tiny" else 1  # a real-model micro-batch takes seconds
+REPEATS = 5 if MODEL == "tiny" else 3  # a real-model micro-batch takes seconds; runs are interleaved, best kept
 
 
 def main() -> dict:
@@ -37,10 +40,17 @@ def main() -> dict:
     with tempfile.TemporaryDirectory() as cache:
         data = DataConfig(generator=GeneratorSpec(n_train=200, n_eval=8, seed=0), max_seq_len=512, cache_dir=cache)
         dataset = ShardedDataset(prepare(get_task("ticket_classification"), data, tokenizer).split("train"))
-        plan = plan_micro_batches(dataset.lengths, 512, 4096, True, 0)
-        batch = MicroBatchStream(dataset, plan, 0).collate(plan[0])
+        plan = plan_micro_batches(dataset.lengths, 512, 4096, "packed", 0)
+        stream = MicroBatchStream(dataset, plan, 0)
+        packed = stream.collate(plan[0])
+        samples = sorted((int(i) for row in plan[0] for i in row), key=lambda i: int(dataset.lengths[i]))
+        grouped = stream.collate([np.asarray([i]) for i in samples])
     model = load_model(config, adapter, torch.device("cpu"), gradient_checkpointing=False)
-    mask = attention_mask_for(batch, torch.float32, "sdpa")
+    packed_mask = attention_mask_for(packed, torch.float32, "sdpa")
+    batch, mask = grouped, attention_mask_for(grouped, torch.float32, "sdpa")  # what the trainer runs: no mask
+
+    def packed_rows():
+        token_loss_sum(model, packed, packed_mask).backward()
 
     def targets_only():
         token_loss_sum(model, batch, mask).backward()
@@ -50,18 +60,21 @@ def main() -> dict:
         F.cross_entropy(out.logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
                         reduction="sum").backward()
 
-    seconds = {}
-    for name, step in (("targets_only", targets_only), ("full_logits", full_logits)):
+    steps = {"targets_only": targets_only, "packed_rows": packed_rows, "full_logits": full_logits}
+    seconds = {name: float("inf") for name in steps}
+    for step in steps.values():
         step()  # warm-up
-        started = time.perf_counter()
-        for _ in range(REPEATS):
+    for _ in range(REPEATS):  # interleaved: a slower minute of the machine hits every layout alike
+        for name, step in steps.items():
+            started = time.perf_counter()
             step()
-        seconds[name] = (time.perf_counter() - started) / REPEATS
+            seconds[name] = min(seconds[name], time.perf_counter() - started)
     with torch.profiler.profile() as profile:
         targets_only()
     ops = sorted(profile.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     total = sum(e.self_cpu_time_total for e in profile.key_averages())
-    return {"rows": list(batch.input_ids.shape), "real_tokens": batch.real_tokens,
+    return {"rows": list(batch.input_ids.shape), "packed_rows": list(packed.input_ids.shape),
+            "real_tokens": batch.real_tokens,
             "target_tokens": batch.target_tokens, **{f"{k}_s": round(v, 4) for k, v in seconds.items()},
             "top_ops": [[e.key, round(e.self_cpu_time_total / total, 3)] for e in ops]}
 

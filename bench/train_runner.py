@@ -78,7 +78,7 @@ def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked
 
     from multitune.data_prep.tasks import get_task
     from multitune.data_prep.tokenize import tokenize_examples
-    from multitune.trainer.batches import plan_micro_batches
+    from multitune.trainer.batches import batch_layout, plan_micro_batches
 
     disable_progress_bars()
     task = get_task("ticket_classification")
@@ -89,11 +89,10 @@ def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     model = AutoModelForCausalLM.from_pretrained(model_path(), dtype="float32", attn_implementation="sdpa",
                                                  use_safetensors=True)
-    # Unpacked batches: as many optimizer steps as multitune's packed plan takes over the same samples, so a step
-    # holds the same real tokens on average (rows of ROW_LEN hold whole samples only: a step is often under
-    # STEP_TOKENS, e.g. two ~190-token tickets per 512-token row).
+    # Unpacked batches: as many optimizer steps as multitune's plan takes over the same samples, so a step holds
+    # the same real tokens on average (multitune's rows hold whole samples: a step is often under STEP_TOKENS).
     lengths = [len(ids) for ids in tokenize_examples(tokenizer, [task.format(r) for r in records()], True).input_ids]
-    steps = len(plan_micro_batches(np.array(lengths), ROW_LEN, STEP_TOKENS, True, SEED))
+    steps = len(plan_micro_batches(np.array(lengths), ROW_LEN, STEP_TOKENS, batch_layout(True, "sdpa"), SEED))
     batch = STEP_TOKENS // ROW_LEN if packed else -(-len(lengths) // steps)
     speed = {"unpacked": {"gradient_checkpointing": False},
              "fast": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},

@@ -1,4 +1,5 @@
-"""Packing plans: which samples share a micro-batch. Best-fit-decreasing packing, or padded batches without packing.
+"""Packing plans: which samples share a micro-batch. Best-fit-decreasing packing, batches of similar lengths (one
+sample per row), or padded batches in random order.
 
 Our own because it is the part that decides throughput: BFD with a segment tree over remaining capacities
 (O(n log budget)) packs to >99% of the budget on realistic length mixes, and the plan is a pure function of
@@ -84,4 +85,20 @@ def padded_batches(lengths: np.ndarray, budget: int, seed: int) -> list[np.ndarr
         longest = longest_if_added
     if current:
         groups.append(np.asarray(current, dtype=np.int64))
+    return groups
+
+
+def length_grouped_batches(lengths: np.ndarray, budget: int, seed: int) -> list[np.ndarray]:
+    """Samples sorted by length (ties in a seeded random order), cut into batches while `rows x longest row` stays
+    within the token budget: one sample per row with little padding (neighbours in length order differ little)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ties = np.random.default_rng(seed).permutation(len(lengths))
+    order = ties[np.argsort(lengths[ties], kind="stable")]
+    groups: list[np.ndarray] = []
+    start = 0
+    for end in range(1, len(order) + 1):
+        # ascending order: the batch's longest row is its last; a sample over budget still gets a batch of its own
+        if end == len(order) or (end - start + 1) * int(lengths[order[end]]) > budget:
+            groups.append(order[start:end].astype(np.int64))
+            start = end
     return groups

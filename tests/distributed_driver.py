@@ -36,12 +36,13 @@ def sample_coverage(recipe) -> None:
     from multitune.data_prep.prepare import prepare
     from multitune.data_prep.shards import ShardedDataset
     from multitune.data_prep.tasks import get_task
-    from multitune.trainer.batches import MicroBatchStream, plan_micro_batches
+    from multitune.trainer.batches import MicroBatchStream, batch_layout, plan_micro_batches
     from multitune.trainer.model import load_tokenizer
 
     data = ShardedDataset(prepare(get_task(recipe.task), recipe.data, load_tokenizer(recipe.model)).split("train"))
-    plan = plan_micro_batches(data.lengths, recipe.data.max_seq_len, recipe.train.micro_batch_tokens,
-                              recipe.data.packing, recipe.train.seed)
+    layout = batch_layout(recipe.data.packing, recipe.model.attn_implementation)
+    plan = plan_micro_batches(data.lengths, recipe.data.max_seq_len, recipe.train.micro_batch_tokens, layout,
+                              recipe.train.seed)
     stream = MicroBatchStream(data, plan, recipe.train.seed, dist.get_rank(), dist.get_world_size())
     mine = [int(i) for group in stream.share(0) if group >= 0 for row in plan[group] for i in row]
     everyone = [None] * dist.get_world_size()

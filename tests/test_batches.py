@@ -17,7 +17,7 @@ def make_stream(world=1, rank=0, n=101):
     rng = np.random.default_rng(0)
     rows = [np.arange(int(k), dtype=np.int32) + 1 for k in rng.integers(5, 60, size=n)]
     dataset = ArrayDataset(rows, rows)
-    plan = plan_micro_batches(dataset.lengths, 128, 256, packing=True, seed=0)
+    plan = plan_micro_batches(dataset.lengths, 128, 256, "packed", seed=0)
     return MicroBatchStream(dataset, plan, seed=7, rank=rank, world_size=world), plan
 
 

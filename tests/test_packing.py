@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from multitune.data_prep.packing import _CapacityTree, best_fit_decreasing, padded_batches
-from multitune.trainer.batches import MicroBatchStream, attention_mask_for, plan_efficiency, plan_micro_batches
+from multitune.data_prep.packing import _CapacityTree, best_fit_decreasing, length_grouped_batches, padded_batches
+from multitune.trainer.batches import (
+    MicroBatchStream,
+    attention_mask_for,
+    batch_layout,
+    plan_efficiency,
+    plan_micro_batches,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -53,13 +59,45 @@ def test_padded_batches_stay_within_budget():
     assert all(len(g) * lengths[g].max() <= 1024 for g in groups)
 
 
+def test_length_grouped_batches_waste_little_padding_on_a_mixed_length_set():
+    lengths = np.clip(np.random.default_rng(4).lognormal(5, 0.8, size=2000).astype(int), 4, 1024)
+    groups = length_grouped_batches(lengths, 4096, seed=0)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(2000))
+    assert all(len(g) * lengths[g].max() <= 4096 for g in groups)
+
+    def efficiency(batches):
+        return lengths.sum() / sum(len(g) * lengths[g].max() for g in batches)
+
+    assert efficiency(groups) > 0.95 > 0.6 > efficiency(padded_batches(lengths, 4096, seed=0))
+
+
+def test_length_grouped_batches_break_ties_by_seed_and_give_an_overlong_sample_its_own_batch():
+    lengths = np.array([50] * 40 + [900])
+    a, b = length_grouped_batches(lengths, 400, seed=0), length_grouped_batches(lengths, 400, seed=1)
+    assert [len(g) for g in a] == [8] * 5 + [1] and a[-1].tolist() == [40]
+    assert [g.tolist() for g in a] != [g.tolist() for g in b]
+    assert [g.tolist() for g in a] == [g.tolist() for g in length_grouped_batches(lengths, 400, seed=0)]
+
+
+def test_packing_packs_rows_only_where_attention_runs_varlen():
+    assert batch_layout(True, "flash_attention_2") == "packed"
+    assert batch_layout(True, "sdpa") == batch_layout(True, "eager") == "grouped"
+    assert batch_layout(False, "flash_attention_2") == batch_layout(False, "sdpa") == "padded"
+    lengths = np.random.default_rng(5).integers(20, 200, size=300)
+    grouped = plan_micro_batches(lengths, 512, 2048, "grouped", seed=0)
+    assert all(len(row) == 1 for batch in grouped for row in batch)
+    assert plan_efficiency(lengths, grouped, 512, "grouped") > 0.9
+    with pytest.raises(ValueError, match="unknown batch layout 'bfd'"):
+        plan_micro_batches(lengths, 512, 2048, "bfd", seed=0)
+
+
 def test_plan_groups_rows_into_micro_batches():
     lengths = np.random.default_rng(3).integers(50, 250, size=400)
-    plan = plan_micro_batches(lengths, seq_len=512, micro_batch_tokens=2048, packing=True, seed=0)
+    plan = plan_micro_batches(lengths, seq_len=512, micro_batch_tokens=2048, layout="packed", seed=0)
     assert all(len(batch) <= 4 for batch in plan)
     samples = sorted(int(i) for batch in plan for row in batch for i in row)
     assert samples == list(range(400))
-    assert 0.9 < plan_efficiency(lengths, plan, 512, packing=True) <= 1.0
+    assert 0.9 < plan_efficiency(lengths, plan, 512, "packed") <= 1.0
 
 
 class ArrayDataset:
@@ -91,6 +129,24 @@ def test_packed_logits_equal_each_sample_alone(tiny_model_dir, backend):
         for index, (row, start) in offsets.items():
             alone = model(input_ids=torch.as_tensor(rows[index], dtype=torch.long)[None]).logits[0]
             torch.testing.assert_close(packed[row, start:start + len(rows[index])], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_rows_of_one_sample_take_no_mask_and_their_logits_equal_each_sample_alone(tiny_model_dir, backend):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=backend)
+    model.eval()
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(5, 30000, size=n).astype(np.int32) for n in (41, 17, 29)]
+    stream = MicroBatchStream(ArrayDataset(rows, rows), plan=[[]], seed=0)
+    batch = stream.collate([np.array([0]), np.array([1]), np.array([2])])  # right-padded to 41
+    assert attention_mask_for(batch, torch.float32, backend) is None
+    with torch.no_grad():
+        together = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
+        for index, row in enumerate(rows):
+            alone = model(input_ids=torch.as_tensor(row, dtype=torch.long)[None]).logits[0]
+            torch.testing.assert_close(together[index, :len(row)], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_targets_never_cross_sample_boundaries():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from multitune.data_prep.packing import best_fit_decreasing, padded_batches
+from multitune.data_prep.packing import best_fit_decreasing, length_grouped_batches, padded_batches
 from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tokenize import IGNORE
 
@@ -42,27 +42,50 @@ class MicroBatch:
 
 Plan = list[list[np.ndarray]]  # micro-batches → rows → sample indices
 
+LAYOUTS = ("packed", "grouped", "padded")
 
-def plan_micro_batches(lengths: np.ndarray, seq_len: int, micro_batch_tokens: int, packing: bool, seed: int) -> Plan:
-    """Packed: BFD rows of `seq_len` tokens, `micro_batch_tokens // seq_len` rows per micro-batch.
-    Padded: one sample per row, as many rows as fit `micro_batch_tokens` at the longest row's width.
 
-    Rows stay short (one sample's maximum) because sdpa/eager attention over a packed row costs row_len^2
-    whatever the block mask hides; a few short rows beat one long row on everything but flash-attn varlen.
+def batch_layout(packing: bool, attn_implementation: str) -> str:
+    """How `data.packing` lays samples out for an attention backend.
+
+    "packed": samples back to back in rows of `max_seq_len` (BFD), only where attention runs varlen
+    (flash_attention_2): no mask, nothing computed across samples. "grouped" (packing on sdpa/eager): one sample
+    per row, micro-batches of similar lengths. A packed row there needs a block-diagonal mask, under which attention
+    computes every pair of the row and transformers repeats the KV heads; one sample per row runs the model's own
+    causal attention, without a mask (measured on SmolLM2-135M, 8 x 402 packed vs 16 x 201 grouped, the same 16
+    tickets: forward + backward 9.2-12.2 s vs 8.1-10.0 s, identical loss; BENCHMARKS.md). "padded"
+    (no packing): one sample per row, micro-batches in random order.
     """
     if not packing:
+        return "padded"
+    return "packed" if attn_implementation == "flash_attention_2" else "grouped"
+
+
+def plan_micro_batches(lengths: np.ndarray, seq_len: int, micro_batch_tokens: int, layout: str, seed: int) -> Plan:
+    """Micro-batches for a `layout` (`batch_layout`). packed: BFD rows of `seq_len` tokens,
+    `micro_batch_tokens // seq_len` rows per micro-batch. grouped / padded: one sample per row, as many rows as fit
+    `micro_batch_tokens` at the longest row's width (grouped: samples in length order; padded: in random order).
+
+    Raises ValueError for an unknown layout or (packed) a sample longer than `seq_len`.
+    """
+    if layout == "padded":
         return [[np.asarray([i]) for i in group] for group in padded_batches(lengths, micro_batch_tokens, seed)]
+    if layout == "grouped":
+        return [[np.asarray([i]) for i in group]
+                for group in length_grouped_batches(lengths, micro_batch_tokens, seed)]
+    if layout != "packed":
+        raise ValueError(f"unknown batch layout {layout!r}: one of {', '.join(LAYOUTS)}")
     rows = best_fit_decreasing(lengths, seq_len)
     order = np.random.default_rng(seed).permutation(len(rows))
     per_batch = max(micro_batch_tokens // seq_len, 1)
     return [[rows[i] for i in order[start:start + per_batch]] for start in range(0, len(order), per_batch)]
 
 
-def plan_efficiency(lengths: np.ndarray, plan: Plan, seq_len: int, packing: bool) -> float:
-    """Real tokens / token budget: rows x seq_len when packed, rows x longest row when padded."""
+def plan_efficiency(lengths: np.ndarray, plan: Plan, seq_len: int, layout: str) -> float:
+    """Real tokens / token budget: rows x seq_len when packed, rows x longest row otherwise."""
     rows = [row for batch in plan for row in batch]
     real = float(sum(int(lengths[row].sum()) for row in rows))
-    if packing:
+    if layout == "packed":
         return real / max(len(rows) * seq_len, 1)
     return real / max(sum(len(batch) * max(int(lengths[r].sum()) for r in batch) for batch in plan), 1)
 
@@ -123,17 +146,20 @@ class MicroBatchStream:
 
 
 def attention_mask_for(batch: MicroBatch, dtype: torch.dtype, backend: str) -> torch.Tensor | None:
-    """Block-diagonal causal mask so attention never crosses samples or touches padding.
+    """Block-diagonal causal mask so attention never crosses samples or touches padding; None where none is needed.
 
-    flash_attention_2 takes the varlen path from restarting position ids, so it needs no mask. For sdpa and
+    flash_attention_2 takes the varlen path from restarting position ids, so it needs no mask. Nor do rows that hold
+    one sample each (grouped / padded layouts): they are right-padded, so the model's own causal attention keeps every
+    real token to the tokens before it (sdpa's causal kernel then skips the upper triangle, and transformers lets
+    sdpa handle grouped KV heads itself instead of repeating them); padding has no targets. For sdpa and
     eager, position ids alone do NOT isolate packed samples (measured: ~1.1 logit difference). sdpa gets a boolean
     mask (True = attend): a float one must match the query dtype, which a QLoRA base's fp32 upcast (fp16, or bf16
     on CPU) makes differ from the recipe's dtype. eager silently mis-handles boolean masks, so it gets an additive
     float mask (0 = attend, dtype min = blocked).
     """
-    if backend == "flash_attention_2":
-        return None
     seg = batch.segment_ids
+    if backend == "flash_attention_2" or int(seg.max()) <= 0:
+        return None
     length = seg.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
     allowed = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, None, :] >= 0)

@@ -68,9 +68,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
             print(f"[multitune] --force-resume from {resume_from} although {'; '.join(mismatches)}", flush=True)
     train_set = ShardedDataset(prepared.split("train"))
     eval_set = ShardedDataset(prepared.split("eval"))
-    plan = plan_micro_batches(train_set.lengths, recipe.data.max_seq_len, cfg.micro_batch_tokens,
-                              recipe.data.packing, cfg.seed)
-    efficiency = plan_efficiency(train_set.lengths, plan, recipe.data.max_seq_len, recipe.data.packing)
+    plan = plan_micro_batches(train_set.lengths, recipe.data.max_seq_len, cfg.micro_batch_tokens, work.layout,
+                              cfg.seed)
+    efficiency = plan_efficiency(train_set.lengths, plan, recipe.data.max_seq_len, work.layout)
     stream = work.stream(train_set, plan, cfg.seed, accelerator.process_index, accelerator.num_processes)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.per_rank / cfg.grad_accum)
 
@@ -240,7 +240,7 @@ def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerat
 def eval_loss(model, dataset: ShardedDataset, recipe: Recipe, accelerator, work: Workload) -> float:
     """Teacher-forced loss per target over the eval split (each rank its share, summed), batched as training is."""
     plan = plan_micro_batches(dataset.lengths, recipe.data.max_seq_len, recipe.train.micro_batch_tokens,
-                              recipe.data.packing, 0)
+                              work.layout, 0)
     stream = work.stream(dataset, plan, 0, accelerator.process_index, accelerator.num_processes)
     was_training = model.training
     model.eval()

@@ -122,7 +122,7 @@ def evaluate_events(model: EventSequenceModel, dataset: ShardedDataset, manifest
     started = time.perf_counter()
     count = len(dataset) if max_cases is None else min(max_cases, len(dataset))
     lengths = dataset.lengths[:count]
-    plan = plan_micro_batches(lengths, seq_len, micro_batch_tokens, packing=True, seed=0)
+    plan = plan_micro_batches(lengths, seq_len, micro_batch_tokens, "packed", seed=0)
     stream = event_stream(dataset, plan, 0, 0, 1, manifest)
     was_training = model.training
     model.eval()
@@ -204,6 +204,8 @@ model, spec = load_sequence_model(Path("path/to/adapter"), torch.device("cpu"))
         self.recipe, self.task = recipe, task
         self.mask_dtype = DTYPES[recipe.model.dtype]
         self.manifest: dict | None = None
+        # every prefix of a case is a target: packed rows (block mask) waste nothing; the RNN needs no mask at all
+        self.layout = "packed" if recipe.data.packing else "padded"
 
     def prepare(self) -> PreparedData:
         prepared = self.task.prepare(self.recipe)
