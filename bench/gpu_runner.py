@@ -91,13 +91,7 @@ def matmul_peak(device: torch.device, size: int = 8192, iters: int = 50) -> dict
 def multitune(spec: Spec) -> dict:
     from bench.gpu_model import build_random_nf4, shipped_config
     from multitune.recipes.schema import AdapterConfig
-    from multitune.trainer.batches import (
-        MicroBatchStream,
-        Position,
-        attention_mask_for,
-        batch_layout,
-        plan_micro_batches,
-    )
+    from multitune.trainer.batches import MicroBatchStream, Position, attention_mask_for, plan_micro_batches
     from multitune.trainer.distributed import create_strategy
     from multitune.trainer.lm_loss import token_loss_sum
     from multitune.trainer.loop import accumulate_gradients
@@ -121,7 +115,7 @@ def multitune(spec: Spec) -> dict:
     # The hidden states' dtype: fp32 after kbit preparation, the storage dtype after FSDP2 (no mask under flash-attn).
     mask_dtype = dist.unwrap(model).get_input_embeddings().weight.dtype
     data = InMemorySamples(samples(spec, config.vocab_size))
-    plan = plan_micro_batches(data.lengths, spec.seq_len, spec.seq_len, batch_layout(True, backend), spec.seed)
+    plan = plan_micro_batches(data.lengths, spec.seq_len, spec.seq_len, "packed", spec.seed)
     stream = MicroBatchStream(data, plan, spec.seed, accelerator.process_index, accelerator.num_processes)
     batches = stream.iterate(Position())
 

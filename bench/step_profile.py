@@ -1,8 +1,8 @@
 """Where a training step's time goes: the samples of one 4,096-token packed plan entry (8 rows x 512) of the
-benchmark model (`BENCH_MODEL`: `tiny` or `smollm2`, as `bench.train_runner`), forward + backward, laid out as the
-trainer lays them out on sdpa (grouped: one sample per row, no mask) and as packed rows with the block-diagonal mask,
-with the LM head at target positions only (multitune) or at every position (what full logits cost); best of
-REPEATS interleaved runs each, and the top operators of the grouped step by self CPU time.
+benchmark model (`BENCH_MODEL`: `tiny` or `smollm2`, as `bench.train_runner`), forward + backward, as packed rows
+with the block-diagonal mask (multitune's default layout under sdpa) and grouped (`group_by_length`: one sample per
+row, no mask), with the LM head at target positions only (multitune) or at every position (what full logits cost);
+best of REPEATS interleaved runs each, and the top operators of the grouped step by self CPU time.
 `python -m bench.step_profile` prints one JSON line."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from multitune.trainer.lm_loss import token_loss_sum
 from multitune.trainer.model import load_model, load_tokenizer
 
 MODEL = os.environ.get("BENCH_MODEL", "tiny")
-REPEATS = 5 if MODEL == "tiny" else 3  # a real-model micro-batch takes seconds; runs are interleaved, best kept
+REPEATS = 5 if MODEL == "tiny" else 2  # a real-model micro-batch takes seconds; runs are interleaved, best kept
 
 
 def main() -> dict:
@@ -47,7 +47,7 @@ def main() -> dict:
         grouped = stream.collate([np.asarray([i]) for i in samples])
     model = load_model(config, adapter, torch.device("cpu"), gradient_checkpointing=False)
     packed_mask = attention_mask_for(packed, torch.float32, "sdpa")
-    batch, mask = grouped, attention_mask_for(grouped, torch.float32, "sdpa")  # what the trainer runs: no mask
+    batch, mask = grouped, attention_mask_for(grouped, torch.float32, "sdpa")  # None: one sample per row
 
     def packed_rows():
         token_loss_sum(model, packed, packed_mask).backward()

@@ -43,7 +43,40 @@ def records() -> list[dict]:
     return get_task("ticket_classification").generate(ROWS + 8, SEED)[:ROWS]  # multitune's train split
 
 
-def multitune(out: Path) -> dict:
+def ticket_lengths() -> np.ndarray:
+    """Token count of every benchmark ticket under the benchmark model's tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    from multitune.data_prep.tasks import get_task
+    from multitune.data_prep.tokenize import tokenize_examples
+
+    task = get_task("ticket_classification")
+    tokenized = tokenize_examples(AutoTokenizer.from_pretrained(model_path()), [task.format(r) for r in records()],
+                                  True)
+    return np.array([len(ids) for ids in tokenized.input_ids])
+
+
+def packed_steps(lengths: np.ndarray) -> int:
+    """Optimizer steps of multitune's default (packed) plan: every system takes as many."""
+    from multitune.trainer.batches import plan_micro_batches
+
+    return len(plan_micro_batches(lengths, ROW_LEN, STEP_TOKENS, "packed", SEED))
+
+
+def grouped_budget(lengths: np.ndarray) -> int:
+    """The smallest micro-batch token budget (multiples of 16) whose length-grouped plan takes no more steps than
+    `packed_steps`: steps as many and as full as the packed plan's."""
+    from multitune.trainer.batches import plan_micro_batches
+
+    steps = packed_steps(lengths)
+    return next(b for b in range(ROW_LEN, STEP_TOKENS + 1, 16)
+                if len(plan_micro_batches(lengths, ROW_LEN, b, "grouped", SEED)) <= steps)
+
+
+def multitune(out: Path, grouped: bool = False) -> dict:
+    """multitune's default packed rows (block mask under sdpa), or `grouped`: `group_by_length` without packing
+    (one sample per row, no mask; the layout of TRL's fastest correct setting), as many steps as packed."""
+    budget = grouped_budget(ticket_lengths()) if grouped else STEP_TOKENS
     recipe = {
         "task": "ticket_classification", "output_dir": str(out / "run"),
         "model": {"name_or_path": str(model_dir()) if MODEL == "tiny" else SMOLLM2,
@@ -51,8 +84,9 @@ def multitune(out: Path) -> dict:
                   "attn_implementation": "sdpa"},
         "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGET_MODULES},
         "data": {"generator": {"n_train": ROWS, "n_eval": 8, "seed": SEED}, "max_seq_len": ROW_LEN,
-                 "packing": True, "completion_only": True, "cache_dir": str(out / "cache")},
-        "train": {"epochs": 1, "lr": LR, "micro_batch_tokens": STEP_TOKENS, "grad_accum": 1, "warmup_steps": 0,
+                 "packing": not grouped, "group_by_length": grouped, "completion_only": True,
+                 "cache_dir": str(out / "cache")},
+        "train": {"epochs": 1, "lr": LR, "micro_batch_tokens": budget, "grad_accum": 1, "warmup_steps": 0,
                   "scheduler": "cosine", "seed": SEED},
         "eval": {"before_training": False, "max_samples": 1, "max_new_tokens": 1, "batch_size": 1},
         "checkpoint": {"every_steps": None},
@@ -77,8 +111,6 @@ def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked
     from trl import SFTConfig, SFTTrainer
 
     from multitune.data_prep.tasks import get_task
-    from multitune.data_prep.tokenize import tokenize_examples
-    from multitune.trainer.batches import batch_layout, plan_micro_batches
 
     disable_progress_bars()
     task = get_task("ticket_classification")
@@ -91,8 +123,8 @@ def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked
                                                  use_safetensors=True)
     # Unpacked batches: as many optimizer steps as multitune's plan takes over the same samples, so a step holds
     # the same real tokens on average (multitune's rows hold whole samples: a step is often under STEP_TOKENS).
-    lengths = [len(ids) for ids in tokenize_examples(tokenizer, [task.format(r) for r in records()], True).input_ids]
-    steps = len(plan_micro_batches(np.array(lengths), ROW_LEN, STEP_TOKENS, batch_layout(True, "sdpa"), SEED))
+    lengths = ticket_lengths()
+    steps = packed_steps(lengths)
     batch = STEP_TOKENS // ROW_LEN if packed else -(-len(lengths) // steps)
     speed = {"unpacked": {"gradient_checkpointing": False},
              "fast": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
@@ -155,7 +187,8 @@ def limit() -> dict:
 if __name__ == "__main__":
     system, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    runs = {"multitune": lambda: multitune(out), "trl_packed": lambda: trl(out, True),
+    runs = {"multitune": lambda: multitune(out), "multitune_grouped": lambda: multitune(out, grouped=True),
+            "trl_packed": lambda: trl(out, True),
             "trl_unpacked": lambda: trl(out, False), "trl_fast": lambda: trl(out, False, setting="fast"),
             "trl_default": lambda: trl(out, False, setting="default"),
             "trl_startup": lambda: trl(out, True, startup=True), "limit": limit}

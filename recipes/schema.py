@@ -107,6 +107,8 @@ class DataConfig(Section):
     max_seq_len: PositiveInt = 1024
     overlong: Literal["truncate", "drop"] = "drop"
     packing: bool = True
+    # Without packing: micro-batches of similar lengths (one sample per row, little padding) instead of random ones.
+    group_by_length: bool = False
     completion_only: bool = True
     cache_dir: str = "cache/prep"
     prep_workers: int = Field(0, ge=0)  # 0: one per CPU core, at most 8; not in the cache key (shards identical)
@@ -122,6 +124,8 @@ class DataConfig(Section):
             raise ValueError("give exactly one of data.train_file or data.generator")
         if self.generator is not None and self.eval_file is not None:
             raise ValueError("data.eval_file goes with data.train_file, not with data.generator")
+        if self.packing and self.group_by_length:
+            raise ValueError("data.group_by_length groups unpacked samples: set data.packing: false with it")
         return self
 
 

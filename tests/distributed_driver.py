@@ -40,7 +40,7 @@ def sample_coverage(recipe) -> None:
     from multitune.trainer.model import load_tokenizer
 
     data = ShardedDataset(prepare(get_task(recipe.task), recipe.data, load_tokenizer(recipe.model)).split("train"))
-    layout = batch_layout(recipe.data.packing, recipe.model.attn_implementation)
+    layout = batch_layout(recipe.data.packing, recipe.data.group_by_length)
     plan = plan_micro_batches(data.lengths, recipe.data.max_seq_len, recipe.train.micro_batch_tokens, layout,
                               recipe.train.seed)
     stream = MicroBatchStream(data, plan, recipe.train.seed, dist.get_rank(), dist.get_world_size())

@@ -79,10 +79,10 @@ def test_length_grouped_batches_break_ties_by_seed_and_give_an_overlong_sample_i
     assert [g.tolist() for g in a] == [g.tolist() for g in length_grouped_batches(lengths, 400, seed=0)]
 
 
-def test_packing_packs_rows_only_where_attention_runs_varlen():
-    assert batch_layout(True, "flash_attention_2") == "packed"
-    assert batch_layout(True, "sdpa") == batch_layout(True, "eager") == "grouped"
-    assert batch_layout(False, "flash_attention_2") == batch_layout(False, "sdpa") == "padded"
+def test_layout_follows_packing_and_group_by_length():
+    assert batch_layout(packing=True, group_by_length=False) == "packed"
+    assert batch_layout(packing=False, group_by_length=True) == "grouped"
+    assert batch_layout(packing=False, group_by_length=False) == "padded"
     lengths = np.random.default_rng(5).integers(20, 200, size=300)
     grouped = plan_micro_batches(lengths, 512, 2048, "grouped", seed=0)
     assert all(len(row) == 1 for batch in grouped for row in batch)

@@ -145,6 +145,17 @@ def test_cli_train_writes_every_run_output(tmp_path, tiny_model_dir):
     assert (run / "metrics.json").read_text() == before and (run / "adapter").is_dir()
 
 
+def test_group_by_length_reaches_the_loop_and_pads_less_than_random_batches(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path, tiny_model_dir, checkpoint={"every_steps": None}))
+    efficiency = {}
+    for name, grouped in (("grouped", "true"), ("padded", "false")):
+        run_cli("train", str(recipe), "data.packing=false", f"data.group_by_length={grouped}", "train.max_steps=2",
+                f"output_dir={tmp_path / name}")
+        efficiency[name] = json.loads((tmp_path / name / "metrics.json").read_text())["packing_efficiency"]
+    # random batches pad every row to their longest ticket; neighbours in length order differ by a token or two
+    assert efficiency["grouped"] > 0.99 and efficiency["grouped"] - efficiency["padded"] > 0.02
+
+
 def test_merge_reproduces_base_plus_adapter(tmp_path, tiny_model_dir):
     """LoRA: merged == base + adapter. QLoRA: merged == dequantized-NF4 base + adapter, and closer to the trained
     4-bit model than a merge onto the original weights (bitsandbytes' CPU 4-bit matmul is itself inexact)."""

@@ -39,8 +39,8 @@ LEFTOVER = re.compile(r"^\.step-\d+\.(tmp|del)$")  # a save or a deletion that w
 # such a checkpoint cannot be loaded. The others (lr, max_steps, eval, checkpoint, tracking, ...) may change.
 RESUME_KEYS = ("task", "model.name_or_path", "model.gguf_file", "model.tiny", "model.dtype", "model.quantization",
                "model.double_quant", "model.compute_dtype", "model.quant_storage", "adapter.alpha",
-               "adapter.dropout", "data.packing", "train.micro_batch_tokens", "train.grad_accum", "train.optimizer",
-               "train.seed", "distributed.strategy")
+               "adapter.dropout", "data.packing", "data.group_by_length", "train.micro_batch_tokens",
+               "train.grad_accum", "train.optimizer", "train.seed", "distributed.strategy")
 # Recorded in state.json beside RESUME_KEYS only to name the recipe change behind a change of shapes.
 EXPLAINING_KEYS = ("model", "adapter", "process")
 

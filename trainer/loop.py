@@ -22,7 +22,7 @@ from multitune.recipes.errors import RunStopped
 from multitune.recipes.loader import dump_recipe
 from multitune.recipes.schema import Recipe, TrainConfig
 from multitune.trainer.adapter_base import resolvable_base
-from multitune.trainer.batches import MicroBatch, Position, plan_efficiency, plan_micro_batches
+from multitune.trainer.batches import MicroBatch, Position, batch_layout, plan_efficiency, plan_micro_batches
 from multitune.trainer.checkpoint import (
     TrainState,
     check_shapes,
@@ -68,9 +68,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
             print(f"[multitune] --force-resume from {resume_from} although {'; '.join(mismatches)}", flush=True)
     train_set = ShardedDataset(prepared.split("train"))
     eval_set = ShardedDataset(prepared.split("eval"))
-    plan = plan_micro_batches(train_set.lengths, recipe.data.max_seq_len, cfg.micro_batch_tokens, work.layout,
-                              cfg.seed)
-    efficiency = plan_efficiency(train_set.lengths, plan, recipe.data.max_seq_len, work.layout)
+    layout = batch_layout(recipe.data.packing, recipe.data.group_by_length)
+    plan = plan_micro_batches(train_set.lengths, recipe.data.max_seq_len, cfg.micro_batch_tokens, layout, cfg.seed)
+    efficiency = plan_efficiency(train_set.lengths, plan, recipe.data.max_seq_len, layout)
     stream = work.stream(train_set, plan, cfg.seed, accelerator.process_index, accelerator.num_processes)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * stream.per_rank / cfg.grad_accum)
 
@@ -238,9 +238,9 @@ def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerat
 
 @torch.no_grad()
 def eval_loss(model, dataset: ShardedDataset, recipe: Recipe, accelerator, work: Workload) -> float:
-    """Teacher-forced loss per target over the eval split (each rank its share, summed), batched as training is."""
-    plan = plan_micro_batches(dataset.lengths, recipe.data.max_seq_len, recipe.train.micro_batch_tokens,
-                              work.layout, 0)
+    """Teacher-forced loss per target over the eval split (each rank its share, summed), in micro-batches of
+    similar lengths, one sample per row (no mask, little padding: the order of a sum does not matter here)."""
+    plan = plan_micro_batches(dataset.lengths, recipe.data.max_seq_len, recipe.train.micro_batch_tokens, "grouped", 0)
     stream = work.stream(dataset, plan, 0, accelerator.process_index, accelerator.num_processes)
     was_training = model.training
     model.eval()

@@ -204,8 +204,6 @@ model, spec = load_sequence_model(Path("path/to/adapter"), torch.device("cpu"))
         self.recipe, self.task = recipe, task
         self.mask_dtype = DTYPES[recipe.model.dtype]
         self.manifest: dict | None = None
-        # every prefix of a case is a target: packed rows (block mask) waste nothing; the RNN needs no mask at all
-        self.layout = "packed" if recipe.data.packing else "padded"
 
     def prepare(self) -> PreparedData:
         prepared = self.task.prepare(self.recipe)

@@ -23,7 +23,7 @@ from multitune.data_prep.shards import ShardedDataset
 from multitune.data_prep.tasks import ChatTask, Task
 from multitune.recipes.schema import Recipe
 from multitune.trainer.adapter_base import record_base
-from multitune.trainer.batches import MicroBatchStream, Plan, attention_mask_for, batch_layout
+from multitune.trainer.batches import MicroBatchStream, Plan, attention_mask_for
 from multitune.trainer.evaluate import eval_records, evaluate_generation, warn_if_answers_exceed
 from multitune.trainer.lm_loss import token_loss_sum
 from multitune.trainer.model import DTYPES, load_model, load_tokenizer
@@ -36,7 +36,6 @@ LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
 class Workload(Protocol):
     task: Task
     how_to_load: str  # the "Load it" section of the adapter's model card
-    layout: str  # how micro-batches lay samples out (`batches.batch_layout`): packed, grouped or padded
 
     def prepare(self) -> PreparedData: ...
     def stream(self, dataset: ShardedDataset, plan: Plan, seed: int, rank: int, world_size: int): ...
@@ -62,8 +61,6 @@ class TextWorkload:
         self.tokenizer = None
         self.backend = recipe.model.attn_implementation
         self.mask_dtype = DTYPES[recipe.model.dtype]
-        # from the requested backend: where flash-attn turns out missing, packed rows still get their block mask
-        self.layout = batch_layout(recipe.data.packing, recipe.model.attn_implementation)
 
     def prepare(self) -> PreparedData:
         self.tokenizer = load_tokenizer(self.recipe.model)
