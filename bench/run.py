@@ -260,6 +260,8 @@ def rerun_real_model(quick: bool) -> int:
     details = saved.pop("details")
     saved["real_model"] = summary(real)
     details["real_model"] = real
+    for partial in ("real_model_train_rerun", "real_model_prep_rerun"):  # superseded by this whole rerun
+        details.pop(partial, None)
     details["real_model_date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     details["real_model_minutes"] = round((time.perf_counter() - started) / 60, 1)
     RESULTS.write_text(json.dumps({**saved, "details": details}, indent=2) + "\n")
@@ -336,7 +338,7 @@ def real_model_lines(d: dict) -> list[str]:
     lim, ev, sp = rm["limit"], rm["eval"], rm["step_profile"]
     names = {"multitune": "multitune, defaults (packed rows, block mask)",
              "multitune_grouped": "multitune, `packing: false`, `group_by_length: true` (one sample per row, no mask)",
-             "trl_fast": "TRL, fastest correct (padded, grouped by length, no checkpointing)",
+             "trl_fast": "TRL, padded, grouped by length, no gradient checkpointing",
              "trl_default": "TRL, SFTConfig defaults (padded, random order, gradient checkpointing)"}
     when = (f" Rerun alone {d['real_model_date']} ({d['real_model_minutes']} min; `python -m bench.run "
             "--only-real-model`).") if "real_model_date" in d else ""
@@ -362,9 +364,14 @@ def real_model_lines(d: dict) -> list[str]:
                      f"| {r['mean_loss']:.4f} | {r['load']:.1f} |")
     ops = ", ".join(f"{name} {share:.0%}" for name, share in sp["top_ops"])
     ours, grouped = rm["multitune"]["tokens_per_s"], rm["multitune_grouped"]["tokens_per_s"]
-    fast, default = rm["trl_fast"]["tokens_per_s"], rm["trl_default"]["tokens_per_s"]
-    lines += ["", f"multitune / TRL fastest correct: **{ours / fast:.2f}×** (defaults), **{grouped / fast:.2f}×** "
-                  f"(grouped by length, TRL's layout); multitune / TRL defaults: **{ours / default:.2f}×**.",
+    # TRL's fastest correct setting is whichever of its two correct rows was faster in this run: without gradient
+    # checkpointing it allocates more per step, which costs more than the recompute where page faults are dear
+    fastest = max(("trl_fast", "trl_default"), key=lambda k: rm[k]["tokens_per_s"])
+    best = rm[fastest]["tokens_per_s"]
+    short = {"trl_fast": "grouped by length, no checkpointing", "trl_default": "its defaults"}[fastest]
+    lines += ["", f"multitune / TRL's fastest correct setting in this run ({short}): **{ours / best:.2f}×** "
+                  f"with multitune's defaults, **{grouped / best:.2f}×** grouped by length (TRL's layout); multitune "
+                  f"/ TRL defaults: **{ours / rm['trl_default']['tokens_per_s']:.2f}×**.",
               *prep_lines(rm.get("prep")),
               "", f"One micro-batch grouped by length ({sp['rows'][0]} × {sp['rows'][1]}, one "
                   f"sample per row, {sp['real_tokens']:,} tokens, {sp['target_tokens']} targets; best of interleaved "

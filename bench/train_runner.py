@@ -8,9 +8,10 @@ training loop only (data preparation, model loading and the final evaluation exc
 steps, tokens, target tokens, the last step's loss and the mean of every step's loss (per target token).
 
 TRL systems: `trl_packed` (packing + padding-free: fastest, but on sdpa/eager samples attend across each other),
-`trl_unpacked` (padded batches, no gradient checkpointing), `trl_fast` (its fastest correct CPU setting: padded
-batches grouped by length, no gradient checkpointing) and `trl_default` (SFTConfig's defaults: padded batches in
-random order, gradient checkpointing on).
+`trl_unpacked` (padded batches, no gradient checkpointing), `trl_fast` (padded batches grouped by length, no
+gradient checkpointing: its fastest correct setting when memory is cheap) and `trl_default` (SFTConfig's defaults:
+padded batches in random order, gradient checkpointing on; faster than `trl_fast` where page faults are dear, as on
+this VM under glibc's malloc: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def grouped_budget(lengths: np.ndarray) -> int:
 
 def multitune(out: Path, grouped: bool = False) -> dict:
     """multitune's default packed rows (block mask under sdpa), or `grouped`: `group_by_length` without packing
-    (one sample per row, no mask; the layout of TRL's fastest correct setting), as many steps as packed."""
+    (one sample per row, no mask; the layout of TRL's `trl_fast`), as many steps as packed."""
     budget = grouped_budget(ticket_lengths()) if grouped else STEP_TOKENS
     recipe = {
         "task": "ticket_classification", "output_dir": str(out / "run"),

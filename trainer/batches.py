@@ -51,10 +51,10 @@ def batch_layout(packing: bool, group_by_length: bool) -> str:
     "packed": samples back to back in rows of `max_seq_len` (BFD); attention is kept inside each sample by the
     varlen kernel (flash_attention_2) or a block-diagonal mask (sdpa/eager: every pair of the row is computed and
     transformers repeats grouped KV heads). "grouped": one sample per row, micro-batches of similar lengths: little
-    padding and no mask (measured on SmolLM2-135M, the same 16 tickets as 8 packed rows of 402 tokens vs 16 grouped
-    rows of 201, forward + backward: 12.1 vs 11.0 s), but a micro-batch is no random sample of the data (on the demo
-    task, where ticket length follows the category, 31 steps learned less: urgency 0.48 vs 0.63). "padded": one
-    sample per row, micro-batches in random order.
+    padding and no mask (SmolLM2-135M, the same 16 tickets as 8 packed rows of 402 tokens vs 16 grouped rows of 201,
+    forward + backward, 7 interleaved runs: median 10.66 vs 10.25 s, best 10.39 vs 9.60 s), but a micro-batch is no
+    random sample of the data (on the demo task, where ticket length follows the category, 31 grouped steps learned
+    less: urgency 0.48 vs 0.63). "padded": one sample per row, micro-batches in random order.
     """
     if packing:
         return "packed"
