@@ -72,7 +72,20 @@ def best_fit_decreasing(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
 def padded_batches(lengths: np.ndarray, budget: int, seed: int) -> list[np.ndarray]:
     """Without packing: shuffled samples batched while `rows x longest row` stays within the token budget."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.random.default_rng(seed).permutation(len(lengths))
+    return _cut_in_order(lengths, np.random.default_rng(seed).permutation(len(lengths)), budget)
+
+
+def length_grouped_batches(lengths: np.ndarray, budget: int, seed: int) -> list[np.ndarray]:
+    """Samples sorted by length (ties in a seeded random order), cut into batches while `rows x longest row` stays
+    within the token budget: one sample per row with little padding (neighbours in length order differ little)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ties = np.random.default_rng(seed).permutation(len(lengths))
+    return _cut_in_order(lengths, ties[np.argsort(lengths[ties], kind="stable")], budget)
+
+
+def _cut_in_order(lengths: np.ndarray, order: np.ndarray, budget: int) -> list[np.ndarray]:
+    """`order` cut into consecutive batches while `rows x longest row` stays within `budget`; a sample over budget
+    gets a batch of its own."""
     groups: list[np.ndarray] = []
     current: list[int] = []
     longest = 0
@@ -85,20 +98,4 @@ def padded_batches(lengths: np.ndarray, budget: int, seed: int) -> list[np.ndarr
         longest = longest_if_added
     if current:
         groups.append(np.asarray(current, dtype=np.int64))
-    return groups
-
-
-def length_grouped_batches(lengths: np.ndarray, budget: int, seed: int) -> list[np.ndarray]:
-    """Samples sorted by length (ties in a seeded random order), cut into batches while `rows x longest row` stays
-    within the token budget: one sample per row with little padding (neighbours in length order differ little)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    ties = np.random.default_rng(seed).permutation(len(lengths))
-    order = ties[np.argsort(lengths[ties], kind="stable")]
-    groups: list[np.ndarray] = []
-    start = 0
-    for end in range(1, len(order) + 1):
-        # ascending order: the batch's longest row is its last; a sample over budget still gets a batch of its own
-        if end == len(order) or (end - start + 1) * int(lengths[order[end]]) > budget:
-            groups.append(order[start:end].astype(np.int64))
-            start = end
     return groups
