@@ -65,13 +65,13 @@ def step_profile(env: dict | None = None) -> dict:
     result = subprocess.run([python(), "-m", "bench.step_profile"], cwd=REPO, env=env or ENV, capture_output=True,
                             text=True, check=True)
     out = json.loads(result.stdout.strip().splitlines()[-1])
+    full = f", {out['full_logits_s']:.3f} s with full logits" if "full_logits_s" in out else ""
     print(f"  one micro-batch: {out['targets_only_s']:.3f} s (grouped, one sample per row, logits at targets), "
-          f"{out['packed_rows_s']:.3f} s as packed rows with a block mask, {out['full_logits_s']:.3f} s with full "
-          "logits", flush=True)
+          f"{out['packed_rows_s']:.3f} s as packed rows with a block mask{full}", flush=True)
     return out
 
 
-REAL_SYSTEMS = ("multitune", "multitune_grouped", "trl_fast", "trl_default")
+REAL_SYSTEMS = ("multitune", "multitune_grouped", "multitune_compiled", "trl_fast", "trl_default")
 EVAL_RECIPE = REPO / "recipes" / "ticket_classification" / "smollm2-135m-instruct_lora.yaml"
 
 
@@ -338,6 +338,7 @@ def real_model_lines(d: dict) -> list[str]:
     lim, ev, sp = rm["limit"], rm["eval"], rm["step_profile"]
     names = {"multitune": "multitune, defaults (packed rows, block mask)",
              "multitune_grouped": "multitune, `packing: false`, `group_by_length: true` (one sample per row, no mask)",
+             "multitune_compiled": "multitune, grouped as above + `train.compile: true` (compile time included)",
              "trl_fast": "TRL, padded, grouped by length, no gradient checkpointing",
              "trl_default": "TRL, SFTConfig defaults (padded, random order, gradient checkpointing)"}
     when = (f" Rerun alone {d['real_model_date']} ({d['real_model_minutes']} min; `python -m bench.run "
@@ -363,20 +364,21 @@ def real_model_lines(d: dict) -> list[str]:
                      f"| {r['s_per_step']:.1f} | {r['gflops']:.0f} | {r['mfu']:.0%} | {r['final_loss']:.4f} "
                      f"| {r['mean_loss']:.4f} | {r['load']:.1f} |")
     ops = ", ".join(f"{name} {share:.0%}" for name, share in sp["top_ops"])
-    ours, grouped = rm["multitune"]["tokens_per_s"], rm["multitune_grouped"]["tokens_per_s"]
+    ours, grouped, compiled = (rm[k]["tokens_per_s"] for k in ("multitune", "multitune_grouped", "multitune_compiled"))
     # TRL's fastest correct setting is whichever of its two correct rows was faster in this run: without gradient
     # checkpointing it allocates more per step, which costs more than the recompute where page faults are dear
     fastest = max(("trl_fast", "trl_default"), key=lambda k: rm[k]["tokens_per_s"])
     best = rm[fastest]["tokens_per_s"]
     short = {"trl_fast": "grouped by length, no checkpointing", "trl_default": "its defaults"}[fastest]
     lines += ["", f"multitune / TRL's fastest correct setting in this run ({short}): **{ours / best:.2f}×** "
-                  f"with multitune's defaults, **{grouped / best:.2f}×** grouped by length (TRL's layout); multitune "
-                  f"/ TRL defaults: **{ours / rm['trl_default']['tokens_per_s']:.2f}×**.",
+                  f"with multitune's defaults, **{grouped / best:.2f}×** grouped by length (TRL's layout), "
+                  f"**{compiled / best:.2f}×** grouped with `train.compile`; multitune / TRL defaults: "
+                  f"**{ours / rm['trl_default']['tokens_per_s']:.2f}×**.",
               *prep_lines(rm.get("prep")),
               "", f"One micro-batch grouped by length ({sp['rows'][0]} × {sp['rows'][1]}, one "
                   f"sample per row, {sp['real_tokens']:,} tokens, {sp['target_tokens']} targets; best of interleaved "
                   f"runs; load {sp['load']:.1f}): forward + backward {sp['targets_only_s']:.2f} s with the LM head at "
-                  f"targets, {sp['full_logits_s']:.2f} s with full logits, {sp['packed_rows_s']:.2f} s for the same "
+                  f"targets, {sp['packed_rows_s']:.2f} s for the same "
                   f"samples as packed rows ({sp['packed_rows'][0]} × {sp['packed_rows'][1]}, block mask); top "
                   f"operators by self CPU time: {ops}.", "",
               f"Generation eval ({ev['samples']} ticket eval prompts, {ev['prompt_tokens']:,} prompt tokens, batches "

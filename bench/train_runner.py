@@ -11,7 +11,8 @@ TRL systems: `trl_packed` (packing + padding-free: fastest, but on sdpa/eager sa
 `trl_unpacked` (padded batches, no gradient checkpointing), `trl_fast` (padded batches grouped by length, no
 gradient checkpointing: its fastest correct setting when memory is cheap) and `trl_default` (SFTConfig's defaults:
 padded batches in random order, gradient checkpointing on; faster than `trl_fast` where page faults are dear, as on
-this VM under glibc's malloc: BENCHMARKS.md).
+this VM under glibc's malloc: BENCHMARKS.md). `multitune_compiled` and `trl_compiled`: the grouped settings with
+each system's torch.compile switch (`train.compile`: each decoder layer; TRL's `torch_compile`: the whole model).
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def grouped_budget(lengths: np.ndarray) -> int:
                 if len(plan_micro_batches(lengths, ROW_LEN, b, "grouped", SEED)) <= steps)
 
 
-def multitune(out: Path, grouped: bool = False) -> dict:
+def multitune(out: Path, grouped: bool = False, compiled: bool = False) -> dict:
     """multitune's default packed rows (block mask under sdpa), or `grouped`: `group_by_length` without packing
-    (one sample per row, no mask; the layout of TRL's `trl_fast`), as many steps as packed."""
+    (one sample per row, no mask; the layout of TRL's `trl_fast`), as many steps as packed; `compiled`:
+    `train.compile` (each decoder layer through torch.compile; the compile is inside the timed first steps)."""
     budget = grouped_budget(ticket_lengths()) if grouped else STEP_TOKENS
     recipe = {
         "task": "ticket_classification", "output_dir": str(out / "run"),
@@ -88,7 +90,7 @@ def multitune(out: Path, grouped: bool = False) -> dict:
                  "packing": not grouped, "group_by_length": grouped, "completion_only": True,
                  "cache_dir": str(out / "cache")},
         "train": {"epochs": 1, "lr": LR, "micro_batch_tokens": budget, "grad_accum": 1, "warmup_steps": 0,
-                  "scheduler": "cosine", "seed": SEED},
+                  "scheduler": "cosine", "seed": SEED, "compile": compiled},
         "eval": {"before_training": False, "max_samples": 1, "max_new_tokens": 1, "batch_size": 1},
         "checkpoint": {"every_steps": None},
     }
@@ -104,7 +106,7 @@ def multitune(out: Path, grouped: bool = False) -> dict:
 
 
 def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked") -> dict:
-    """TRL's SFTTrainer; `setting` for unpacked runs: `unpacked`, `fast` or `default` (module docstring);
+    """TRL's SFTTrainer; `setting` for unpacked runs: `unpacked`, `fast`, `default` or `compiled` (module docstring);
     `startup`: stop after the first optimizer step and report when it ended (wall clock)."""
     from datasets import Dataset, disable_progress_bars
     from peft import LoraConfig
@@ -129,7 +131,9 @@ def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked
     batch = STEP_TOKENS // ROW_LEN if packed else -(-len(lengths) // steps)
     speed = {"unpacked": {"gradient_checkpointing": False},
              "fast": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
-             "default": {}}[setting]
+             "default": {},
+             "compiled": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length",
+                          "torch_compile": True}}[setting]
     config = SFTConfig(
         output_dir=str(out / "trl"), packing=packed, padding_free=packed, max_length=ROW_LEN,
         per_device_train_batch_size=batch, gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="cosine",
@@ -189,6 +193,8 @@ if __name__ == "__main__":
     system, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     runs = {"multitune": lambda: multitune(out), "multitune_grouped": lambda: multitune(out, grouped=True),
+            "multitune_compiled": lambda: multitune(out, grouped=True, compiled=True),
+            "trl_compiled": lambda: trl(out, False, setting="compiled"),
             "trl_packed": lambda: trl(out, True),
             "trl_unpacked": lambda: trl(out, False), "trl_fast": lambda: trl(out, False, setting="fast"),
             "trl_default": lambda: trl(out, False, setting="default"),

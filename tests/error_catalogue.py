@@ -217,6 +217,10 @@ CASES: list[BadInput] = [
     recipe_case("combo-group-packed", "`data.group_by_length=true` with packing on",
                 ["data.group_by_length=true"],
                 "data.group_by_length groups unpacked samples: set data.packing: false with it"),
+    recipe_case("combo-compile-sharded", "`train.compile=true` under `zero3`",
+                ["train.compile=true", "distributed.strategy=zero3"],
+                "train.compile is supported under distributed.strategy=single or ddp, not zero3: set train.compile: "
+                "false"),
     recipe_case("combo-eval-file", "`data.eval_file` with `data.generator`", ["data.eval_file=e.jsonl"],
                 "data.eval_file goes with data.train_file, not with data.generator"),
     recipe_case("combo-offload-zero3", "`distributed.offload_params=true` under `zero3`",

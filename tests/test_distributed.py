@@ -162,15 +162,17 @@ def test_two_machines_train_one_ddp_job_equal_to_one_process(tmp_path, tiny_mode
     order), the loss normalised by the global target-token count. Step 1 (before any update) agrees to 1e-6; later
     steps to 5e-4 relative, because the all-reduce sums gradients in a different order and Adam's update
     (~g/sqrt(v)) amplifies that round-off for near-zero gradient components (measured: 1e-5 at step 3, 1e-4 at
-    step 4)."""
+    step 4). The DDP job also compiles its decoder layers (`train.compile`, LoRA dropout 0: inductor draws its own
+    random numbers): DDP's gradient hooks see the compiled layers' gradients as they would eager ones."""
     from multitune.recipes.loader import validate_recipe
     from multitune.trainer.loop import train
 
-    def recipe(name, strategy, accum):
-        return recipe_dict(tmp_path / name, tiny_model_dir, train={"max_steps": 4, "grad_accum": accum},
+    def recipe(name, strategy, accum, compile=False):
+        return recipe_dict(tmp_path / name, tiny_model_dir, adapter={"kind": "lora", "r": 8, "dropout": 0.0},
+                           train={"max_steps": 4, "grad_accum": accum, "compile": compile},
                            checkpoint={"every_steps": None}, distributed={"strategy": strategy})
 
-    path = write_recipe(tmp_path / "ddp.yaml", recipe("ddp", "ddp", 2))
+    path = write_recipe(tmp_path / "ddp.yaml", recipe("ddp", "ddp", 2, compile=True))
     port = free_port()
     machines = [subprocess.Popen(
         [sys.executable, "-m", "multitune", "train", str(path), "--num_processes", "2", "--num_machines", "2",
@@ -180,6 +182,7 @@ def test_two_machines_train_one_ddp_job_equal_to_one_process(tmp_path, tiny_mode
     train(one)  # meanwhile, in this process
     outputs = [m.communicate(timeout=600)[0] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "train.compile: 2 decoder layers compiled" in outputs[0], outputs[0][-3000:]
     metrics = json.loads((tmp_path / "ddp" / "run" / "metrics.json").read_text())
     assert metrics["distributed"]["world_size"] == 2 and metrics["distributed"]["wrapper"] == "DistributedDataParallel"
 

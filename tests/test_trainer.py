@@ -156,6 +156,52 @@ def test_group_by_length_reaches_the_loop_and_pads_less_than_random_batches(tmp_
     assert efficiency["grouped"] > 0.99 and efficiency["grouped"] - efficiency["padded"] > 0.02
 
 
+def test_compiled_layers_train_like_eager_ones(tmp_path, tiny_model_dir):
+    """`train.compile` (with gradient checkpointing, the harder path) takes the same steps as eager layers without
+    it, saves an adapter with the same parameter names and values, and evaluates by generation (eagerly) to the same
+    metrics.
+    LoRA dropout 0: inductor draws its own random numbers, so dropout masks would differ."""
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+
+    from multitune.recipes.loader import load_recipe
+    from multitune.trainer.loop import train
+
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(
+        tmp_path, tiny_model_dir, adapter={"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        train={"max_steps": 3}, checkpoint={"every_steps": None}))
+    run_cli("train", str(recipe), f"output_dir={tmp_path / 'eager'}")
+    counters.clear()
+    train(load_recipe(recipe, [f"output_dir={tmp_path / 'compiled'}", "train.compile=true",
+                               "train.gradient_checkpointing=true"]))
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters)  # inductor compiled the layers
+    eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3] and compiled == pytest.approx(eager, rel=1e-5), (eager, compiled)
+    weights = [load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("eager", "compiled")]
+    assert sorted(weights[0]) == sorted(weights[1]) and any("lora_B" in name for name in weights[1])
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], atol=1e-5, rtol=1e-4)
+    after = [json.loads((tmp_path / run / "metrics.json").read_text())["after"] for run in ("eager", "compiled")]
+    for metrics in after:
+        del metrics["seconds"]
+    assert "category" in after[1] and after[1] == after[0]
+
+
+@pytest.mark.unit
+def test_compile_without_a_compiler_is_refused_before_anything_runs(monkeypatch):
+    from multitune.recipes.errors import InputError
+    from multitune.trainer.model import compile_decoder_layers
+
+    layers = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]))
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with pytest.raises(InputError, match="train.compile: torch.compile on CPU needs a C\\+\\+ compiler and "
+                                         "no-such-c\\+\\+-compiler is not on PATH"):
+        compile_decoder_layers(layers, torch.device("cpu"))
+    monkeypatch.delenv("CXX")
+    with pytest.raises(InputError, match="train.compile: this model has no list of decoder layers"):
+        compile_decoder_layers(torch.nn.Linear(2, 2), torch.device("cpu"))
+
+
 def test_merge_reproduces_base_plus_adapter(tmp_path, tiny_model_dir):
     """LoRA: merged == base + adapter. QLoRA: merged == dequantized-NF4 base + adapter, and closer to the trained
     4-bit model than a merge onto the original weights (bitsandbytes' CPU 4-bit matmul is itself inexact)."""

@@ -35,7 +35,7 @@ from multitune.trainer.checkpoint import (
 )
 from multitune.trainer.distributed import Strategy, create_strategy
 from multitune.trainer.memory import peak_memory_gb
-from multitune.trainer.model import count_parameters
+from multitune.trainer.model import compile_decoder_layers, count_parameters
 from multitune.trainer.preemption import Preempted, StopSignals
 from multitune.trainer.run_files import RunLog, check_output_dir, claim_output_dir, finish_run
 from multitune.trainer.tracking import Tracker
@@ -79,6 +79,11 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     set_seed(cfg.seed)
     model = dist.load_model(lambda device, weights: work.load_model(device, cfg.gradient_checkpointing, weights),
                             quantized=recipe.model.quantization == "nf4")
+    if cfg.compile:
+        compiled = compile_decoder_layers(model, accelerator.device)
+        if main:
+            print(f"[multitune] train.compile: {compiled} decoder layers compiled with torch.compile "
+                  f"(the first micro-batches pay the compile)", flush=True)
     shapes = trainable_shapes(model)
     if resume:
         check_shapes(resume_from, shapes, fingerprint)  # not even --force-resume loads values into other shapes
@@ -106,9 +111,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     else:
         state = TrainState(data_hash=data_hash, recipe=fingerprint, shapes=shapes)
         if recipe.eval.before_training:
-            before, _ = dist.model_call(lambda: work.evaluate(
-                dist.unwrap(model), eval_set, accelerator.device,
-                reports=run_dir / "per_class" / "before" if main else None)) or (None, None)
+            with eager():
+                before, _ = dist.model_call(lambda: work.evaluate(
+                    dist.unwrap(model), eval_set, accelerator.device,
+                    reports=run_dir / "per_class" / "before" if main else None)) or (None, None)
             if main:
                 log.append({"eval": "before", "step": 0, **before})
                 tracker.log({f"eval_before/{k}": v for k, v in before.items()}, step=0)
@@ -169,10 +175,11 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
                 saved = save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state,
                                         recipe.checkpoint.keep_last, dist)
             if recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 and state.step < total_steps:
-                eval_entry = {"eval": "loss", "step": state.step,
-                              "loss": eval_loss(model, eval_set, recipe, accelerator, work)}
-                eval_entry.update(dist.model_call(
-                    lambda: work.step_metrics(dist.unwrap(model), eval_set, accelerator.device)) or {})
+                with eager():
+                    eval_entry = {"eval": "loss", "step": state.step,
+                                  "loss": eval_loss(model, eval_set, recipe, accelerator, work)}
+                    eval_entry.update(dist.model_call(
+                        lambda: work.step_metrics(dist.unwrap(model), eval_set, accelerator.device)) or {})
                 if main:
                     log.append(eval_entry)
                     tracker.log({f"eval/{k}": v for k, v in eval_entry.items() if k not in ("eval", "step")},
@@ -195,9 +202,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     if main:
         adapter_dir = work.save(unwrapped, weights, run_dir, data_hash)
     # Evaluation is a model call: on every rank when sharded, else on the main one (None elsewhere).
-    after, examples = dist.model_call(lambda: work.evaluate(
-        unwrapped, eval_set, accelerator.device, reports=run_dir / "per_class" / "after" if main else None)) \
-        or (None, None)
+    with eager():
+        after, examples = dist.model_call(lambda: work.evaluate(
+            unwrapped, eval_set, accelerator.device, reports=run_dir / "per_class" / "after" if main else None)) \
+            or (None, None)
     if main:
         metrics = finish_run(
             run_dir, log, tracker, task, work.how_to_load, dump_recipe(recipe),
@@ -210,6 +218,12 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the accelerator's references to the wrapped model and optimizer: a caller may go on
     return metrics
+
+
+def eager():
+    """A context in which layers compiled by `train.compile` run eagerly: evaluation, whose generation would compile
+    anew for its KV-cache shapes and whose no-grad forward would compile a second graph, for a few calls."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def accumulate_gradients(model, window: list[MicroBatch], accelerator: Accelerator, loss_fn: LossFn,
