@@ -124,6 +124,10 @@ def test_cli_train_writes_every_run_output(tmp_path, tiny_model_dir):
     for key in ("before", "after"):
         assert {"category", "subcategory", "urgency", "exact_match", "parse_rate"} <= set(metrics[key])
     assert metrics["tokens_per_s"] > 0 and 0 < metrics["packing_efficiency"] <= 1
+    later = steps[1:]  # the steady rate leaves out the first step's one-off costs
+    assert metrics["tokens_per_s_after_first_step"] == pytest.approx(
+        sum(e["tokens"] for e in later) / sum(e["tokens"] / e["tokens_per_s"] for e in later), rel=1e-6)
+    assert f"({metrics['tokens_per_s_after_first_step']:.0f} after the first step)" in result.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert "exact_match" in result.stdout and "packing efficiency" in result.stdout
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -160,7 +160,9 @@ def summary_table(metrics: dict[str, Any], fields: tuple[str, ...]) -> str:
         a = after.get(field)
         lines.append(f"{field:<16}{_fmt(b):>10}{_fmt(a):>10}")
     lines.append("-" * 36)
-    lines.append(f"tokens/s            {metrics['tokens_per_s']:.0f}")
+    steady = metrics.get("tokens_per_s_after_first_step")
+    lines.append(f"tokens/s            {metrics['tokens_per_s']:.0f}"
+                 + (f" ({steady:.0f} after the first step)" if steady else ""))
     lines.append(f"packing efficiency  {metrics['packing_efficiency']:.1%}")
     lines.append(f"adapter             {metrics['adapter']}")
     if metrics.get("per_class"):
@@ -222,6 +224,12 @@ LoRA adapter for `{base_model}`, trained by multitune on the `{task}` task.
 """
 
 
+def throughput(steps: list[dict]) -> float:
+    """Tokens per second over logged optimizer steps (each entry's `tokens` and `tokens_per_s`)."""
+    seconds = sum(e["tokens"] / e["tokens_per_s"] for e in steps)
+    return sum(e["tokens"] for e in steps) / max(seconds, 1e-9)
+
+
 def finish_run(run_dir: Path, log: RunLog, tracker, task, how_to_load: str, recipe_yaml: str, base: str, *,
                before: dict | None, after: dict, examples: list[dict], adapter_dir: Path,
                write_reports: Callable[[Path, dict], None], facts: dict) -> dict:
@@ -232,12 +240,13 @@ def finish_run(run_dir: Path, log: RunLog, tracker, task, how_to_load: str, reci
     log.append({"eval": "after", "step": facts["steps"], **after})
     tracker.log({f"eval/{k}": v for k, v in after.items()}, step=facts["steps"])
     steps = [e for e in log.entries() if "eval" not in e]
-    seconds = sum(e["tokens"] / e["tokens_per_s"] for e in steps)
     metrics = {
         "task": task.name, "steps": facts["steps"],
         **{k: after[k] for k in task.headline_metrics if k in after},  # the final figures, at the top level
         "before": before, "after": after,
-        "tokens_per_s": sum(e["tokens"] for e in steps) / max(seconds, 1e-9),
+        "tokens_per_s": throughput(steps),
+        # without the first step, which pays one-off costs (torch.compile, memory first touched): the steady rate
+        "tokens_per_s_after_first_step": throughput(steps[1:]) if len(steps) > 1 else None,
         "packing_efficiency": facts["packing_efficiency"], "final_loss": steps[-1]["loss"] if steps else None,
         **{k: v for k, v in facts.items() if k not in ("steps", "packing_efficiency")},
         "adapter": str(adapter_dir), "examples": examples,
