@@ -5,7 +5,8 @@ SmolLM2-135M-Instruct) with LoRA r=16 on all linear layers (AdamW, lr 1e-3) for 
 support tickets with completion-only loss, micro-batches of 4,096 tokens at most (rows of 512) and one micro-batch
 per optimizer step; unpacked TRL runs take as many steps as multitune's plan (same real tokens per step). Timed: the
 training loop only (data preparation, model loading and the final evaluation excluded). Prints one JSON line: seconds,
-steps, tokens, target tokens, the last step's loss and the mean of every step's loss (per target token).
+steps, tokens, target tokens, the last step's loss and the mean of every step's loss (per target token), and the first
+optimizer step's seconds and real tokens (its one-off costs: compile, first-touch memory).
 
 TRL systems: `trl_packed` (packing + padding-free: fastest, but on sdpa/eager samples attend across each other),
 `trl_unpacked` (padded batches, no gradient checkpointing), `trl_fast` (padded batches grouped by length, no
@@ -96,13 +97,17 @@ def multitune(out: Path, grouped: bool = False, compiled: bool = False) -> dict:
     }
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    subprocess.run([sys.executable, "-m", "multitune", "train", str(path), "--overwrite"], cwd=REPO, env=ENV,
+    # a fresh inductor cache: the compile a first run on a machine pays (later runs of the same layers reuse
+    # /tmp/torchinductor_$USER and skip most of it)
+    env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor_cache")} if compiled else ENV
+    subprocess.run([sys.executable, "-m", "multitune", "train", str(path), "--overwrite"], cwd=REPO, env=env,
                    check=True, capture_output=True)
     steps = [e for e in map(json.loads, (out / "run" / "log.jsonl").read_text().splitlines()) if "eval" not in e]
-    seconds = sum(e["tokens"] / e["tokens_per_s"] for e in steps)
-    return {"seconds": seconds, "steps": len(steps), "tokens": sum(e["tokens"] for e in steps),
+    seconds = [e["tokens"] / e["tokens_per_s"] for e in steps]
+    return {"seconds": sum(seconds), "steps": len(steps), "tokens": sum(e["tokens"] for e in steps),
             "target_tokens": sum(e["target_tokens"] for e in steps), "final_loss": steps[-1]["loss"],
-            "mean_loss": sum(e["loss"] for e in steps) / len(steps)}
+            "mean_loss": sum(e["loss"] for e in steps) / len(steps), "first_step_seconds": seconds[0],
+            "first_step_tokens": steps[0]["tokens"]}
 
 
 def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked") -> dict:
@@ -139,6 +144,7 @@ def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked
         per_device_train_batch_size=batch, gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="cosine",
         warmup_steps=0, num_train_epochs=1, completion_only_loss=True, use_cpu=True, bf16=False, save_strategy="no",
         report_to=[], logging_steps=1, dataloader_num_workers=0, seed=SEED, disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
         **({"gradient_checkpointing": False} if packed else speed))
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
 
@@ -147,9 +153,10 @@ def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if startup and state.global_step == 1:
+            if state.global_step == 1:
                 self.first_step_at = time.time()
-                control.should_training_stop = True
+                self.first_step = (time.perf_counter() - self.started, state.num_input_tokens_seen)
+                control.should_training_stop = startup
 
         def on_train_end(self, *args, **kwargs):
             self.seconds = time.perf_counter() - self.started
@@ -167,7 +174,8 @@ def trl(out: Path, packed: bool, startup: bool = False, setting: str = "unpacked
     return {"seconds": clock.seconds, "steps": result.global_step, "tokens": tokens, "target_tokens": target_tokens,
             "final_loss": history[-1]["loss"] if history else None,
             "mean_loss": sum(e["loss"] for e in history) / len(history) if history else None,
-            "gradient_checkpointing": config.gradient_checkpointing}
+            "gradient_checkpointing": config.gradient_checkpointing, "first_step_seconds": clock.first_step[0],
+            "first_step_tokens": clock.first_step[1]}
 
 
 def limit() -> dict:
