@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.only_real_model:
         return rerun_real_model(args.quick)
-    rows = [2_000, 20_000] if args.quick else [100_000, 300_000]
+    rows = [2_000, 20_000] if args.quick else [100_000, 200_000]
     if args.quick:
         ENV["BENCH_TRAIN_ROWS"] = "100"
     started = time.perf_counter()

@@ -27,7 +27,7 @@ from multitune.trainer.lm_loss import token_loss_sum
 from multitune.trainer.model import load_model, load_tokenizer
 
 MODEL = os.environ.get("BENCH_MODEL", "tiny")
-REPEATS = 5 if MODEL == "tiny" else 2  # a real-model micro-batch takes seconds; runs are interleaved, best kept
+REPEATS = 5 if MODEL == "tiny" else 1  # a real-model micro-batch takes ~13 s: once each, interleaved, after a warm-up
 
 
 def main() -> dict:
