@@ -197,6 +197,15 @@ def limit() -> dict:
     return {"epoch_flops": flops, "tokens": sum(map(len, tokenized.input_ids)), **gemm_peak(shapes, STEP_TOKENS)}
 
 
+def peak() -> dict:
+    """The fp32 GEMM peak on the model's shapes alone (`limit` without the FLOPs count)."""
+    from transformers import AutoConfig
+
+    from bench.flops import Shapes, gemm_peak
+
+    return gemm_peak(Shapes.from_config(AutoConfig.from_pretrained(model_path())), STEP_TOKENS)
+
+
 if __name__ == "__main__":
     system, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -206,5 +215,5 @@ if __name__ == "__main__":
             "trl_packed": lambda: trl(out, True),
             "trl_unpacked": lambda: trl(out, False), "trl_fast": lambda: trl(out, False, setting="fast"),
             "trl_default": lambda: trl(out, False, setting="default"),
-            "trl_startup": lambda: trl(out, True, startup=True), "limit": limit}
+            "trl_startup": lambda: trl(out, True, startup=True), "limit": limit, "peak": peak}
     print(json.dumps(runs[system]()))
