@@ -194,6 +194,12 @@ def cmd_validate(args) -> int:
         from multitune.launch.distributed import resolve_config
 
         resolve_config(recipe)
+    if recipe.train.compile:
+        import torch
+
+        from multitune.trainer.model import check_compiler
+
+        check_compiler(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rendered = _render_one_example(recipe)  # fails before any "ok"
     print(f"ok: {args.recipe} (task={recipe.task}, model={recipe.model.name_or_path}, "
           f"method={_method(recipe)}, strategy={recipe.distributed.strategy})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -56,9 +57,9 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_tokens(tiny_model
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5)
 
 
-def run_cli(*args, cwd=None, check=True):
+def run_cli(*args, cwd=None, check=True, env=None):
     result = subprocess.run([sys.executable, "-m", "multitune", *args], capture_output=True, text=True,
-                            cwd=cwd or REPO)
+                            cwd=cwd or REPO, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"multitune {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -127,7 +128,9 @@ def test_cli_train_writes_every_run_output(tmp_path, tiny_model_dir):
     later = steps[1:]  # the steady rate leaves out the first step's one-off costs
     assert metrics["tokens_per_s_after_first_step"] == pytest.approx(
         sum(e["tokens"] for e in later) / sum(e["tokens"] / e["tokens_per_s"] for e in later), rel=1e-6)
-    assert f"({metrics['tokens_per_s_after_first_step']:.0f} after the first step)" in result.stdout
+    assert metrics["first_step_seconds"] == pytest.approx(steps[0]["tokens"] / steps[0]["tokens_per_s"], abs=0.01)
+    assert (f"({metrics['tokens_per_s_after_first_step']:.0f} after the first step of "
+            f"{metrics['first_step_seconds']:.1f} s)") in result.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert "exact_match" in result.stdout and "packing efficiency" in result.stdout
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -146,6 +149,12 @@ def test_cli_train_writes_every_run_output(tmp_path, tiny_model_dir):
     bad.write_text("{not json\n")
     again = run_cli("train", str(recipe), "--overwrite", "data.generator=null", f"data.train_file={bad}", check=False)
     assert again.returncode == 2 and f"{bad}:1: malformed JSON" in again.stderr
+    assert (run / "metrics.json").read_text() == before and (run / "adapter").is_dir()
+    # --overwrite with train.compile and a CXX that compiles nothing: refused before prep, the earlier run kept
+    again = run_cli("train", str(recipe), "--overwrite", "train.compile=true", check=False,
+                    env={**os.environ, "CXX": shutil.which("true")})
+    assert again.returncode == 2 and "did not compile a one-line C++ program" in again.stderr
+    assert_one_line_error(again.stderr)
     assert (run / "metrics.json").read_text() == before and (run / "adapter").is_dir()
 
 
@@ -192,18 +201,25 @@ def test_compiled_layers_train_like_eager_ones(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.unit
-def test_compile_without_a_compiler_is_refused_before_anything_runs(monkeypatch):
+def test_compile_needs_a_compiler_that_compiles(monkeypatch):
     from multitune.recipes.errors import InputError
-    from multitune.trainer.model import compile_decoder_layers
+    from multitune.trainer.model import check_compiler, compile_decoder_layers
 
-    layers = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]))
+    cpu = torch.device("cpu")
+    check_compiler(cpu)  # this machine's g++ builds the one-line program
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
     with pytest.raises(InputError, match="train.compile: torch.compile on CPU needs a C\\+\\+ compiler and "
-                                         "no-such-c\\+\\+-compiler is not on PATH"):
-        compile_decoder_layers(layers, torch.device("cpu"))
+                                         "CXX=no-such-c\\+\\+-compiler is not on PATH \\(fix or unset CXX\\)"):
+        check_compiler(cpu)
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.raises(InputError, match="CXX=/nonexistent/g\\+\\+ does not exist"):
+        check_compiler(cpu)
+    monkeypatch.setenv("CXX", shutil.which("true"))  # exists, exits 0, builds nothing
+    with pytest.raises(InputError, match="did not compile a one-line C\\+\\+ program"):
+        check_compiler(cpu)
     monkeypatch.delenv("CXX")
     with pytest.raises(InputError, match="train.compile: this model has no list of decoder layers"):
-        compile_decoder_layers(torch.nn.Linear(2, 2), torch.device("cpu"))
+        compile_decoder_layers(torch.nn.Linear(2, 2))
 
 
 def test_merge_reproduces_base_plus_adapter(tmp_path, tiny_model_dir):

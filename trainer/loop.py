@@ -35,7 +35,7 @@ from multitune.trainer.checkpoint import (
 )
 from multitune.trainer.distributed import Strategy, create_strategy
 from multitune.trainer.memory import peak_memory_gb
-from multitune.trainer.model import compile_decoder_layers, count_parameters
+from multitune.trainer.model import check_compiler, compile_decoder_layers, count_parameters
 from multitune.trainer.preemption import Preempted, StopSignals
 from multitune.trainer.run_files import RunLog, check_output_dir, claim_output_dir, finish_run
 from multitune.trainer.tracking import Tracker
@@ -54,6 +54,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     run_dir = recipe.output_path
     check_output_dir(run_dir, resume=resume, overwrite=overwrite)
     cfg = recipe.train
+    if cfg.compile:
+        check_compiler(accelerator.device)
 
     # Data: tokenized once (main process first, the others then hit the cache), read memory-mapped.
     # Bad data, a model that does not load, or a checkpoint that does not fit this recipe, data and model (its
@@ -80,7 +82,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
     model = dist.load_model(lambda device, weights: work.load_model(device, cfg.gradient_checkpointing, weights),
                             quantized=recipe.model.quantization == "nf4")
     if cfg.compile:
-        compiled = compile_decoder_layers(model, accelerator.device)
+        compiled = compile_decoder_layers(model)
         if main:
             print(f"[multitune] train.compile: {compiled} decoder layers compiled with torch.compile "
                   f"(the first micro-batches pay the compile)", flush=True)

@@ -6,6 +6,8 @@ import importlib.util
 import logging
 import os
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -200,28 +202,53 @@ def decoder_layers_name(model: torch.nn.Module) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def compile_decoder_layers(model: torch.nn.Module, device: torch.device) -> int:
-    """`torch.compile` each decoder layer in place (inductor, dynamic shapes); returns how many were compiled.
+def check_compiler(device: torch.device) -> None:
+    """What `train.compile` needs on `device`, checked before any data or model work: on CPU a C++ compiler that
+    compiles (`$CXX`, else g++, as inductor picks it; a one-line program must build, so a wrong CXX fails here rather
+    than at the first step), on GPU the triton package.
+
+    Raises InputError naming what is missing and how to fix it.
+    """
+    if device.type != "cpu":
+        if importlib.util.find_spec("triton") is None:
+            raise InputError(f"train.compile: torch.compile on {device.type} needs the triton package; "
+                             f"install it or set train.compile: false")
+        return
+    cxx = os.environ.get("CXX")
+    named = f"CXX={cxx}" if cxx else "g++"
+    fix = "fix or unset CXX" if cxx else "install g++, or set CXX to a C++ compiler"
+    path = shutil.which(cxx or "g++")
+    if path is None:
+        where = "does not exist" if os.sep in (cxx or "") else "is not on PATH"
+        raise InputError(f"train.compile: torch.compile on CPU needs a C++ compiler and {named} {where} ({fix}); "
+                         f"or set train.compile: false")
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "a.out"
+        try:
+            subprocess.run([path, "-x", "c++", "-", "-o", str(out)], input="int main() { return 0; }\n", text=True,
+                           capture_output=True, timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if not out.is_file() or out.stat().st_size == 0:
+            raise InputError(f"train.compile: {named} did not compile a one-line C++ program, so torch.compile "
+                             f"cannot build its CPU kernels ({fix}); or set train.compile: false")
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """`torch.compile` each decoder layer in place (inductor, dynamic shapes); returns how many were compiled. Check
+    the toolchain first (`check_compiler`).
 
     Layers rather than the whole model: the layers share one graph (a second one for the first layer, whose input
     needs no gradient), micro-batches of any shape reuse it, and the loss, peft's wrappers and the cache code stay
     eager. In place (`nn.Module.compile`), so parameter names, checkpoints and adapters are unchanged. What it buys
     is fused element-wise work (RMSNorm, rotary, SiLU x up, LoRA's scaling and add): SmolLM2-135M, LoRA r=16 on every
     linear layer, ~4,000-token micro-batches on 2 CPU cores: 11.66 -> 9.50 s forward + backward (-18.5%), the same
-    loss to 1e-6 (BENCHMARKS.md). The first micro-batches pay the compile (seconds to a minute; inductor keeps a
-    cache between runs). Run evaluation under `torch.compiler.set_stance("force_eager")`: generation's KV-cache
-    shapes would each compile anew.
+    loss to 1e-6 (BENCHMARKS.md). The first micro-batches pay the compile (~30 s on 2 cores the first time; inductor
+    keeps a cache between runs). Run evaluation under `torch.compiler.set_stance("force_eager")`: generation's
+    KV-cache shapes would each compile anew.
 
-    Raises InputError when inductor has no compiler to use: a C++ compiler on CPU (`$CXX`, else g++), Triton on GPU.
+    Raises InputError when the model has no list of decoder layers.
     """
-    if device.type == "cpu":
-        cxx = os.environ.get("CXX", "g++")
-        if shutil.which(cxx) is None:
-            raise InputError(f"train.compile: torch.compile on CPU needs a C++ compiler and {cxx} is not on PATH "
-                             f"(install g++, or set CXX); or set train.compile: false")
-    elif importlib.util.find_spec("triton") is None:
-        raise InputError(f"train.compile: torch.compile on {device.type} needs the triton package; "
-                         f"install it or set train.compile: false")
     try:
         layers = decoder_layers(model)
     except InputError:

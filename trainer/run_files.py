@@ -162,7 +162,8 @@ def summary_table(metrics: dict[str, Any], fields: tuple[str, ...]) -> str:
     lines.append("-" * 36)
     steady = metrics.get("tokens_per_s_after_first_step")
     lines.append(f"tokens/s            {metrics['tokens_per_s']:.0f}"
-                 + (f" ({steady:.0f} after the first step)" if steady else ""))
+                 + (f" ({steady:.0f} after the first step of {metrics['first_step_seconds']:.1f} s)"
+                    if steady else ""))
     lines.append(f"packing efficiency  {metrics['packing_efficiency']:.1%}")
     lines.append(f"adapter             {metrics['adapter']}")
     if metrics.get("per_class"):
@@ -247,6 +248,7 @@ def finish_run(run_dir: Path, log: RunLog, tracker, task, how_to_load: str, reci
         "tokens_per_s": throughput(steps),
         # without the first step, which pays one-off costs (torch.compile, memory first touched): the steady rate
         "tokens_per_s_after_first_step": throughput(steps[1:]) if len(steps) > 1 else None,
+        "first_step_seconds": round(steps[0]["tokens"] / steps[0]["tokens_per_s"], 2) if steps else None,
         "packing_efficiency": facts["packing_efficiency"], "final_loss": steps[-1]["loss"] if steps else None,
         **{k: v for k, v in facts.items() if k not in ("steps", "packing_efficiency")},
         "adapter": str(adapter_dir), "examples": examples,
