@@ -91,13 +91,9 @@ def real_train(out: dict, env: dict) -> None:
         run = subprocess.run([*runner, system, str(folder)], cwd=REPO, env=env, capture_output=True, text=True,
                              check=True)
         r = json.loads(run.stdout.strip().splitlines()[-1])
-        # after the first step: without its one-off costs (compile, first-touch page faults)
-        later_s, later_tokens = r["seconds"] - r["first_step_seconds"], r["tokens"] - r["first_step_tokens"]
         out[system] = {**r, "load": before, "target_tokens_per_s": r["target_tokens"] / r["seconds"],
-                       "tokens_per_s": r["tokens"] / r["seconds"], "s_per_step": r["seconds"] / r["steps"],
-                       "tokens_per_s_after_first": later_tokens / later_s if r["steps"] > 1 else None}
-        print(f"  real model train {system}: {out[system]['tokens_per_s']:,.0f} tokens/s "
-              f"({out[system]['tokens_per_s_after_first'] or 0:,.0f} after the first step of "
+                       "tokens_per_s": r["tokens"] / r["seconds"], "s_per_step": r["seconds"] / r["steps"]}
+        print(f"  real model train {system}: {out[system]['tokens_per_s']:,.0f} tokens/s (first step "
               f"{r['first_step_seconds']:.1f} s), {out[system]['s_per_step']:.1f} s/step, mean loss "
               f"{r['mean_loss']:.4f} (load {before:.1f})", flush=True)
     limit = out["limit"]
@@ -109,14 +105,17 @@ def real_train(out: dict, env: dict) -> None:
     flops = limit["epoch_flops"]
     for system in REAL_SYSTEMS:
         r = out[system]
-        # FLOPs after the first step taken in proportion to its tokens (steps of one plan hold the same length mix)
-        later_flops = flops * (r["tokens"] - r["first_step_tokens"]) / r["tokens"]
-        later_s = r["seconds"] - r["first_step_seconds"]
         r |= {"gflops": flops / r["seconds"] / 1e9, "mfu": flops / r["seconds"] / 1e9 / peak,
-              "mfu_after_first": later_flops / later_s / 1e9 / peak if r["steps"] > 1 else None}
+              "tokens_per_s_after_first": None, "mfu_after_first": None}
+        if r["steps"] > 1:  # after the first step: without its one-off costs (compile, first-touch page faults)
+            later_s, later_tokens = r["seconds"] - r["first_step_seconds"], r["tokens"] - r["first_step_tokens"]
+            later_flops = flops * later_tokens / r["tokens"]  # steps of one plan hold the same length mix
+            r |= {"tokens_per_s_after_first": later_tokens / later_s,
+                  "mfu_after_first": later_flops / later_s / 1e9 / peak}
     print(f"  real model: GEMM peak {limit['peak_before_gflops']:.0f} GFLOP/s before the training rows, "
-          f"{limit['peak_after_gflops']:.0f} after; MFU " + ", ".join(f"{k} {out[k]['mfu']:.0%}" for k in REAL_SYSTEMS),
-          flush=True)
+          f"{limit['peak_after_gflops']:.0f} after; MFU " + ", ".join(f"{k} {out[k]['mfu']:.0%}" for k in REAL_SYSTEMS)
+          + "; tokens/s after the first step " + ", ".join(
+              f"{k} {out[k]['tokens_per_s_after_first'] or 0:,.0f}" for k in REAL_SYSTEMS), flush=True)
 
 
 ROWS_REAL_PREP = 100_000

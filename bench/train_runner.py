@@ -183,7 +183,7 @@ def limit() -> dict:
     same tickets) and the fp32 GEMM peak on the model's shapes at ~STEP_TOKENS rows."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from bench.flops import Shapes, gemm_peak, sample_flops
+    from bench.flops import Shapes, sample_flops
     from multitune.data_prep.tasks import get_task
     from multitune.data_prep.tokenize import IGNORE, tokenize_examples
 
@@ -194,7 +194,7 @@ def limit() -> dict:
     # a row's last token predicts nothing; each other target label is predicted from the position before it
     flops = sum(sample_flops(shapes, len(ids), sum(1 for t in labels[1:] if t != IGNORE), 16, TARGET_MODULES)
                 for ids, labels in zip(tokenized.input_ids, tokenized.labels))
-    return {"epoch_flops": flops, "tokens": sum(map(len, tokenized.input_ids)), **gemm_peak(shapes, STEP_TOKENS)}
+    return {"epoch_flops": flops, "tokens": sum(map(len, tokenized.input_ids)), **peak()}
 
 
 def peak() -> dict:
