@@ -1,4 +1,4 @@
-"""Where a recipe's generation eval spends its time: greedy answers (prefill + decode) and answer_nll, timed apart,
+"""Where a recipe's generation eval spends its time: greedy answers (prefill + decode, timed apart) and answer_nll,
 and (`--plain`) the same prompts through a plain batched `transformers` `generate` (left padding, input order, the
 same stop rule), the baseline `generate_answers` is measured against.
 
@@ -41,6 +41,13 @@ def plain_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return outputs
 
 
+def timed(generate, *args) -> tuple[list[str], float]:
+    """(generate(*args), its wall seconds)."""
+    started = time.perf_counter()
+    texts = generate(*args)
+    return texts, time.perf_counter() - started
+
+
 def new_tokens(tokenizer, texts: list[str]) -> int:
     """Tokens the answers are made of, plus one stop token each: the same count for both generators' texts."""
     return sum(len(tokenizer.encode(text, add_special_tokens=False)) + 1 for text in texts)
@@ -70,17 +77,18 @@ def main() -> None:
     prompts = [eval_set.tokens(i)[: eval_set.prompt_length(i)].tolist() for i in range(len(records))]
     max_new, batch = recipe.eval.max_new_tokens, recipe.eval.batch_size
     generate_answers(model, tokenizer, prompts[:1], 2, 1, device)  # warm-up: first-call costs out of both timings
-    started = time.perf_counter()
-    outputs = generate_answers(model, tokenizer, prompts, max_new, batch, device)
-    generate_s = time.perf_counter() - started
+    outputs, generate_s = timed(generate_answers, model, tokenizer, prompts, max_new, batch, device)
     result = {"samples": len(records), "prompt_tokens": sum(map(len, prompts)), "batch_size": batch,
               "max_new_tokens": max_new, "load_s": round(load_s, 2), "generate_s": round(generate_s, 3),
+              # prefill: to each batch's first new token; the rest of generate_s is decode
+              "prefill_s": round(timed(generate_answers, model, tokenizer, prompts, 1, batch, device)[1], 3),
               "new_tokens": new_tokens(tokenizer, outputs)}
     if args.plain:
-        started = time.perf_counter()
-        plain = plain_generate(model, tokenizer, prompts, max_new, batch, device,
-                               stop_token_ids(tokenizer, model.generation_config))
-        result |= {"plain_generate_s": round(time.perf_counter() - started, 3),
+        stop_ids = stop_token_ids(tokenizer, model.generation_config)
+        plain, plain_s = timed(plain_generate, model, tokenizer, prompts, max_new, batch, device, stop_ids)
+        result |= {"plain_generate_s": round(plain_s, 3),
+                   "plain_prefill_s": round(timed(plain_generate, model, tokenizer, prompts, 1, batch, device,
+                                                  stop_ids)[1], 3),
                    "plain_new_tokens": new_tokens(tokenizer, plain),
                    "same_answers": sum(a == b for a, b in zip(outputs, plain)) / len(plain)}
     started = time.perf_counter()

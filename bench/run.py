@@ -97,12 +97,15 @@ def real_train(out: dict, env: dict) -> None:
               f"{r['first_step_seconds']:.1f} s), {out[system]['s_per_step']:.1f} s/step, mean loss "
               f"{r['mean_loss']:.4f} (load {before:.1f})", flush=True)
     limit = out["limit"]
-    limit["peak_before_gflops"] = limit["peak_gflops"]
-    limit["peak_after_gflops"] = json.loads(subprocess.run(
+    after = json.loads(subprocess.run(
         [*runner, "peak", str(WORK / "real" / "limit")], cwd=REPO, env=env, capture_output=True, text=True,
-        check=True).stdout.strip().splitlines()[-1])["peak_gflops"]
-    peak = limit["peak_gflops"] = max(limit["peak_before_gflops"], limit["peak_after_gflops"])
-    flops = limit["epoch_flops"]
+        check=True).stdout.strip().splitlines()[-1])
+    for kind in ("peak", "mix"):
+        limit[f"{kind}_before_gflops"], limit[f"{kind}_after_gflops"] = limit[f"{kind}_gflops"], after[f"{kind}_gflops"]
+        limit[f"{kind}_gflops"] = max(limit[f"{kind}_before_gflops"], limit[f"{kind}_after_gflops"])
+    peak, flops = limit["peak_gflops"], limit["epoch_flops"]
+    # the GEMM-only ceiling: every FLOP at the rate of the model's own shapes together, nothing else taking time
+    limit["ceiling_tokens_per_s"] = limit["mix_gflops"] * 1e9 * limit["tokens"] / flops
     for system in REAL_SYSTEMS:
         r = out[system]
         r |= {"gflops": flops / r["seconds"] / 1e9, "mfu": flops / r["seconds"] / 1e9 / peak,
@@ -408,14 +411,20 @@ def real_model_lines(d: dict) -> list[str]:
               f"Generation eval ({ev['samples']} ticket eval prompts, {ev['prompt_tokens']:,} prompt tokens, batches "
               f"of {ev['batch_size']}, untuned model, greedy, `max_new_tokens` {ev['max_new_tokens']}; load "
               f"{ev['load']:.1f}):",
-              "", "| generator | seconds | prompts/s | new tokens/s |", "|---|---|---|---|",
+              "", "| generator | seconds | prefill (s) | decode (s) | prompts/s | new tokens/s |",
+              "|---|---|---|---|---|---|",
               f"| `generate_answers` (length-sorted batches, shared prefix prefilled once) | {ev['generate_s']:.1f} "
-              f"| {ev['prompts_per_s']:.2f} | {ev['new_tokens_per_s']:.1f} |",
+              f"| {ev['prefill_s']:.1f} | {ev['generate_s'] - ev['prefill_s']:.1f} | {ev['prompts_per_s']:.2f} "
+              f"| {ev['new_tokens_per_s']:.1f} |",
               f"| plain batched `generate` (input order, left padding, same stop rule) | {ev['plain_generate_s']:.1f} "
+              f"| {ev['plain_prefill_s']:.1f} | {ev['plain_generate_s'] - ev['plain_prefill_s']:.1f} "
               f"| {ev['plain_prompts_per_s']:.2f} | {ev['plain_new_tokens_per_s']:.1f} |", "",
               f"`generate_answers` / plain: **{ev['prompts_per_s'] / ev['plain_prompts_per_s']:.2f}×**; same answers "
               f"on {ev['same_answers']:.0%} of prompts; `answer_nll` over the same rows {ev['answer_nll_s']:.1f} s "
-              f"({ev['answer_nll']})."]
+              f"({ev['answer_nll']}). Prefill is a run with `max_new_tokens` 1 (to each batch's first new token), "
+              f"decode the rest: the same rows and steps in both generators. With a free prefill `generate_answers` "
+              f"would take its decode alone, plain / that = "
+              f"**{ev['plain_generate_s'] / (ev['generate_s'] - ev['prefill_s']):.2f}×** at this batch size."]
     return lines
 
 
@@ -434,9 +443,19 @@ def after_first_lines(rm: dict) -> list[str]:
     best = max(rm[k]["tokens_per_s_after_first"] for k in ("trl_fast", "trl_default"))
     ours, grouped, compiled = (rm[k]["tokens_per_s_after_first"]
                                for k in ("multitune", "multitune_grouped", "multitune_compiled"))
-    return ["", f"After the first step (its one-off costs out: `train.compile`'s compile with a fresh inductor cache, "
-                f"first-touch page faults): **{ours / best:.2f}×** / **{grouped / best:.2f}×** / "
-                f"**{compiled / best:.2f}×** TRL's fastest correct setting of this run."]
+    lines = ["", f"After the first step (its one-off costs out: `train.compile`'s compile with a fresh inductor cache, "
+                 f"first-touch page faults): **{ours / best:.2f}×** / **{grouped / best:.2f}×** / "
+                 f"**{compiled / best:.2f}×** TRL's fastest correct setting of this run."]
+    ceiling = rm["limit"].get("ceiling_tokens_per_s")
+    if ceiling:
+        lim = rm["limit"]
+        lines[-1] += (f" The GEMM-only ceiling of this run, every FLOP of the step at the rate of the model's own GEMM "
+                      f"shapes together ({lim['mix_gflops']:.0f} GFLOP/s, the better of the two readings) and nothing "
+                      f"else taking time (no attention kernel, element-wise op, optimizer or page fault): "
+                      f"**{ceiling:,.0f} tokens/s**. 3× TRL's fastest correct after its first step is "
+                      f"{3 * best:,.0f} tokens/s, {3 * best / ceiling:.0%} of that ceiling; multitune's fastest row "
+                      f"after its first step runs at {max(ours, grouped, compiled) / ceiling:.0%} of it.")
+    return lines
 
 
 def prep_lines(prep: dict | None) -> list[str]:
