@@ -229,23 +229,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         ENV["BENCH_TRAIN_ROWS"] = "100"
     started = time.perf_counter()
+    sections: dict[str, float] = {}  # minutes each section took: what to trim when the bench nears its 25 minutes
+
+    def section(name: str, run):
+        print(name, flush=True)
+        begun = time.perf_counter()
+        value = run()
+        sections[name] = round((time.perf_counter() - begun) / 60, 2)
+        return value
+
     WORK.mkdir(parents=True, exist_ok=True)
     model_dir()
-    print("packing efficiency", flush=True)
-    packing = packing_efficiency.run()
-    print("prep throughput and memory", flush=True)
-    prep_results = prep(rows, trl_rows=rows[0])
-    print("training throughput", flush=True)
-    train_results = train()
-    profile = step_profile()
-    print("start-up and shard loading", flush=True)
-    startup_results = startup()
-    loads = shard_load({"rows_10k": 10_000, "rows_large": rows[-1]})
-    print("real model (SmolLM2-135M-Instruct)", flush=True)
+    packing = section("packing efficiency", packing_efficiency.run)
+    prep_results = section("prep throughput and memory", lambda: prep(rows, trl_rows=rows[0]))
+    train_results = section("training throughput", train)
+    profile = section("step profile", step_profile)
+    startup_results = section("start-up", startup)
+    loads = section("shard loading", lambda: shard_load({"rows_10k": 10_000, "rows_large": rows[-1]}))
     if args.quick:
         ENV["BENCH_TRAIN_ROWS"] = "16"
-    real = real_model(args.quick)
+    real = section("real model (SmolLM2-135M-Instruct)", lambda: real_model(args.quick))
     minutes = (time.perf_counter() - started) / 60
+    print("minutes by section: " + ", ".join(f"{k} {v:.1f}" for k, v in sections.items()), flush=True)
     results = {
         "packing_efficiency": {k: packing["tasks@2048"][k] for k in ("multitune", "trl_bfd", "padded")},
         "prep_tokens_per_s": {"multitune": prep_results[f"multitune@{rows[0]}"]["tokens_per_s"],
@@ -259,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     details = {"packing": packing, "prep": prep_results, "train": train_results, "startup": startup_results,
                "step_profile": profile,
-               "shard_load": loads, "real_model": real, "minutes": round(minutes, 1), "machine": machine(),
+               "shard_load": loads, "real_model": real, "minutes": round(minutes, 1), "section_minutes": sections,
+               "machine": machine(),
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     print(json.dumps(results, indent=2))
     if args.quick:
@@ -301,11 +307,17 @@ def summary(real: dict) -> dict:
                                    "plain_generate": real["eval"]["plain_prompts_per_s"]}}
 
 
+def by_section(d: dict) -> str:
+    if "section_minutes" not in d:
+        return ""
+    return " (" + ", ".join(f"{name} {minutes:.1f}" for name, minutes in d["section_minutes"].items()) + ")"
+
+
 def write_benchmarks_md(results: dict, d: dict) -> None:
     p, pr, tr = d["packing"], d["prep"], d["train"]
     lines = [START, "", "## CPU benchmarks vs TRL (`make bench`)", "",
-             f"Machine: {d['machine']}. Run {d['date']}, {d['minutes']} min in all. Command: `make bench` "
-             "(= `python -m bench.run`); raw figures in `bench/results.json`.", "",
+             f"Machine: {d['machine']}. Run {d['date']}, {d['minutes']} min in all{by_section(d)}. Command: "
+             "`make bench` (= `python -m bench.run`); raw figures in `bench/results.json`.", "",
              "### 1. Packing efficiency (real tokens / token budget)", "",
              "| length mix @ budget | samples | mean length | multitune BFD | TRL BFD | padded (batches of 8) |",
              "|---|---|---|---|---|---|"]
