@@ -200,7 +200,11 @@ def test_a_german_excel_export_trains_evaluates_infers_and_serves_with_one_promp
                                        "eval": recipe.eval.model_copy(update={"before_training": True}),
                                        "model": recipe.model.model_copy(update={"quantization": "nf4"})})
     metrics = train(recipe)
-    assert "answer_nll" in capsys.readouterr().out  # the end-of-run table shows the loss that moves first
+    printed = capsys.readouterr().out
+    assert "answer_nll" in printed  # the end-of-run table shows the loss that moves first
+    # max_new_tokens 8 cuts every ticket answer: the warning from the start of the run is repeated under the scores
+    cut = "eval.max_new_tokens=8 is shorter than"
+    assert len(metrics["notes"]) == 1 and metrics["notes"][0].startswith(cut) and f"note: {cut}" in printed
     run = recipe.output_path
     for when in ("before", "after"):
         for field in ("category", "subcategory", "urgency"):
@@ -238,6 +242,7 @@ def test_a_german_excel_export_trains_evaluates_infers_and_serves_with_one_promp
 
     results, table = evaluate_recipe(recipe, [run / "adapter"])
     assert list(results) == ["base", "run"] and "category_f1" in results["run"]
+    assert table.endswith(f"note: {metrics['notes'][0]}")  # multitune eval's table says why its scores are 0
     assert (run / "eval" / "per_class" / "run_urgency_confusion.csv").is_file()
     assert (run / "eval" / "per_class" / "base_urgency_report.csv").is_file()
 
@@ -269,7 +274,8 @@ def test_prep_warns_when_max_new_tokens_cannot_hold_the_answers(tmp_path, tokeni
     dataset = ShardedDataset(prepared.split("eval"))
     longest = max(int(dataset.lengths[i]) - dataset.prompt_length(i) for i in range(len(dataset)))
     with caplog.at_level(logging.WARNING):
-        warn_if_answers_exceed(dataset, EvalConfig(max_new_tokens=longest))
+        assert warn_if_answers_exceed(dataset, EvalConfig(max_new_tokens=longest)) is None
         assert not caplog.text
-        warn_if_answers_exceed(dataset, EvalConfig(max_new_tokens=longest - 1))
-    assert f"eval.max_new_tokens={longest - 1} is shorter than" in caplog.text and f"longest {longest}" in caplog.text
+        message = warn_if_answers_exceed(dataset, EvalConfig(max_new_tokens=longest - 1))
+    assert f"eval.max_new_tokens={longest - 1} is shorter than" in message and f"longest {longest}" in message
+    assert message in caplog.text  # logged, and returned for the end-of-run table

@@ -142,16 +142,20 @@ def answer_nll(model, dataset: ShardedDataset, count: int, device: torch.device,
     return round(total / max(tokens, 1), 6)
 
 
-def warn_if_answers_exceed(dataset: ShardedDataset, config: EvalConfig) -> None:
+def warn_if_answers_exceed(dataset: ShardedDataset, config: EvalConfig) -> str | None:
     """One warning line when reference answers (with their end-of-turn) of the evaluated rows are longer than
-    `eval.max_new_tokens`: generation stops before they end, so they can never parse or match."""
+    `eval.max_new_tokens`: generation stops before they end, so they can never parse or match. Returns the line
+    (None when every answer fits), which the end-of-run table repeats next to the scores it explains."""
     count = len(dataset) if config.max_samples is None else min(config.max_samples, len(dataset))
     answers = [int(dataset.lengths[i]) - dataset.prompt_length(i) for i in range(count)]
     longer = sum(n > config.max_new_tokens for n in answers)
-    if longer:
-        log.warning("eval.max_new_tokens=%d is shorter than %d of the %d evaluated reference answers (longest %d "
-                    "tokens with its end-of-turn): generation stops before they end; raise eval.max_new_tokens",
-                    config.max_new_tokens, longer, count, max(answers))
+    if not longer:
+        return None
+    message = (f"eval.max_new_tokens={config.max_new_tokens} is shorter than {longer} of the {count} evaluated "
+               f"reference answers (longest {max(answers)} tokens with its end-of-turn): generation stops before "
+               "they end; raise eval.max_new_tokens")
+    log.warning(message)
+    return message
 
 
 def eval_records(dataset: ShardedDataset, config: EvalConfig) -> list[dict]:
@@ -256,7 +260,7 @@ def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = T
     prepared = prepare(task, recipe.data, load_tokenizer(recipe.model))
     task = task.with_labels(prepared.labels)  # the prompts training saw
     eval_set = ShardedDataset(prepared.split("eval"))
-    warn_if_answers_exceed(eval_set, recipe.eval)
+    cut = warn_if_answers_exceed(eval_set, recipe.eval)
 
     def reports(label: str) -> Path:
         return out_dir / "per_class" / label.replace("/", "_")
@@ -298,7 +302,7 @@ def evaluate_recipe(recipe: Recipe, adapters: list[Path], include_base: bool = T
         save_column(endpoint.spec.model + suffix, *result, source)
     rows = comparison_rows(results, task.headline_metrics)
     write_atomic(out_dir / "comparison.csv", "\n".join(",".join(row) for row in rows) + "\n")
-    table = markdown_table(rows)
+    table = markdown_table(rows) + (f"\n\nnote: {cut}" if cut else "")  # next to the scores it explains
     write_atomic(out_dir / "comparison.md", table + "\n")
     return results, table
 

@@ -215,7 +215,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
             before=before, after=after, examples=examples, adapter_dir=adapter_dir, write_reports=work.write_reports,
             facts={"steps": state.step, "packing_efficiency": efficiency, "nonfinite_skips": state.nonfinite_skips,
                    "train_seconds": round(state.elapsed_s, 2), "trainable_params": trainable, "total_params": total,
-                   "data_hash": data_hash, "distributed": dist_info})
+                   "data_hash": data_hash, "distributed": dist_info, "notes": work.notes})
     tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the accelerator's references to the wrapped model and optimizer: a caller may go on

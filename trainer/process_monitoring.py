@@ -204,6 +204,7 @@ model, spec = load_sequence_model(Path("path/to/adapter"), torch.device("cpu"))
         self.recipe, self.task = recipe, task
         self.mask_dtype = DTYPES[recipe.model.dtype]
         self.manifest: dict | None = None
+        self.notes: list[str] = []
 
     def prepare(self) -> PreparedData:
         prepared = self.task.prepare(self.recipe)

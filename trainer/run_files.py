@@ -168,6 +168,7 @@ def summary_table(metrics: dict[str, Any], fields: tuple[str, ...]) -> str:
     lines.append(f"adapter             {metrics['adapter']}")
     if metrics.get("per_class"):
         lines.append(f"per-class tables    {metrics['per_class']}")
+    lines += [f"note: {note}" for note in metrics.get("notes") or ()]  # e.g. why a score is 0: warned at the start
     return "\n".join(lines)
 
 

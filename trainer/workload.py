@@ -36,6 +36,7 @@ LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
 class Workload(Protocol):
     task: Task
     how_to_load: str  # the "Load it" section of the adapter's model card
+    notes: list[str]  # warnings `prepare` found in the data or recipe; the end-of-run table repeats them
 
     def prepare(self) -> PreparedData: ...
     def stream(self, dataset: ShardedDataset, plan: Plan, seed: int, rank: int, world_size: int): ...
@@ -59,6 +60,7 @@ class TextWorkload:
     def __init__(self, recipe: Recipe, task: ChatTask):
         self.recipe, self.task = recipe, task
         self.tokenizer = None
+        self.notes: list[str] = []
         self.backend = recipe.model.attn_implementation
         self.mask_dtype = DTYPES[recipe.model.dtype]
 
@@ -66,7 +68,8 @@ class TextWorkload:
         self.tokenizer = load_tokenizer(self.recipe.model)
         prepared = prepare(self.task, self.recipe.data, self.tokenizer)
         self.task = self.task.with_labels(prepared.labels)  # the label sets the shards' prompts were built with
-        warn_if_answers_exceed(ShardedDataset(prepared.split("eval")), self.recipe.eval)
+        cut = warn_if_answers_exceed(ShardedDataset(prepared.split("eval")), self.recipe.eval)
+        self.notes = [cut] if cut else []
         return prepared
 
     def stream(self, dataset, plan, seed, rank, world_size) -> MicroBatchStream:
