@@ -228,9 +228,12 @@ def _render_one_example(recipe) -> str | None:
     encoder = chat_encoder(tokenizer)
     row = encoder.encode_examples([example.messages], [example.answer])[0]
     folded = any(m["role"] == "system" for m in example.messages) and encoder.fold_system
-    return (f"one example renders to {len(row.prompt_ids)} prompt + {len(row.completion_ids)} answer tokens"
+    answer, limit = len(row.completion_ids), recipe.eval.max_new_tokens
+    return (f"one example renders to {len(row.prompt_ids)} prompt + {answer} answer tokens"
             + (" (the template has no system role: the system prompt goes into the first user turn)" if folded
-               else ""))
+               else "")
+            + (f"; warning: eval.max_new_tokens={limit} is shorter than this answer, so generation would stop "
+               "before it ends (train and eval count every eval row)" if answer > limit else ""))
 
 
 def cmd_prep(args) -> int:

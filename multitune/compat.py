@@ -11,6 +11,8 @@ import ctypes.util
 import glob
 import logging
 import os
+import sys
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 
@@ -25,10 +27,36 @@ def quiet_library_noise() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # bitsandbytes 0.50 tries to fetch an optional CPU kernel from the hub on import and warns when it cannot.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` for every adapter it wraps: a
+    # FutureWarning on every command about the two libraries' internals, nothing the user can act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # Our own warnings (e.g. eval.max_new_tokens shorter than the answers) say so, as our errors say "error:".
+    ours = logging.getLogger("multitune")
+    if not any(isinstance(h, StderrWarnings) for h in ours.handlers):
+        ours.addHandler(StderrWarnings())
+
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on every import that it guessed
+
+
+class StderrWarnings(logging.StreamHandler):
+    """multitune's warnings on whatever sys.stderr is when they are logged (as logging's own last-resort handler
+    does; a stream kept from start-up goes stale when a caller swaps stderr), each line prefixed "warning: "."""
+
+    def __init__(self):
+        super().__init__()
+        self.setLevel(logging.WARNING)  # multitune logs nothing else: its errors are exceptions
+        self.setFormatter(logging.Formatter("warning: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
 
 
 JEMALLOC = "MULTITUNE_JEMALLOC"  # the path of a libjemalloc to use, or "off"

@@ -107,6 +107,33 @@ def test_library_noise_settings_leave_the_users_own_values(monkeypatch):
         assert os.environ["DS_ACCELERATOR"] == "cpu"
 
 
+def test_peft_wrapping_is_quiet_and_our_own_warnings_say_warning(tiny_model_dir, capsys):
+    import logging
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def deprecation_warnings() -> list[str]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # no once-per-location memory from earlier tests
+            if quiet:
+                compat.quiet_library_noise()  # its filter goes in front of "always"
+            get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+        return [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+    quiet = False
+    assert deprecation_warnings()  # peft + transformers as pinned do warn: the filter has something to do
+    quiet = True
+    assert deprecation_warnings() == []
+    compat.quiet_library_noise()  # twice in one process (tests, sweeps): still one handler
+    assert sum(isinstance(h, compat.StderrWarnings) for h in logging.getLogger("multitune").handlers) == 1
+    capsys.readouterr()
+    logging.getLogger("multitune.trainer.evaluate").warning("eval.max_new_tokens=6 is shorter than 4 of the 4")
+    assert capsys.readouterr().err == "warning: eval.max_new_tokens=6 is shorter than 4 of the 4\n"
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_4bit_model_built_on_meta_has_the_structure_of_a_real_load(tmp_path, double_quant):
     """`quantize_on_meta` (what FSDP2 ranks > 0 build for QLoRA, `load_model(weights=False)`): no parameter

@@ -178,6 +178,9 @@ def test_real_model_trains_a_few_steps_and_its_adapter_and_merge_load(smollm2_fo
     adapter = recipe.output_path / "adapter"
     info = json.loads((adapter / "multitune.json").read_text())
     assert info["base_model"] == "smollm2-135m-instruct"
+    # PEFT cannot load a shortcut: its config names the converted folder, so the model card's snippet works offline
+    peft_base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(peft_base) == smollm2_folder.resolve()
 
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     ids = chat_ids(tokenizer, "Title: Refund\n\nI was charged twice.")
@@ -188,6 +191,10 @@ def test_real_model_trains_a_few_steps_and_its_adapter_and_merge_load(smollm2_fo
     assert merged.config.tie_word_embeddings
     with torch.no_grad():
         torch.testing.assert_close(merged(**ids).logits, with_adapter(**ids).logits, rtol=0, atol=1e-4)
+        from peft import AutoPeftModelForCausalLM
+
+        as_the_card_says = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32).eval()
+        torch.testing.assert_close(as_the_card_says(**ids).logits, with_adapter(**ids).logits, rtol=0, atol=1e-5)
 
 
 def test_export_refuses_a_sentencepiece_style_tokenizer_in_one_line(tiny_model_dir, tmp_path):

@@ -205,6 +205,9 @@ def test_a_german_excel_export_trains_evaluates_infers_and_serves_with_one_promp
     # max_new_tokens 8 cuts every ticket answer: the warning from the start of the run is repeated under the scores
     cut = "eval.max_new_tokens=8 is shorter than"
     assert len(metrics["notes"]) == 1 and metrics["notes"][0].startswith(cut) and f"note: {cut}" in printed
+    card = (recipe.output_path / "adapter" / "README.md").read_text(encoding="utf-8")
+    assert f"note: {metrics['notes'][0]}" in card and "answer_nll" in card
+    assert str(recipe.output_path) not in card.split("## Load it")[0]  # no folders of this machine in the scores
     run = recipe.output_path
     for when in ("before", "after"):
         for field in ("category", "subcategory", "urgency"):
@@ -275,7 +278,22 @@ def test_prep_warns_when_max_new_tokens_cannot_hold_the_answers(tmp_path, tokeni
     longest = max(int(dataset.lengths[i]) - dataset.prompt_length(i) for i in range(len(dataset)))
     with caplog.at_level(logging.WARNING):
         assert warn_if_answers_exceed(dataset, EvalConfig(max_new_tokens=longest)) is None
-        assert not caplog.text
+        assert not [r for r in caplog.records if r.name.startswith("multitune")]  # (a library may warn on import)
         message = warn_if_answers_exceed(dataset, EvalConfig(max_new_tokens=longest - 1))
     assert f"eval.max_new_tokens={longest - 1} is shorter than" in message and f"longest {longest}" in message
     assert message in caplog.text  # logged, and returned for the end-of-run table
+
+
+@pytest.mark.parametrize("max_new_tokens", [8, 400])
+def test_validate_says_when_max_new_tokens_cannot_hold_its_example_answer(tmp_path, tiny_model_dir, capsys,
+                                                                           max_new_tokens):
+    from conftest import write_recipe
+
+    from multitune.launch.cli import main
+
+    recipe = recipe_dict(tmp_path, tiny_model_dir, eval={"max_new_tokens": max_new_tokens})
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
+    rendered = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("chat template:"))
+    answer = int(rendered.split(" prompt + ")[1].split()[0])  # a ticket's JSON answer: tens of tokens
+    warned = f"warning: eval.max_new_tokens={max_new_tokens} is shorter than this answer" in rendered
+    assert warned == (answer > max_new_tokens) and answer > 8

@@ -36,16 +36,18 @@ def config_fingerprint(name_or_path: str) -> str | None:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def record_base(adapter_dir: Path, name_or_path: str) -> dict:
-    """The base as multitune.json records it; also points PEFT's adapter_config.json (what `AutoPeftModel...` and
-    the model card's snippet follow) at the resolvable path."""
-    base = resolvable_base(name_or_path)
+def record_base(adapter_dir: Path, name_or_path: str, loaded_from: str) -> dict:
+    """The base as multitune.json records it: `name_or_path` as the recipe names it (a shortcut stays a shortcut,
+    which multitune finds again through its model cache). PEFT's adapter_config.json, what `AutoPeftModel...` and the
+    model card's snippet follow, points at `loaded_from`: the folder or hub id `from_pretrained` loaded (for a GGUF
+    or an embedded shortcut, its converted folder; PEFT cannot load a shortcut)."""
+    loadable = resolvable_base(loaded_from)
     peft_config = adapter_dir / "adapter_config.json"
     if peft_config.is_file():
         values = json.loads(peft_config.read_text())
-        values["base_model_name_or_path"] = base
+        values["base_model_name_or_path"] = loadable
         peft_config.write_text(json.dumps(values, indent=2, sort_keys=True))
-    return {"base_model": base, "base_fingerprint": config_fingerprint(base)}
+    return {"base_model": resolvable_base(name_or_path), "base_fingerprint": config_fingerprint(loadable)}
 
 
 def adapter_record(adapter_dir: Path) -> dict:

@@ -122,8 +122,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, force_r
                 tracker.log({f"eval_before/{k}": v for k, v in before.items()}, step=0)
     if main:
         print(f"[multitune] task={task.name} params trainable={trainable:,} total={total:,} "
-              f"train rows={len(train_set)} micro-batches/epoch={len(plan)} packing efficiency={efficiency:.1%} "
-              f"steps={total_steps} data={'cache hit' if prepared.cache_hit else 'prepared'} {prepared.folder}",
+              f"train rows={len(train_set)} eval rows={len(eval_set)} micro-batches/epoch={len(plan)} "
+              f"packing efficiency={efficiency:.1%} steps={total_steps} "
+              f"data={'cache hit' if prepared.cache_hit else 'prepared'} {prepared.folder}",
               flush=True)
 
     batches = stream.iterate(Position(state.epoch, state.index))

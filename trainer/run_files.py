@@ -150,8 +150,9 @@ def write_class_reports(reports: dict, prefix: Path) -> list[Path]:
     return written
 
 
-def summary_table(metrics: dict[str, Any], fields: tuple[str, ...]) -> str:
-    """The before-vs-after table printed at the end of a run."""
+def summary_table(metrics: dict[str, Any], fields: tuple[str, ...], paths: bool = True) -> str:
+    """The before-vs-after table printed at the end of a run; paths=False leaves out this machine's folders (the
+    adapter, the per-class tables), for the model card."""
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     lines = [f"{'metric':<16}{'before':>10}{'after':>10}", "-" * 36]
     # answer_nll (teacher-forced loss per answer token) moves long before generations parse: show it too.
@@ -165,8 +166,9 @@ def summary_table(metrics: dict[str, Any], fields: tuple[str, ...]) -> str:
                  + (f" ({steady:.0f} after the first step of {metrics['first_step_seconds']:.1f} s)"
                     if steady else ""))
     lines.append(f"packing efficiency  {metrics['packing_efficiency']:.1%}")
-    lines.append(f"adapter             {metrics['adapter']}")
-    if metrics.get("per_class"):
+    if paths:
+        lines.append(f"adapter             {metrics['adapter']}")
+    if paths and metrics.get("per_class"):
         lines.append(f"per-class tables    {metrics['per_class']}")
     lines += [f"note: {note}" for note in metrics.get("notes") or ()]  # e.g. why a score is 0: warned at the start
     return "\n".join(lines)
@@ -195,7 +197,7 @@ when the base has moved)."""
 def model_card(recipe_yaml: str, base_model: str, task: str, data_hash: str, metrics: dict[str, Any],
                fields: tuple[str, ...], how_to_load: str = LOAD_CHAT_ADAPTER) -> str:
     """README.md for the adapter folder: what it is, how it was made, how well it does, how to load it."""
-    table = summary_table(metrics, fields).splitlines()
+    table = summary_table(metrics, fields, paths=False)
     return f"""---
 library_name: peft
 base_model: {base_model}
@@ -211,7 +213,7 @@ LoRA adapter for `{base_model}`, trained by multitune on the `{task}` task.
 ## Evaluation (held-out split)
 
 ```
-{chr(10).join(table[:-1])}
+{table}
 ```
 
 ## Load it

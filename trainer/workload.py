@@ -27,6 +27,7 @@ from multitune.trainer.batches import MicroBatchStream, Plan, attention_mask_for
 from multitune.trainer.evaluate import eval_records, evaluate_generation, warn_if_answers_exceed
 from multitune.trainer.lm_loss import token_loss_sum
 from multitune.trainer.model import DTYPES, load_model, load_tokenizer
+from multitune.trainer.model_source import resolve_model_path
 from multitune.trainer.process_monitoring import EventWorkload
 from multitune.trainer.run_files import LOAD_CHAT_ADAPTER
 
@@ -113,7 +114,8 @@ def save_adapter(model, weights: dict[str, torch.Tensor], tokenizer, recipe: Rec
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         # a shortcut or .gguf base is found again (merge, export) in the same converted-model cache
-        info = {**record_base(tmp, recipe.model.name_or_path), "gguf_file": recipe.model.gguf_file,
+        info = {**record_base(tmp, recipe.model.name_or_path, resolve_model_path(recipe.model)),
+                "gguf_file": recipe.model.gguf_file,
                 "model_cache_dir": str(Path(recipe.model.cache_dir).expanduser().resolve()),
                 "task": recipe.task, "data_hash": data_hash,
                 "quantization": recipe.model.quantization, "dtype": recipe.model.dtype,
